@@ -1,0 +1,933 @@
+/*
+ * codec.c - Lua values to bytes and back (contract in codec.h, format in
+ * docs/protocol.md). The encoder walks values depth first, giving every table and
+ * Lua function an id the first time it meets it, so later meetings become
+ * references and cycles and sharing survive. The decoder reads like lundump.c:
+ * one reader, one checked take, one error format, limits before every allocation.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <math.h>
+
+#include <lua.h>
+#include <lauxlib.h>
+
+#include "flame.h"
+#include "codec.h"
+
+enum {
+  T_NIL, T_FALSE, T_TRUE, T_INT, T_FLOAT, T_STR, T_TABLE, T_TABLE_MT, T_REF,
+  T_ENV, T_NAME, T_FUNC
+};
+enum { U_VALUE, U_SHARED };                 /* how one upvalue of a function travels */
+
+#define CODEC_MAGIC0 'F'
+#define CODEC_MAGIC1 'L'
+#define CODEC_NAME_MAX 256                  /* longest library name ("string.format") */
+#define CODEC_MT_NAME_MAX 256
+
+static const char NAMES_KEY[] = "flame.codec.names";
+static const char MTS_KEY[] = "flame.codec.mt";
+
+/* The libraries whose C functions and tables travel by name. */
+static const char *const codec_libs[] = {
+  "_G", "string", "table", "math", "utf8", "coroutine", "os", "io", "debug",
+  "package", NULL
+};
+
+void codec_opts_init(codec_opts *o) {
+  o->functions = 1;
+  o->env = 0;
+  o->root = "value";
+  o->max_depth = CODEC_MAX_DEPTH;
+  o->max_size = CODEC_DEFAULT_MAX_SIZE;
+  o->max_items = CODEC_DEFAULT_MAX_ITEMS;
+}
+
+/* [-0, +1, m] The registry table at key, created empty on first use. */
+static void registry_table(lua_State *L, const char *key) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, key) == LUA_TTABLE) return;
+  lua_pop(L, 1);
+  lua_newtable(L);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, key);
+}
+
+/* [-0, +1, m] value -> name of the standard library's C functions and tables of L.
+ * Built once per state from package.loaded, so a sandbox names what it has. */
+static void names_push(lua_State *L) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, NAMES_KEY) == LUA_TTABLE) return;
+  lua_pop(L, 1);
+  lua_newtable(L);
+  int names = lua_gettop(L);
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  int loaded = lua_gettop(L);
+  for (const char *const *lib = codec_libs; *lib; lib++) {
+    if (lua_getfield(L, loaded, *lib) != LUA_TTABLE) {
+      lua_pop(L, 1);
+      continue;
+    }
+    int t = lua_gettop(L);
+    int global = strcmp(*lib, "_G") == 0;
+    if (!global) {
+      lua_pushvalue(L, t);
+      lua_pushstring(L, *lib);
+      lua_rawset(L, names);
+    }
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+      if (lua_type(L, -2) == LUA_TSTRING && lua_iscfunction(L, -1)) {
+        lua_pushvalue(L, -1);
+        if (lua_rawget(L, names) == LUA_TNIL) {      /* first name wins */
+          lua_pop(L, 1);
+          lua_pushvalue(L, -1);
+          if (global) lua_pushvalue(L, -3);
+          else lua_pushfstring(L, "%s.%s", *lib, lua_tostring(L, -3));
+          lua_rawset(L, names);
+        } else {
+          lua_pop(L, 1);
+        }
+      }
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  lua_pushvalue(L, names);
+  lua_setfield(L, LUA_REGISTRYINDEX, NAMES_KEY);
+}
+
+void codec_register(lua_State *L, const char *name, int mtidx) {
+  mtidx = lua_absindex(L, mtidx);
+  registry_table(L, MTS_KEY);
+  lua_pushstring(L, name);
+  lua_pushvalue(L, mtidx);
+  lua_rawset(L, -3);
+  lua_pushvalue(L, mtidx);
+  lua_pushstring(L, name);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+}
+
+/* ---------------------------------------------------------------- encoder ---- */
+
+enum { SEG_INDEX, SEG_FIELD, SEG_KEY, SEG_UPVALUE };
+
+typedef struct seg {
+  int kind;
+  int idx;                /* FIELD: stack index of the key; UPVALUE: of the function */
+  lua_Integer n;          /* INDEX: array position; UPVALUE: upvalue number */
+} seg;
+
+typedef struct enc {
+  lua_State *L;
+  buf *out;
+  const codec_opts *o;
+  int seen, upvals, names, mts, env, globals;   /* stack indices of scratch tables */
+  lua_Integer nextid;
+  int depth, valueno, nseg;
+  seg path[CODEC_MAX_DEPTH + 2];
+} enc;
+
+/* [-0, +1, m] The path to the value being encoded, as a reader would write it. */
+static void e_pushpath(enc *E) {
+  lua_State *L = E->L;
+  luaL_checkstack(L, 6, "codec path");
+  if (strstr(E->o->root, "%d")) lua_pushfstring(L, E->o->root, E->valueno);
+  else lua_pushstring(L, E->o->root);
+  int wrapped = 0;
+  for (int i = 0; i < E->nseg; i++) {
+    const seg *s = &E->path[i];
+    if (s->kind == SEG_UPVALUE) {
+      const char *name = lua_getupvalue(L, s->idx, (int)s->n);
+      lua_pop(L, 1);
+      if (name == NULL || *name == '\0' || *name == '(') name = "?";
+      lua_pushfstring(L, "upvalue '%s' of %s", name, lua_tostring(L, -1));
+      wrapped = 1;
+    } else if (s->kind == SEG_KEY) {
+      lua_pushfstring(L, "a key in %s", lua_tostring(L, -1));
+      wrapped = 1;
+    } else {
+      if (wrapped) {
+        lua_pushfstring(L, "(%s)", lua_tostring(L, -1));
+        lua_remove(L, -2);
+        wrapped = 0;
+      }
+      if (s->kind == SEG_INDEX) {
+        lua_pushfstring(L, "%s[%I]", lua_tostring(L, -1), (LUAI_UACINT)s->n);
+      } else {
+        int k = s->idx;
+        switch (lua_type(L, k)) {
+          case LUA_TSTRING: {
+            const char *key = lua_tostring(L, k);
+            int ident = (*key != '\0' && !(*key >= '0' && *key <= '9'));
+            for (const char *c = key; *c && ident; c++)
+              ident = (*c == '_' || (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z')
+                       || (*c >= '0' && *c <= '9'));
+            if (ident) lua_pushfstring(L, "%s.%s", lua_tostring(L, -1), key);
+            else lua_pushfstring(L, "%s[\"%s\"]", lua_tostring(L, -1), key);
+            break;
+          }
+          case LUA_TNUMBER:
+            if (lua_isinteger(L, k))
+              lua_pushfstring(L, "%s[%I]", lua_tostring(L, -1),
+                              (LUAI_UACINT)lua_tointeger(L, k));
+            else
+              lua_pushfstring(L, "%s[%f]", lua_tostring(L, -1),
+                              (LUAI_UACNUMBER)lua_tonumber(L, k));
+            break;
+          case LUA_TBOOLEAN:
+            lua_pushfstring(L, "%s[%s]", lua_tostring(L, -1),
+                            lua_toboolean(L, k) ? "true" : "false");
+            break;
+          default:
+            lua_pushfstring(L, "%s[<%s>]", lua_tostring(L, -1), luaL_typename(L, k));
+        }
+      }
+    }
+    lua_remove(L, -2);
+  }
+}
+
+static FLAME_NORETURN void e_fail(enc *E, const char *what) {
+  e_pushpath(E);
+  lua_pushfstring(E->L, ": %s", what);
+  lua_concat(E->L, 2);
+  lua_error(E->L);
+  flame_unreachable();
+}
+
+static void e_bytes(enc *E, const void *p, size_t n) {
+  if (buf_append(E->out, p, n) != 0) luaL_error(E->L, "not enough memory");
+}
+
+static void e_byte(enc *E, int c) {
+  if (buf_byte(E->out, (unsigned char)c) != 0) luaL_error(E->L, "not enough memory");
+}
+
+/* LEB128: 7 bits a byte, low first; at most 10 bytes for 64 bits. */
+static size_t varint_put(unsigned char *b, uint64_t v) {
+  size_t n = 0;
+  do {
+    b[n] = (unsigned char)(v & 0x7f);
+    v >>= 7;
+    if (v) b[n] |= 0x80;
+    n++;
+  } while (v);
+  return n;
+}
+
+static void e_varint(enc *E, uint64_t v) {
+  unsigned char b[10];
+  e_bytes(E, b, varint_put(b, v));
+}
+
+static void e_u64le(enc *E, uint64_t v) {
+  unsigned char b[8];
+  for (int i = 0; i < 8; i++) b[i] = (unsigned char)(v >> (8 * i));
+  e_bytes(E, b, 8);
+}
+
+static void e_string(enc *E, const char *s, size_t len) {
+  e_varint(E, len);
+  e_bytes(E, s, len);
+}
+
+static void e_push(enc *E, int kind, int idx, lua_Integer n) {
+  seg *s = &E->path[E->nseg++];
+  s->kind = kind;
+  s->idx = idx;
+  s->n = n;
+}
+
+static void e_enter(enc *E) {
+  if (++E->depth > E->o->max_depth) {
+    char msg[64];
+    snprintf(msg, sizeof msg, "nested deeper than %d levels", E->o->max_depth);
+    e_fail(E, msg);
+  }
+  luaL_checkstack(E->L, 8, "codec: nesting");
+}
+
+/* Values that travel as a mark: the environment, a library name, or a reference
+ * to a table or function met before. Returns 1 when idx was written. */
+static int e_mark(enc *E, int idx) {
+  lua_State *L = E->L;
+  if (lua_rawequal(L, idx, E->globals) || (E->env && lua_rawequal(L, idx, E->env))) {
+    e_byte(E, T_ENV);
+    return 1;
+  }
+  lua_pushvalue(L, idx);
+  if (lua_rawget(L, E->names) == LUA_TSTRING) {
+    size_t len;
+    const char *name = lua_tolstring(L, -1, &len);
+    e_byte(E, T_NAME);
+    e_string(E, name, len);
+    lua_pop(L, 1);
+    return 1;
+  }
+  lua_pop(L, 1);
+  lua_pushvalue(L, idx);
+  if (lua_rawget(L, E->seen) == LUA_TNUMBER) {
+    e_byte(E, T_REF);
+    e_varint(E, (uint64_t)lua_tointeger(L, -1));
+    lua_pop(L, 1);
+    return 1;
+  }
+  lua_pop(L, 1);
+  return 0;
+}
+
+static lua_Integer e_remember(enc *E, int idx) {
+  lua_pushvalue(E->L, idx);
+  lua_pushinteger(E->L, E->nextid);
+  lua_rawset(E->L, E->seen);
+  return E->nextid++;
+}
+
+static void e_value(enc *E, int idx);
+
+static int is_array_key(lua_State *L, int k, lua_Integer narr) {
+  if (!lua_isinteger(L, k)) return 0;
+  lua_Integer i = lua_tointeger(L, k);
+  return i >= 1 && i <= narr;
+}
+
+static void e_table(enc *E, int idx) {
+  lua_State *L = E->L;
+  if (e_mark(E, idx)) return;
+  e_enter(E);
+  int tag = T_TABLE;
+  if (lua_getmetatable(L, idx)) {
+    if (lua_rawget(L, E->mts) != LUA_TSTRING)
+      e_fail(E, "table with a metatable cannot be sent (register the metatable by name "
+                "on both sides: flame.codec.register(name, mt))");
+    tag = T_TABLE_MT;
+  }
+  e_remember(E, idx);
+  lua_Integer narr = 0, nhash = 0;
+  while (lua_rawgeti(L, idx, narr + 1) != LUA_TNIL) {
+    lua_pop(L, 1);
+    narr++;
+  }
+  lua_pop(L, 1);
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    lua_pop(L, 1);
+    if (!is_array_key(L, -1, narr)) nhash++;
+  }
+  e_byte(E, tag);
+  if (tag == T_TABLE_MT) {
+    size_t len;
+    const char *name = lua_tolstring(L, -1, &len);
+    e_string(E, name, len);
+    lua_pop(L, 1);
+  }
+  e_varint(E, (uint64_t)narr);
+  e_varint(E, (uint64_t)nhash);
+  for (lua_Integer i = 1; i <= narr; i++) {
+    lua_rawgeti(L, idx, i);
+    e_push(E, SEG_INDEX, 0, i);
+    e_value(E, lua_gettop(L));
+    E->nseg--;
+    lua_pop(L, 1);
+  }
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    int v = lua_gettop(L), k = v - 1;
+    if (!is_array_key(L, k, narr)) {
+      e_push(E, SEG_KEY, 0, 0);
+      e_value(E, k);
+      E->nseg--;
+      e_push(E, SEG_FIELD, k, 0);
+      e_value(E, v);
+      E->nseg--;
+    }
+    lua_pop(L, 1);
+  }
+  E->depth--;
+}
+
+static int e_writer(lua_State *L, const void *p, size_t n, void *ud) {
+  (void)L;
+  return buf_append(((enc *)ud)->out, p, n) != 0;
+}
+
+static int count_upvalues(lua_State *L, int idx) {
+  int n = 0;
+  while (lua_getupvalue(L, idx, n + 1) != NULL) {
+    lua_pop(L, 1);
+    n++;
+  }
+  return n;
+}
+
+static void e_function(enc *E, int idx) {
+  lua_State *L = E->L;
+  if (e_mark(E, idx)) return;
+  if (lua_iscfunction(L, idx))
+    e_fail(E, "C function cannot be sent (only standard library functions travel, "
+              "by name)");
+  if (!E->o->functions) e_fail(E, "function cannot be sent here");
+  e_enter(E);
+  lua_Integer fid = e_remember(E, idx);
+  e_byte(E, T_FUNC);
+  size_t at = E->out->len;
+  e_u64le(E, 0);                            /* bytecode length, patched below */
+  lua_pushvalue(L, idx);
+  int st = lua_dump(L, e_writer, E, 0);
+  lua_pop(L, 1);
+  if (st != 0) luaL_error(L, "not enough memory");
+  uint64_t len = (uint64_t)(E->out->len - at - 8);
+  for (int i = 0; i < 8; i++) E->out->data[at + (size_t)i] = (unsigned char)(len >> (8 * i));
+  int nups = count_upvalues(L, idx);
+  e_varint(E, (uint64_t)nups);
+  for (int i = 1; i <= nups; i++) {
+    lua_pushlightuserdata(L, lua_upvalueid(L, idx, i));
+    if (lua_rawget(L, E->upvals) == LUA_TNUMBER) {
+      lua_Integer where = lua_tointeger(L, -1);
+      lua_pop(L, 1);
+      e_byte(E, U_SHARED);
+      e_varint(E, (uint64_t)(where >> 8));
+      e_varint(E, (uint64_t)(where & 0xff));
+      continue;
+    }
+    lua_pop(L, 1);
+    lua_pushlightuserdata(L, lua_upvalueid(L, idx, i));
+    lua_pushinteger(L, fid * 256 + i);
+    lua_rawset(L, E->upvals);
+    e_byte(E, U_VALUE);
+    lua_getupvalue(L, idx, i);
+    e_push(E, SEG_UPVALUE, idx, i);
+    e_value(E, lua_gettop(L));
+    E->nseg--;
+    lua_pop(L, 1);
+  }
+  E->depth--;
+}
+
+static void e_value(enc *E, int idx) {
+  lua_State *L = E->L;
+  switch (lua_type(L, idx)) {
+    case LUA_TNIL: e_byte(E, T_NIL); break;
+    case LUA_TBOOLEAN: e_byte(E, lua_toboolean(L, idx) ? T_TRUE : T_FALSE); break;
+    case LUA_TNUMBER:
+      if (lua_isinteger(L, idx)) {
+        uint64_t u = (uint64_t)lua_tointeger(L, idx);
+        e_byte(E, T_INT);
+        e_varint(E, (u << 1) ^ (0 - (u >> 63)));        /* zigzag: small |n|, short */
+      } else {
+        double d = (double)lua_tonumber(L, idx);
+        uint64_t bits;
+        memcpy(&bits, &d, sizeof bits);
+        e_byte(E, T_FLOAT);
+        e_u64le(E, bits);
+      }
+      break;
+    case LUA_TSTRING: {
+      size_t len;
+      const char *s = lua_tolstring(L, idx, &len);
+      e_byte(E, T_STR);
+      e_string(E, s, len);
+      break;
+    }
+    case LUA_TTABLE: e_table(E, idx); break;
+    case LUA_TFUNCTION: e_function(E, idx); break;
+    case LUA_TTHREAD: e_fail(E, "coroutine cannot be sent");
+    default: e_fail(E, "userdata cannot be sent");
+  }
+}
+
+/* Protected body of codec_encode: [enc*, env|nil, v1 .. vn]. */
+static int e_main(lua_State *L) {
+  enc *E = lua_touserdata(L, 1);
+  int n = lua_gettop(L) - 2;
+  E->env = lua_isnil(L, 2) ? 0 : 2;
+  E->nextid = 1;                            /* ids match the decoder's refs[1..] */
+  lua_newtable(L);
+  E->seen = lua_gettop(L);
+  lua_newtable(L);
+  E->upvals = lua_gettop(L);
+  names_push(L);
+  E->names = lua_gettop(L);
+  registry_table(L, MTS_KEY);
+  E->mts = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+  E->globals = lua_gettop(L);
+  e_byte(E, CODEC_MAGIC0);
+  e_byte(E, CODEC_MAGIC1);
+  e_byte(E, CODEC_VERSION);
+  e_varint(E, (uint64_t)n);
+  for (int i = 1; i <= n; i++) {
+    E->valueno = i;
+    E->nseg = 0;
+    e_value(E, 2 + i);
+  }
+  return 0;
+}
+
+int codec_encode(lua_State *L, int n, const codec_opts *o, buf *out) {
+  enc E;
+  memset(&E, 0, sizeof E);
+  E.L = L;
+  E.out = out;
+  E.o = o;
+  int env = o->env ? lua_absindex(L, o->env) : 0;
+  int base = lua_gettop(L) - n + 1;
+  if (!lua_checkstack(L, 3)) {
+    lua_pop(L, n);
+    lua_pushliteral(L, "codec: stack overflow");
+    return -1;
+  }
+  lua_pushcfunction(L, e_main);
+  lua_pushlightuserdata(L, &E);
+  if (env) lua_pushvalue(L, env);
+  else lua_pushnil(L);
+  lua_rotate(L, base, 3);
+  size_t start = out->len;
+  if (lua_pcall(L, n + 2, 0, 0) != LUA_OK) {
+    out->len = start;
+    return -1;
+  }
+  return 0;
+}
+
+int codec_encode_cstring(buf *out, const char *s) {
+  size_t len = strlen(s), at = out->len;
+  unsigned char head[5 + 10] = { CODEC_MAGIC0, CODEC_MAGIC1, CODEC_VERSION, 1, T_STR };
+  size_t n = 5 + varint_put(head + 5, len);
+  if (buf_append(out, head, n) == 0 && buf_append(out, s, len) == 0) return 0;
+  out->len = at;
+  return -1;
+}
+
+/* ---------------------------------------------------------------- decoder ---- */
+
+typedef struct dec {
+  lua_State *L;
+  const unsigned char *start, *p, *end;
+  const codec_opts *o;
+  int refs, env, mts;
+  lua_Integer nrefs;
+  int depth;
+  size_t items;
+  size_t prealloc;        /* table slots we may still reserve ahead: input-bound */
+} dec;
+
+typedef struct dreader {
+  const char *p;
+  size_t n;
+} dreader;
+
+static FLAME_NORETURN void d_fail(dec *D, const char *what) {
+  luaL_error(D->L, "decode: %s at byte %I", what, (LUAI_UACINT)(D->p - D->start));
+  flame_unreachable();
+}
+
+static size_t d_left(dec *D) {
+  return (size_t)(D->end - D->p);
+}
+
+static const unsigned char *d_take(dec *D, size_t n) {
+  if (n > d_left(D)) d_fail(D, "truncated input");
+  const unsigned char *p = D->p;
+  D->p += n;
+  return p;
+}
+
+static int d_byte(dec *D) {
+  return *d_take(D, 1);
+}
+
+static uint64_t d_varint(dec *D) {
+  uint64_t v = 0;
+  for (int shift = 0;; shift += 7) {
+    int b = d_byte(D);
+    if (shift == 63 && b > 1) d_fail(D, "varint overflow");
+    v |= (uint64_t)(b & 0x7f) << shift;
+    if (!(b & 0x80)) return v;
+    if (shift == 63) d_fail(D, "varint overflow");
+  }
+}
+
+/* A count of things still to read, each at least per bytes long. */
+static size_t d_count(dec *D, size_t per, const char *what) {
+  uint64_t v = d_varint(D);
+  if (v > d_left(D) / per) d_fail(D, what);
+  return (size_t)v;
+}
+
+static uint64_t d_u64le(dec *D) {
+  const unsigned char *b = d_take(D, 8);
+  uint64_t v = 0;
+  for (int i = 0; i < 8; i++) v |= (uint64_t)b[i] << (8 * i);
+  return v;
+}
+
+static void d_enter(dec *D) {
+  if (++D->depth > D->o->max_depth) d_fail(D, "nesting too deep");
+  luaL_checkstack(D->L, 8, "decode: nesting");
+}
+
+static void d_remember(dec *D) {
+  lua_pushvalue(D->L, -1);
+  lua_rawseti(D->L, D->refs, ++D->nrefs);
+}
+
+static int d_prealloc(dec *D, size_t want) {
+  size_t n = want < D->prealloc ? want : D->prealloc;
+  if (n > (1u << 24)) n = 1u << 24;
+  D->prealloc -= n;
+  return (int)n;
+}
+
+static void d_value(dec *D);
+
+static void d_table(dec *D, int tag) {
+  lua_State *L = D->L;
+  int mt = 0;
+  d_enter(D);
+  if (tag == T_TABLE_MT) {
+    size_t len = d_count(D, 1, "metatable name too long");
+    if (len > CODEC_MT_NAME_MAX) d_fail(D, "metatable name too long");
+    const char *name = (const char *)d_take(D, len);
+    lua_pushlstring(L, name, len);
+    if (lua_rawget(L, D->mts) != LUA_TTABLE) {
+      lua_pushfstring(L, "metatable '%s' is not registered here", lua_tostring(L, -2));
+      d_fail(D, lua_tostring(L, -1));
+    }
+    mt = lua_gettop(L);
+  }
+  size_t narr = d_count(D, 1, "array count larger than the input");
+  size_t nhash = d_count(D, 2, "field count larger than the input");
+  lua_createtable(L, d_prealloc(D, narr), d_prealloc(D, nhash));
+  int t = lua_gettop(L);
+  d_remember(D);
+  for (size_t i = 1; i <= narr; i++) {
+    d_value(D);
+    lua_rawseti(L, t, (lua_Integer)i);
+  }
+  for (size_t i = 0; i < nhash; i++) {
+    d_value(D);
+    if (lua_isnil(L, -1)) d_fail(D, "table key is nil");
+    if (lua_type(L, -1) == LUA_TNUMBER && !lua_isinteger(L, -1)
+        && isnan((double)lua_tonumber(L, -1)))
+      d_fail(D, "table key is NaN");
+    d_value(D);
+    lua_rawset(L, t);
+  }
+  if (mt) {
+    lua_pushvalue(L, mt);
+    lua_setmetatable(L, t);
+    lua_remove(L, mt);
+  }
+  D->depth--;
+}
+
+/* A library function or table, looked up by name in the receiving environment. */
+static void d_name(dec *D) {
+  lua_State *L = D->L;
+  size_t len = d_count(D, 1, "name too long");
+  if (len > CODEC_NAME_MAX) d_fail(D, "name too long");
+  const char *s = (const char *)d_take(D, len);
+  const char *dot = memchr(s, '.', len);
+  lua_pushlstring(L, s, len);
+  int name = lua_gettop(L);
+  lua_pushvalue(L, D->env);
+  if (dot) {
+    lua_pushlstring(L, s, (size_t)(dot - s));
+    if (lua_gettable(L, -2) != LUA_TTABLE) lua_pushnil(L);
+    else {
+      lua_pushlstring(L, dot + 1, len - (size_t)(dot - s) - 1);
+      lua_gettable(L, -2);
+    }
+  } else {
+    lua_pushvalue(L, name);
+    lua_gettable(L, -2);
+  }
+  int t = lua_type(L, -1);
+  if (t == LUA_TFUNCTION && !D->o->functions) d_fail(D, "functions are refused here");
+  if (!(t == LUA_TTABLE || (t == LUA_TFUNCTION && lua_iscfunction(L, -1)))) {
+    lua_pushfstring(L, "'%s' is not available here", lua_tostring(L, name));
+    d_fail(D, lua_tostring(L, -1));
+  }
+  lua_replace(L, name);
+  lua_settop(L, name);
+}
+
+static const char *d_reader(lua_State *L, void *ud, size_t *size) {
+  dreader *r = ud;
+  (void)L;
+  *size = r->n;
+  r->n = 0;
+  return *size ? r->p : NULL;
+}
+
+static void d_function(dec *D) {
+  lua_State *L = D->L;
+  if (!D->o->functions) d_fail(D, "functions are refused here");
+  d_enter(D);
+  uint64_t len = d_u64le(D);
+  if (len > d_left(D)) d_fail(D, "truncated input");
+  dreader r = { (const char *)d_take(D, (size_t)len), (size_t)len };
+  if (lua_load(L, d_reader, &r, "=(flame)", "b") != LUA_OK) {
+    lua_pushfstring(L, "bad function (%s)", lua_tostring(L, -1));
+    d_fail(D, lua_tostring(L, -1));
+  }
+  int f = lua_gettop(L);
+  d_remember(D);
+  int nups = count_upvalues(L, f);
+  if (d_varint(D) != (uint64_t)nups) d_fail(D, "upvalue count does not match the function");
+  for (int i = 1; i <= nups; i++) {
+    int kind = d_byte(D);
+    if (kind == U_VALUE) {
+      d_value(D);
+      lua_setupvalue(L, f, i);
+    } else if (kind == U_SHARED) {
+      uint64_t fid = d_varint(D), k = d_varint(D);
+      if (fid < 1 || fid > (uint64_t)D->nrefs) d_fail(D, "bad upvalue reference");
+      lua_rawgeti(L, D->refs, (lua_Integer)fid);
+      if (lua_type(L, -1) != LUA_TFUNCTION || lua_iscfunction(L, -1)
+          || k < 1 || k > (uint64_t)count_upvalues(L, -1))
+        d_fail(D, "bad upvalue reference");
+      lua_upvaluejoin(L, f, i, -1, (int)k);
+      lua_pop(L, 1);
+    } else {
+      d_fail(D, "bad upvalue kind");
+    }
+  }
+  D->depth--;
+}
+
+static void d_value(dec *D) {
+  lua_State *L = D->L;
+  if (++D->items > D->o->max_items) d_fail(D, "too many values");
+  int tag = d_byte(D);
+  switch (tag) {
+    case T_NIL: lua_pushnil(L); break;
+    case T_FALSE: lua_pushboolean(L, 0); break;
+    case T_TRUE: lua_pushboolean(L, 1); break;
+    case T_INT: {
+      uint64_t u = d_varint(D);
+      lua_pushinteger(L, (lua_Integer)((u >> 1) ^ (0 - (u & 1))));
+      break;
+    }
+    case T_FLOAT: {
+      uint64_t bits = d_u64le(D);
+      double d;
+      memcpy(&d, &bits, sizeof d);
+      lua_pushnumber(L, (lua_Number)d);
+      break;
+    }
+    case T_STR: {
+      size_t len = d_count(D, 1, "truncated input");
+      lua_pushlstring(L, (const char *)d_take(D, len), len);
+      break;
+    }
+    case T_TABLE: case T_TABLE_MT: d_table(D, tag); break;
+    case T_REF: {
+      uint64_t id = d_varint(D);
+      if (id < 1 || id > (uint64_t)D->nrefs) d_fail(D, "bad reference");
+      lua_rawgeti(L, D->refs, (lua_Integer)id);
+      break;
+    }
+    case T_ENV: lua_pushvalue(L, D->env); break;
+    case T_NAME: d_name(D); break;
+    case T_FUNC: d_function(D); break;
+    default: d_fail(D, "unknown tag");
+  }
+}
+
+/* Protected body of codec_decode: [dec*, env|nil] -> values. */
+static int d_main(lua_State *L) {
+  dec *D = lua_touserdata(L, 1);
+  if (lua_isnil(L, 2)) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+    lua_replace(L, 2);
+  }
+  D->env = 2;
+  lua_newtable(L);
+  D->refs = lua_gettop(L);
+  registry_table(L, MTS_KEY);
+  D->mts = lua_gettop(L);
+  const unsigned char *h = d_take(D, 3);
+  if (h[0] != CODEC_MAGIC0 || h[1] != CODEC_MAGIC1) d_fail(D, "not flame codec data");
+  if (h[2] != CODEC_VERSION) d_fail(D, "unsupported codec version");
+  size_t n = d_count(D, 1, "value count larger than the input");
+  int base = lua_gettop(L);
+  for (size_t i = 0; i < n; i++) {
+    luaL_checkstack(L, 2, "decode: too many values");
+    d_value(D);
+  }
+  if (D->p != D->end) d_fail(D, "trailing bytes");
+  return lua_gettop(L) - base;
+}
+
+int codec_decode(lua_State *L, const char *data, size_t len, const codec_opts *o) {
+  if (!lua_checkstack(L, 3)) return -1;
+  if (len > o->max_size) {
+    lua_pushfstring(L, "decode: input of %I bytes is over the limit of %I",
+                    (LUAI_UACINT)len, (LUAI_UACINT)o->max_size);
+    return -1;
+  }
+  dec D;
+  memset(&D, 0, sizeof D);
+  D.L = L;
+  D.o = o;
+  D.start = D.p = (const unsigned char *)data;
+  D.end = D.start + len;
+  D.prealloc = len;
+  int env = o->env ? lua_absindex(L, o->env) : 0;
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, d_main);
+  lua_pushlightuserdata(L, &D);
+  if (env) lua_pushvalue(L, env);
+  else lua_pushnil(L);
+  if (lua_pcall(L, 2, LUA_MULTRET, 0) != LUA_OK) return -1;
+  return lua_gettop(L) - top;
+}
+
+/* ---------------------------------------------------------------- binding ---- */
+
+static int box_gc(lua_State *L) {
+  buf_free(lua_touserdata(L, 1));
+  return 0;
+}
+
+/* [-0, +1, m] A buf owned by a userdata, so it is freed even when an error unwinds. */
+static buf *box_new(lua_State *L) {
+  buf *b = lua_newuserdatauv(L, sizeof *b, 0);
+  buf_init(b);
+  if (luaL_newmetatable(L, "flame.buf")) {
+    lua_pushcfunction(L, box_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  return b;
+}
+
+static int opt_bool(lua_State *L, int t, const char *k, int d) {
+  int ty = lua_getfield(L, t, k);
+  int v = d;
+  if (ty == LUA_TBOOLEAN) v = lua_toboolean(L, -1);
+  else if (ty != LUA_TNIL) luaL_error(L, "bad option '%s' (boolean expected, got %s)", k,
+                                      luaL_typename(L, -1));
+  lua_pop(L, 1);
+  return v;
+}
+
+static lua_Integer opt_int(lua_State *L, int t, const char *k, lua_Integer d,
+                           lua_Integer lo, lua_Integer hi) {
+  int ty = lua_getfield(L, t, k);
+  lua_Integer v = d;
+  if (ty != LUA_TNIL) {
+    int ok;
+    v = lua_tointegerx(L, -1, &ok);
+    if (!ok || v < lo || v > hi)
+      luaL_error(L, "bad option '%s' (integer in [%I, %I] expected)", k, (LUAI_UACINT)lo,
+                 (LUAI_UACINT)hi);
+  }
+  lua_pop(L, 1);
+  return v;
+}
+
+/* Reads the options table at t (or nil) into o; misuse raises. */
+static void opts_read(lua_State *L, int t, codec_opts *o, int encoding) {
+  codec_opts_init(o);
+  if (!encoding) o->functions = 0;          /* decoding code is opt-in */
+  if (lua_isnoneornil(L, t)) return;
+  luaL_checktype(L, t, LUA_TTABLE);
+  o->functions = opt_bool(L, t, "functions", o->functions);
+  o->max_depth = (int)opt_int(L, t, "max_depth", o->max_depth, 1, CODEC_MAX_DEPTH);
+  if (encoding) {
+    if (lua_getfield(L, t, "name") != LUA_TNIL) {
+      if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "bad option 'name' (string expected)");
+      o->root = lua_tostring(L, -1);        /* kept alive by the options table */
+    }
+    lua_pop(L, 1);
+  } else {
+    o->max_size = (size_t)opt_int(L, t, "max_size", (lua_Integer)o->max_size, 0,
+                                  LUA_MAXINTEGER);
+    o->max_items = (size_t)opt_int(L, t, "max_items", (lua_Integer)o->max_items, 1,
+                                   LUA_MAXINTEGER);
+  }
+}
+
+/* encode(opts, ...) -> bytes | nil, message */
+static int l_encode(lua_State *L) {
+  codec_opts o;
+  opts_read(L, 1, &o, 1);
+  int n = lua_gettop(L) - 1;
+  int env = 0;
+  if (lua_istable(L, 1) && lua_getfield(L, 1, "env") != LUA_TNIL) {
+    luaL_checktype(L, -1, LUA_TTABLE);
+    lua_insert(L, 2);
+    env = 2;
+  } else if (lua_istable(L, 1)) {
+    lua_pop(L, 1);
+  }
+  o.env = env;
+  buf *b = box_new(L);
+  lua_insert(L, env ? 3 : 2);
+  if (codec_encode(L, n, &o, b) != 0) {
+    lua_pushnil(L);
+    lua_insert(L, -2);
+    return 2;
+  }
+  lua_pushlstring(L, (const char *)b->data, b->len);
+  buf_free(b);
+  return 1;
+}
+
+/* decode(bytes, opts) -> true, ... | false, message */
+static int l_decode(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  codec_opts o;
+  opts_read(L, 2, &o, 0);
+  lua_settop(L, 2);
+  if (lua_istable(L, 2) && lua_getfield(L, 2, "env") != LUA_TNIL) {
+    luaL_checktype(L, -1, LUA_TTABLE);
+    o.env = 3;
+  }
+  lua_pushboolean(L, 1);
+  int n = codec_decode(L, s, len, &o);
+  if (n < 0) {
+    lua_pushboolean(L, 0);
+    lua_insert(L, -2);
+    return 2;
+  }
+  return n + 1;
+}
+
+/* register(name, mt): tables with metatable mt travel as name, and a table sent
+ * as name gets this state's mt. Both sides register the same name. */
+static int l_register(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  luaL_argcheck(L, strlen(name) <= CODEC_MT_NAME_MAX, 1, "name too long");
+  registry_table(L, MTS_KEY);
+  lua_pushvalue(L, 2);
+  if (lua_rawget(L, -2) == LUA_TSTRING && strcmp(lua_tostring(L, -1), name) != 0)
+    return luaL_error(L, "metatable already registered as '%s'", lua_tostring(L, -1));
+  lua_pushvalue(L, 1);
+  if (lua_rawget(L, -3) == LUA_TTABLE) {     /* the name's old metatable forgets it */
+    lua_pushnil(L);
+    lua_rawset(L, -4);
+  } else {
+    lua_pop(L, 1);
+  }
+  codec_register(L, name, 2);
+  return 0;
+}
+
+void flame_codec_open(lua_State *L) {
+  static const luaL_Reg fns[] = {
+    { "encode", l_encode }, { "decode", l_decode }, { "register", l_register },
+    { NULL, NULL }
+  };
+  luaL_setfuncs(L, fns, 0);
+  lua_pushinteger(L, CODEC_VERSION);
+  lua_setfield(L, -2, "CODEC_VERSION");
+}

@@ -1,0 +1,657 @@
+/*
+ * sandbox.c - sandboxed Lua states (contract in sandbox.h).
+ *
+ * The kill switch sets a count hook on the state from the killing thread: lua_sethook
+ * is the one Lua API made to be called asynchronously (lua.c calls it from a signal
+ * handler). A hook on the main thread does not reach a coroutine that is running, so
+ * the sandbox's coroutine.resume and coroutine.wrap record the innermost running
+ * coroutine, and the kill hooks it too; when a resume returns into a killed state it
+ * raises in the resumer. A permanent hook would have done the same without the
+ * bookkeeping, but costs 2.3x on tight loops (Lua 5.4 traps every instruction).
+ */
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <lua.h>
+#include <lauxlib.h>
+#include <lualib.h>
+#include <uv.h>
+
+#include "flame.h"
+#include "codec.h"
+#include "sandbox.h"
+
+struct sandbox {
+  lua_State *L;
+  size_t used, limit;          /* bytes; touched only by the owning thread */
+  sandbox_profile profile;
+  atomic_int kill;             /* 0 or a SANDBOX_KILL_* reason */
+  uv_mutex_t lock;             /* guards running and hook changes; a leaf lock */
+  lua_State *running;          /* innermost coroutine resumed by our resume, or NULL */
+};
+
+static const char *const kill_names[SANDBOX_KILL_COUNT] = {
+  NULL, "timeout", "cancelled", "shutdown", "killed"
+};
+
+const char *sandbox_kill_name(int reason) {
+  return reason > 0 && reason < SANDBOX_KILL_COUNT ? kill_names[reason] : "killed";
+}
+
+static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  sandbox *s = ud;
+  size_t old = ptr ? osize : 0;
+  if (nsize == 0) {
+    free(ptr);
+    s->used -= old;
+    return NULL;
+  }
+  if (nsize > old && s->limit && s->used - old + nsize > s->limit) return NULL;
+  void *p = realloc(ptr, nsize);
+  if (p == NULL) return nsize <= old ? ptr : NULL;  /* Lua assumes shrinking works */
+  s->used = s->used - old + nsize;
+  return p;
+}
+
+sandbox *sandbox_of(lua_State *L) {
+  void *ud;
+  return lua_getallocf(L, &ud) == sb_alloc ? ud : NULL;
+}
+
+/* ------------------------------------------------------------ kill switch ---- */
+
+static void sb_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  sandbox *s = sandbox_of(L);
+  int k = atomic_load(&s->kill);
+  if (k == 0) {                /* a hook left from an earlier kill: remove it */
+    uv_mutex_lock(&s->lock);
+    if (atomic_load(&s->kill) == 0) lua_sethook(L, NULL, 0, 0);
+    uv_mutex_unlock(&s->lock);
+    return;
+  }
+  lua_pushfstring(L, "flame: work killed (%s)", sandbox_kill_name(k));
+  lua_error(L);
+}
+
+static void sb_arm(lua_State *L) {
+  lua_sethook(L, sb_hook, LUA_MASKCOUNT, 1);
+}
+
+void sandbox_kill(sandbox *s, int reason) {
+  if (reason <= 0 || reason >= SANDBOX_KILL_COUNT) reason = SANDBOX_KILL_REQUEST;
+  uv_mutex_lock(&s->lock);
+  atomic_store(&s->kill, reason);
+  sb_arm(s->L);
+  if (s->running) sb_arm(s->running);
+  uv_mutex_unlock(&s->lock);
+}
+
+int sandbox_killed(sandbox *s) {
+  return atomic_load(&s->kill);
+}
+
+void sandbox_rearm(sandbox *s) {
+  uv_mutex_lock(&s->lock);
+  atomic_store(&s->kill, 0);
+  lua_sethook(s->L, NULL, 0, 0);
+  s->running = NULL;
+  uv_mutex_unlock(&s->lock);
+}
+
+/* ------------------------------------------------------------- coroutines ---- */
+
+/* lcorolib's auxresume, with the running coroutine recorded for the kill switch. */
+static int sb_auxresume(lua_State *L, lua_State *co, int narg) {
+  sandbox *s = sandbox_of(L);
+  int nres;
+  if (!lua_checkstack(co, narg)) {
+    lua_pushliteral(L, "too many arguments to resume");
+    return -1;
+  }
+  lua_xmove(L, co, narg);
+  uv_mutex_lock(&s->lock);
+  lua_State *prev = s->running;
+  s->running = co;
+  if (atomic_load(&s->kill)) sb_arm(co);
+  uv_mutex_unlock(&s->lock);
+  int st = lua_resume(co, L, narg, &nres);
+  uv_mutex_lock(&s->lock);
+  s->running = prev;
+  uv_mutex_unlock(&s->lock);
+  if (atomic_load(&s->kill)) {   /* the kill reached co: it reaches its resumer too */
+    sb_arm(L);
+    lua_pushfstring(L, "flame: work killed (%s)", sandbox_kill_name(atomic_load(&s->kill)));
+    lua_error(L);
+  }
+  if (st == LUA_OK || st == LUA_YIELD) {
+    if (!lua_checkstack(L, nres + 1)) {
+      lua_pop(co, nres);
+      lua_pushliteral(L, "too many results to resume");
+      return -1;
+    }
+    lua_xmove(co, L, nres);
+    return nres;
+  }
+  lua_xmove(co, L, 1);
+  return -1;
+}
+
+static int sb_resume(lua_State *L) {
+  lua_State *co = lua_tothread(L, 1);
+  luaL_argexpected(L, co, 1, "coroutine");
+  int r = sb_auxresume(L, co, lua_gettop(L) - 1);
+  if (r < 0) {
+    lua_pushboolean(L, 0);
+    lua_insert(L, -2);
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  lua_insert(L, -(r + 1));
+  return r + 1;
+}
+
+static int sb_auxwrap(lua_State *L) {
+  lua_State *co = lua_tothread(L, lua_upvalueindex(1));
+  int r = sb_auxresume(L, co, lua_gettop(L));
+  if (r < 0) {
+    int st = lua_status(co);
+    if (st != LUA_OK && st != LUA_YIELD) {   /* error in the coroutine: close it */
+      st = lua_resetthread(co);
+      lua_xmove(co, L, 1);
+    }
+    if (st != LUA_ERRMEM && lua_type(L, -1) == LUA_TSTRING) {
+      luaL_where(L, 1);
+      lua_insert(L, -2);
+      lua_concat(L, 2);
+    }
+    return lua_error(L);
+  }
+  return r;
+}
+
+static int sb_wrap(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_State *co = lua_newthread(L);
+  lua_pushvalue(L, 1);
+  lua_xmove(L, co, 1);
+  lua_pushcclosure(L, sb_auxwrap, 1);
+  return 1;
+}
+
+/* --------------------------------------------------------------- profiles ---- */
+
+/* load, loadfile and dofile that accept text only: bytecode can break the VM. */
+static int sb_load(lua_State *L) {
+  int n = lua_gettop(L) < 3 ? 3 : lua_gettop(L);
+  lua_settop(L, n);
+  lua_pushliteral(L, "t");
+  lua_replace(L, 3);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, n, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+static int sb_loadfile(lua_State *L) {
+  int n = lua_gettop(L) < 2 ? 2 : lua_gettop(L);
+  lua_settop(L, n);
+  lua_pushliteral(L, "t");
+  lua_replace(L, 2);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, n, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+static int sb_dofile(lua_State *L) {
+  lua_settop(L, 1);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_pushvalue(L, 1);
+  lua_pushliteral(L, "t");
+  lua_call(L, 2, 2);
+  if (lua_isnil(L, -2)) return lua_error(L);
+  lua_pop(L, 1);
+  lua_call(L, 0, LUA_MULTRET);
+  return lua_gettop(L) - 1;
+}
+
+/* [-0, +0, e] Replaces t[name] with fn closed over the old value. */
+static void sb_wrapfield(lua_State *L, int t, const char *name, lua_CFunction fn) {
+  lua_getfield(L, t, name);
+  lua_pushcclosure(L, fn, 1);
+  lua_setfield(L, t, name);
+}
+
+static void sb_setlib(lua_State *L, const char *name) {
+  lua_pushvalue(L, -1);
+  lua_setglobal(L, name);
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_pushvalue(L, -2);
+  lua_setfield(L, -2, name);
+  lua_pop(L, 2);
+}
+
+static void sb_coroutines(lua_State *L) {
+  lua_getglobal(L, "coroutine");
+  lua_pushcfunction(L, sb_resume);
+  lua_setfield(L, -2, "resume");
+  lua_pushcfunction(L, sb_wrap);
+  lua_setfield(L, -2, "wrap");
+  lua_pop(L, 1);
+}
+
+static void sb_application(lua_State *L) {
+  luaL_openlibs(L);
+  lua_pushglobaltable(L);
+  int g = lua_gettop(L);
+  sb_wrapfield(L, g, "load", sb_load);
+  sb_wrapfield(L, g, "loadfile", sb_loadfile);
+  lua_getfield(L, g, "loadfile");            /* dofile goes through the text-only one */
+  lua_pushcclosure(L, sb_dofile, 1);
+  lua_setfield(L, g, "dofile");
+  lua_getglobal(L, "os");
+  lua_pushnil(L);
+  lua_setfield(L, -2, "exit");
+  lua_getglobal(L, "package");
+  lua_pushnil(L);
+  lua_setfield(L, -2, "loadlib");
+  lua_createtable(L, 0, 1);                  /* debug keeps traceback only */
+  lua_getglobal(L, "debug");
+  lua_getfield(L, -1, "traceback");
+  lua_setfield(L, -3, "traceback");
+  lua_pop(L, 1);
+  sb_setlib(L, "debug");
+  lua_settop(L, g - 1);
+  sb_coroutines(L);
+}
+
+static void sb_restricted(lua_State *L) {
+  static const luaL_Reg libs[] = {
+    { LUA_GNAME, luaopen_base }, { LUA_COLIBNAME, luaopen_coroutine },
+    { LUA_TABLIBNAME, luaopen_table }, { LUA_STRLIBNAME, luaopen_string },
+    { LUA_MATHLIBNAME, luaopen_math }, { LUA_UTF8LIBNAME, luaopen_utf8 },
+    { NULL, NULL }
+  };
+  static const char *const gone[] = {
+    "load", "loadfile", "dofile", "print", "collectgarbage", NULL
+  };
+  static const char *const os_kept[] = { "clock", "time", "date", "difftime", NULL };
+  for (const luaL_Reg *lib = libs; lib->func; lib++) {
+    luaL_requiref(L, lib->name, lib->func, 1);
+    lua_pop(L, 1);
+  }
+  for (const char *const *name = gone; *name; name++) {
+    lua_pushnil(L);
+    lua_setglobal(L, *name);
+  }
+  luaL_requiref(L, LUA_OSLIBNAME, luaopen_os, 0);
+  lua_createtable(L, 0, 4);
+  for (const char *const *name = os_kept; *name; name++) {
+    lua_getfield(L, -2, *name);
+    lua_setfield(L, -2, *name);
+  }
+  sb_setlib(L, LUA_OSLIBNAME);
+  lua_pop(L, 1);
+  sb_coroutines(L);
+}
+
+static int sb_setup(lua_State *L) {
+  if (lua_tointeger(L, 1) == SANDBOX_RESTRICTED) sb_restricted(L);
+  else sb_application(L);
+  return 0;
+}
+
+static int sb_panic(lua_State *L) {
+  const char *msg = lua_tostring(L, -1);
+  fprintf(stderr, "flame: unprotected error in a sandbox: %s\n", msg ? msg : "?");
+  return 0;
+}
+
+int sandbox_profile_parse(const char *name, sandbox_profile *p) {
+  if (strcmp(name, "application") == 0) *p = SANDBOX_APPLICATION;
+  else if (strcmp(name, "restricted") == 0) *p = SANDBOX_RESTRICTED;
+  else return -1;
+  return 0;
+}
+
+sandbox *sandbox_new(const sandbox_config *c, const char **err) {
+  sandbox *s = calloc(1, sizeof *s);
+  if (s == NULL) {
+    *err = "not enough memory";
+    return NULL;
+  }
+  if (uv_mutex_init(&s->lock) != 0) {
+    free(s);
+    *err = "cannot create a mutex";
+    return NULL;
+  }
+  atomic_init(&s->kill, 0);
+  s->profile = c->profile;
+  s->limit = c->memory_limit;
+  s->L = lua_newstate(sb_alloc, s);
+  if (s->L == NULL) {
+    *err = "memory limit too small for a Lua state";
+    goto fail;
+  }
+  lua_atpanic(s->L, sb_panic);
+  lua_pushcfunction(s->L, sb_setup);
+  lua_pushinteger(s->L, c->profile);
+  if (lua_pcall(s->L, 1, 0, 0) != LUA_OK) {
+    *err = "memory limit too small for the sandbox's libraries";
+    lua_close(s->L);
+    goto fail;
+  }
+  return s;
+fail:
+  uv_mutex_destroy(&s->lock);
+  free(s);
+  return NULL;
+}
+
+void sandbox_close(sandbox *s) {
+  if (s == NULL) return;
+  lua_close(s->L);
+  uv_mutex_destroy(&s->lock);
+  free(s);
+}
+
+lua_State *sandbox_state(sandbox *s) {
+  return s->L;
+}
+
+size_t sandbox_memory(const sandbox *s) {
+  return s->used;
+}
+
+/* -------------------------------------------------------------------- run ---- */
+
+/* Message handler: {message, traceback, value}. Errors are strings or values whose
+ * __tostring we call; the original value travels too when it can. */
+static int sb_msgh(lua_State *L) {
+  lua_settop(L, 1);
+  lua_createtable(L, 3, 0);
+  if (lua_type(L, 1) == LUA_TSTRING) lua_pushvalue(L, 1);
+  else if (!luaL_callmeta(L, 1, "__tostring") || lua_type(L, -1) != LUA_TSTRING) {
+    lua_settop(L, 2);
+    lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+  }
+  lua_rawseti(L, 2, 1);
+  luaL_traceback(L, L, NULL, 1);
+  lua_rawseti(L, 2, 2);
+  lua_pushvalue(L, 1);
+  lua_rawseti(L, 2, 3);
+  return 1;
+}
+
+/* Appends a status byte and the top n values; on an encode failure of the values,
+ * falls back to SANDBOX_ENCODE with the message. */
+static int sb_emit(lua_State *L, buf *out, int status, int n, const char *root) {
+  codec_opts o;
+  codec_opts_init(&o);
+  o.functions = 0;
+  o.root = root;
+  size_t at = out->len;
+  if (buf_byte(out, (unsigned char)status) != 0) return -1;
+  if (codec_encode(L, n, &o, out) == 0) return 0;
+  out->len = at;
+  if (buf_byte(out, SANDBOX_ENCODE) != 0) return -1;
+  return codec_encode(L, 1, &o, out) == 0 ? 0 : -1;
+}
+
+typedef struct run_ctx {
+  sandbox *s;
+  const char *work;
+  size_t len;
+  buf *out;
+  int rc;
+} run_ctx;
+
+/* Protected body of sandbox_run: [run_ctx*]. */
+static int sb_run_main(lua_State *L) {
+  run_ctx *r = lua_touserdata(L, 1);
+  buf *out = r->out;
+  codec_opts o;
+  codec_opts_init(&o);
+  lua_settop(L, 0);
+  int n = codec_decode(L, r->work, r->len, &o);
+  if (n < 0) {
+    r->rc = sb_emit(L, out, SANDBOX_DECODE, 1, "message");
+    return 0;
+  }
+  if (n < 1 || lua_type(L, 1) != LUA_TFUNCTION) {
+    lua_settop(L, 0);
+    lua_pushliteral(L, "work is not a function");
+    r->rc = sb_emit(L, out, SANDBOX_DECODE, 1, "message");
+    return 0;
+  }
+  lua_pushcfunction(L, sb_msgh);
+  lua_insert(L, 1);
+  int st = lua_pcall(L, n - 1, LUA_MULTRET, 1);
+  int killed = sandbox_killed(r->s);
+  if (killed) {
+    lua_settop(L, 0);
+    lua_pushstring(L, sandbox_kill_name(killed));
+    r->rc = sb_emit(L, out, SANDBOX_KILLED, 1, "reason");
+  } else if (st == LUA_OK) {
+    r->rc = sb_emit(L, out, SANDBOX_RESULT, lua_gettop(L) - 1, "result %d");
+  } else if (lua_istable(L, -1)) {
+    int e = lua_gettop(L);
+    lua_rawgeti(L, e, 1);
+    lua_rawgeti(L, e, 2);
+    lua_rawgeti(L, e, 3);
+    size_t at = out->len;
+    r->rc = sb_emit(L, out, SANDBOX_ERROR, 3, "error");
+    if (r->rc == 0 && out->data[at] != SANDBOX_ERROR) {   /* the value cannot cross */
+      out->len = at;
+      lua_rawgeti(L, e, 1);
+      lua_rawgeti(L, e, 2);
+      r->rc = sb_emit(L, out, SANDBOX_ERROR, 2, "error");
+    }
+  } else {                         /* the handler itself failed (memory) */
+    lua_pushliteral(L, "");
+    r->rc = sb_emit(L, out, SANDBOX_ERROR, 2, "error");
+  }
+  return 0;
+}
+
+int sandbox_run(sandbox *s, const char *work, size_t len, buf *out) {
+  lua_State *L = s->L;
+  run_ctx r = { s, work, len, out, 0 };
+  size_t at = out->len;
+  lua_settop(L, 0);
+  lua_pushcfunction(L, sb_run_main);
+  lua_pushlightuserdata(L, &r);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {   /* out of memory outside the work itself */
+    const char *msg = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1)
+                                                     : "not enough memory";
+    out->len = at;
+    r.rc = buf_byte(out, SANDBOX_ERROR) == 0 ? codec_encode_cstring(out, msg) : -1;
+  }
+  lua_settop(L, 0);
+  return r.rc;
+}
+
+/* ---------------------------------------------------------------- binding ---- */
+
+#define SANDBOX_MT "flame.sandbox"
+
+typedef struct sbox {
+  sandbox *s;
+  uv_thread_t killer;
+  int has_killer;
+  int delay_ms, reason;
+} sbox;
+
+static sbox *sbox_check(lua_State *L) {
+  sbox *b = luaL_checkudata(L, 1, SANDBOX_MT);
+  if (b->s == NULL) luaL_error(L, "sandbox is closed");
+  return b;
+}
+
+static int sbox_join(sbox *b) {
+  if (!b->has_killer) return 0;
+  b->has_killer = 0;
+  return uv_thread_join(&b->killer);
+}
+
+static int sbox_close(lua_State *L) {
+  sbox *b = luaL_checkudata(L, 1, SANDBOX_MT);
+  sbox_join(b);
+  sandbox_close(b->s);
+  b->s = NULL;
+  return 0;
+}
+
+static int kill_parse(lua_State *L, int arg) {
+  static const char *const names[] = { "timeout", "cancelled", "shutdown", "killed", NULL };
+  return luaL_checkoption(L, arg, "killed", names) + 1;
+}
+
+static void killer_main(void *arg) {
+  sbox *b = arg;
+  uv_sleep((unsigned)b->delay_ms);
+  sandbox_kill(b->s, b->reason);
+}
+
+/* sb:kill_after(ms [, reason]): pulls the kill switch from another thread. */
+static int sbox_kill_after(lua_State *L) {
+  sbox *b = sbox_check(L);
+  lua_Integer ms = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, ms >= 0 && ms <= 3600000, 2, "milliseconds in [0, 3600000] expected");
+  int reason = kill_parse(L, 3);
+  int rc = sbox_join(b);
+  if (rc != 0) return luaL_error(L, "sandbox: joining the killer thread: %s", uv_strerror(rc));
+  b->delay_ms = (int)ms;
+  b->reason = reason;
+  rc = uv_thread_create(&b->killer, killer_main, b);
+  if (rc != 0) return luaL_error(L, "sandbox: starting a thread: %s", uv_strerror(rc));
+  b->has_killer = 1;
+  return 0;
+}
+
+static int sbox_kill(lua_State *L) {
+  sbox *b = sbox_check(L);
+  sandbox_kill(b->s, kill_parse(L, 2));
+  return 0;
+}
+
+/* sb:call(fn) -> true, results... | false, kind, message [, traceback [, value]]
+ * The function and its captures cross into the sandbox through the codec, the results
+ * cross back with functions refused: what flame.call will do on a runner. */
+static int sbox_call(lua_State *L) {
+  sbox *b = sbox_check(L);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  lua_settop(L, 2);
+  codec_opts o;
+  codec_opts_init(&o);
+  o.root = "work";
+  buf work, out;
+  buf_init(&work);
+  buf_init(&out);
+  if (codec_encode(L, 1, &o, &work) != 0) {
+    buf_free(&work);
+    lua_pushboolean(L, 0);
+    lua_pushliteral(L, "encode");
+    lua_rotate(L, -3, 2);
+    return 3;
+  }
+  sandbox_rearm(b->s);
+  int rc = sandbox_run(b->s, (const char *)work.data, work.len, &out);
+  buf_free(&work);
+  if (rc != 0) {
+    buf_free(&out);
+    return luaL_error(L, "sandbox: not enough memory for the results");
+  }
+  lua_settop(L, 1);
+  static const struct { int status; const char *kind; } kinds[] = {
+    { SANDBOX_ERROR, "remote" }, { SANDBOX_KILLED, "killed" },
+    { SANDBOX_ENCODE, "encode" }, { SANDBOX_DECODE, "decode" }, { 0, NULL }
+  };
+  int status = out.data[0];
+  if (status == SANDBOX_RESULT) lua_pushboolean(L, 1);
+  else {
+    lua_pushboolean(L, 0);
+    for (int i = 0; kinds[i].kind; i++)
+      if (kinds[i].status == status) lua_pushstring(L, kinds[i].kind);
+  }
+  codec_opts_init(&o);
+  o.functions = 0;
+  int n = codec_decode(L, (const char *)out.data + 1, out.len - 1, &o);
+  buf_free(&out);
+  if (n < 0) return lua_error(L);
+  return lua_gettop(L) - 1;
+}
+
+static int sbox_memory(lua_State *L) {
+  sbox *b = sbox_check(L);
+  lua_pushinteger(L, (lua_Integer)sandbox_memory(b->s));
+  return 1;
+}
+
+static int sbox_limit(lua_State *L) {
+  sbox *b = sbox_check(L);
+  lua_pushinteger(L, (lua_Integer)b->s->limit);
+  return 1;
+}
+
+static int sbox_profile(lua_State *L) {
+  sbox *b = sbox_check(L);
+  lua_pushstring(L, b->s->profile == SANDBOX_RESTRICTED ? "restricted" : "application");
+  return 1;
+}
+
+/* sandbox{ profile = "application"|"restricted", memory_limit = bytes } */
+static int l_sandbox(lua_State *L) {
+  sandbox_config c = { SANDBOX_APPLICATION, 0 };
+  if (!lua_isnoneornil(L, 1)) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_pushnil(L);
+    while (lua_next(L, 1)) {
+      const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "";
+      if (strcmp(k, "profile") == 0) {
+        if (lua_type(L, -1) != LUA_TSTRING
+            || sandbox_profile_parse(lua_tostring(L, -1), &c.profile) != 0)
+          return luaL_error(L, "sandbox: bad option 'profile' (\"application\" or "
+                               "\"restricted\" expected)");
+      } else if (strcmp(k, "memory_limit") == 0) {
+        int ok;
+        lua_Integer v = lua_tointegerx(L, -1, &ok);
+        if (!ok || v < 0)
+          return luaL_error(L, "sandbox: bad option 'memory_limit' (bytes >= 0 expected)");
+        c.memory_limit = (size_t)v;
+      } else {
+        return luaL_error(L, "sandbox: unknown option '%s'", luaL_tolstring(L, -2, NULL));
+      }
+      lua_pop(L, 1);
+    }
+  }
+  sbox *b = lua_newuserdatauv(L, sizeof *b, 0);
+  memset(b, 0, sizeof *b);
+  luaL_setmetatable(L, SANDBOX_MT);
+  const char *err;
+  b->s = sandbox_new(&c, &err);
+  if (b->s == NULL) return luaL_error(L, "sandbox: %s", err);
+  return 1;
+}
+
+void flame_sandbox_open(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    { "call", sbox_call }, { "kill", sbox_kill }, { "kill_after", sbox_kill_after },
+    { "memory", sbox_memory }, { "memory_limit", sbox_limit },
+    { "profile", sbox_profile }, { "close", sbox_close }, { NULL, NULL }
+  };
+  if (luaL_newmetatable(L, SANDBOX_MT)) {
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, sbox_close);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, sbox_close);
+    lua_setfield(L, -2, "__close");
+  }
+  lua_pop(L, 1);
+  lua_pushcfunction(L, l_sandbox);
+  lua_setfield(L, -2, "sandbox");
+}

@@ -1,0 +1,65 @@
+/*
+ * sandbox.h - sandboxed Lua states: a profile of libraries, a memory cap, and a kill
+ * switch that another thread may pull.
+ *
+ * Contract:
+ * - sandbox_new makes a state whose allocator refuses to grow past memory_limit (the
+ *   allocation fails as a Lua memory error; the state stays usable).
+ * - Profiles: "application" has the standard libraries, require and subprocesses,
+ *   without os.exit, package.loadlib, binary chunks in load/loadfile/dofile, and with
+ *   debug reduced to traceback. "restricted" is pure computation: base functions
+ *   (without load, loadfile, dofile, print, collectgarbage), string, table, math,
+ *   utf8, coroutine, and os.clock/time/date/difftime.
+ * - sandbox_kill may be called from any thread: running Lua code in the state (and in
+ *   the coroutine it is resuming) raises "flame: work killed (<reason>)" at its next
+ *   instruction, again after every pcall that catches it, until sandbox_rearm. Code
+ *   blocked inside a C function is stopped when it returns to Lua.
+ * - Everything else belongs to the thread that owns the state.
+ */
+#ifndef FLAME_SANDBOX_H
+#define FLAME_SANDBOX_H
+
+#include <stddef.h>
+#include <lua.h>
+#include "buf.h"
+
+typedef enum { SANDBOX_APPLICATION, SANDBOX_RESTRICTED } sandbox_profile;
+
+/* Why work was killed; 0 means it was not. */
+enum { SANDBOX_KILL_TIMEOUT = 1, SANDBOX_KILL_CANCEL, SANDBOX_KILL_SHUTDOWN,
+       SANDBOX_KILL_REQUEST, SANDBOX_KILL_COUNT };
+
+/* How a run ended: the first byte of sandbox_run's output, codec data after it. */
+enum {
+  SANDBOX_RESULT = 'r',  /* the work's return values */
+  SANDBOX_ERROR = 'e',   /* message, traceback, error value (nil if it cannot cross) */
+  SANDBOX_KILLED = 'k',  /* reason name ("timeout", ...) */
+  SANDBOX_ENCODE = 'c',  /* a result that cannot cross: message naming it */
+  SANDBOX_DECODE = 'd'   /* the work could not be decoded: message */
+};
+
+typedef struct sandbox_config {
+  sandbox_profile profile;
+  size_t memory_limit;   /* bytes; 0 means no limit */
+} sandbox_config;
+
+typedef struct sandbox sandbox;
+
+/* NULL on failure with *err set to a static message. */
+sandbox *sandbox_new(const sandbox_config *c, const char **err);
+void sandbox_close(sandbox *s);
+lua_State *sandbox_state(sandbox *s);
+sandbox *sandbox_of(lua_State *L);       /* NULL when L is not a sandbox's state */
+size_t sandbox_memory(const sandbox *s);
+void sandbox_kill(sandbox *s, int reason);   /* any thread */
+int sandbox_killed(sandbox *s);              /* the reason, or 0 */
+void sandbox_rearm(sandbox *s);
+const char *sandbox_kill_name(int reason);
+int sandbox_profile_parse(const char *name, sandbox_profile *p);
+
+/* Decodes work (a function and its arguments, codec bytes) into the state, runs it,
+ * and appends the outcome to out: a status byte, then codec data. Returns 0, or -1
+ * when out ran out of memory. Leaves the state's stack empty. */
+int sandbox_run(sandbox *s, const char *work, size_t len, buf *out);
+
+#endif
