@@ -365,11 +365,11 @@ static int count_upvalues(lua_State *L, int idx) {
 
 static void e_function(enc *E, int idx) {
   lua_State *L = E->L;
+  if (!E->o->functions) e_fail(E, "function cannot be sent here");
   if (e_mark(E, idx)) return;
   if (lua_iscfunction(L, idx))
     e_fail(E, "C function cannot be sent (only standard library functions travel, "
               "by name)");
-  if (!E->o->functions) e_fail(E, "function cannot be sent here");
   e_enter(E);
   lua_Integer fid = e_remember(E, idx);
   e_byte(E, T_FUNC);
@@ -398,7 +398,12 @@ static void e_function(enc *E, int idx) {
     lua_pushinteger(L, fid * 256 + i);
     lua_rawset(L, E->upvals);
     e_byte(E, U_VALUE);
-    lua_getupvalue(L, idx, i);
+    const char *name = lua_getupvalue(L, idx, i);
+    if (name && strcmp(name, "_ENV") == 0) {  /* whatever table it is, it is the  */
+      e_byte(E, T_ENV);                        /* sender's environment: rebind it */
+      lua_pop(L, 1);
+      continue;
+    }
     e_push(E, SEG_UPVALUE, idx, i);
     e_value(E, lua_gettop(L));
     E->nseg--;
@@ -593,10 +598,12 @@ static void d_table(dec *D, int tag) {
     if (len > CODEC_MT_NAME_MAX) d_fail(D, "metatable name too long");
     const char *name = (const char *)d_take(D, len);
     lua_pushlstring(L, name, len);
+    lua_pushvalue(L, -1);
     if (lua_rawget(L, D->mts) != LUA_TTABLE) {
       lua_pushfstring(L, "metatable '%s' is not registered here", lua_tostring(L, -2));
       d_fail(D, lua_tostring(L, -1));
     }
+    lua_remove(L, -2);
     mt = lua_gettop(L);
   }
   size_t narr = d_count(D, 1, "array count larger than the input");
@@ -656,6 +663,21 @@ static void d_name(dec *D) {
   lua_settop(L, name);
 }
 
+/* The upvalues of a loaded Lua function, or -1 when its closure and its prototype
+ * disagree. lua_load sizes the closure from a header byte it does not check against
+ * the prototype, and lua_getupvalue indexes by the prototype: asking only for
+ * 1..nups (the closure's count, from lua_getinfo) keeps every access in bounds. */
+static int d_upvalues(lua_State *L, int f) {
+  lua_Debug ar;
+  lua_pushvalue(L, f);
+  lua_getinfo(L, ">u", &ar);
+  for (int i = 1; i <= ar.nups; i++) {
+    if (lua_getupvalue(L, f, i) == NULL) return -1;
+    lua_pop(L, 1);
+  }
+  return ar.nups;
+}
+
 static const char *d_reader(lua_State *L, void *ud, size_t *size) {
   dreader *r = ud;
   (void)L;
@@ -677,7 +699,8 @@ static void d_function(dec *D) {
   }
   int f = lua_gettop(L);
   d_remember(D);
-  int nups = count_upvalues(L, f);
+  int nups = d_upvalues(L, f);
+  if (nups < 0) d_fail(D, "bad function (upvalues do not match its prototype)");
   if (d_varint(D) != (uint64_t)nups) d_fail(D, "upvalue count does not match the function");
   for (int i = 1; i <= nups; i++) {
     int kind = d_byte(D);
@@ -689,7 +712,7 @@ static void d_function(dec *D) {
       if (fid < 1 || fid > (uint64_t)D->nrefs) d_fail(D, "bad upvalue reference");
       lua_rawgeti(L, D->refs, (lua_Integer)fid);
       if (lua_type(L, -1) != LUA_TFUNCTION || lua_iscfunction(L, -1)
-          || k < 1 || k > (uint64_t)count_upvalues(L, -1))
+          || k < 1 || k > (uint64_t)d_upvalues(L, lua_gettop(L)))
         d_fail(D, "bad upvalue reference");
       lua_upvaluejoin(L, f, i, -1, (int)k);
       lua_pop(L, 1);

@@ -6,8 +6,8 @@
  *   nil, booleans, integers and floats (kept apart; NaN, inf, -0.0 exact), strings,
  *   tables (identity and cycles kept; a metatable only when registered by name),
  *   Lua functions (bytecode and upvalues; shared upvalues stay shared), standard
- *   library C functions and library tables (by name), and the globals table (as
- *   "the receiver's environment"). Anything else fails with a message naming the
+ *   library C functions and library tables (by name), and the globals table and
+ *   every upvalue named _ENV (as "the receiver's environment"). Anything else fails with a message naming the
  *   path to the value: "upvalue 'conn' of work: userdata cannot be sent".
  * - codec_decode is total: any byte string gives values or an error message, never
  *   a crash. It is bounded (input size, nesting depth, element count) and, unless

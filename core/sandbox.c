@@ -234,7 +234,41 @@ static void sb_setlib(lua_State *L, const char *name) {
   lua_pop(L, 2);
 }
 
+/* xpcall whose handler is skipped for a kill: after a hook raises, Lua runs the
+ * handler with hooks off, so a handler that loops could never be stopped. */
+static int sb_xpcall_handler(lua_State *L) {
+  if (atomic_load(&sandbox_of(L)->kill)) return 1;
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, 1);
+  return 1;
+}
+
+static int sb_finishpcall(lua_State *L, int status, lua_KContext extra) {
+  if (status != LUA_OK && status != LUA_YIELD) {
+    lua_pushboolean(L, 0);
+    lua_pushvalue(L, -2);
+    return 2;
+  }
+  return lua_gettop(L) - (int)extra;
+}
+
+static int sb_xpcall(lua_State *L) {
+  int n = lua_gettop(L);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  lua_pushvalue(L, 2);
+  lua_pushcclosure(L, sb_xpcall_handler, 1);
+  lua_replace(L, 2);
+  lua_pushboolean(L, 1);
+  lua_pushvalue(L, 1);
+  lua_rotate(L, 3, 2);                       /* [f, h, true, f, args...] */
+  int status = lua_pcallk(L, n - 2, LUA_MULTRET, 2, 2, sb_finishpcall);
+  return sb_finishpcall(L, status, 2);
+}
+
 static void sb_coroutines(lua_State *L) {
+  lua_pushcfunction(L, sb_xpcall);
+  lua_setglobal(L, "xpcall");
   lua_getglobal(L, "coroutine");
   lua_pushcfunction(L, sb_resume);
   lua_setfield(L, -2, "resume");
@@ -581,7 +615,13 @@ static int sbox_call(lua_State *L) {
   o.functions = 0;
   int n = codec_decode(L, (const char *)out.data + 1, out.len - 1, &o);
   buf_free(&out);
-  if (n < 0) return lua_error(L);
+  if (n < 0) {                     /* what the sandbox sent cannot be read here */
+    lua_settop(L, 1);
+    lua_pushboolean(L, 0);
+    lua_pushliteral(L, "decode");
+    lua_rotate(L, -3, 2);
+    return 3;
+  }
   return lua_gettop(L) - 1;
 }
 
