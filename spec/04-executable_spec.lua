@@ -1,0 +1,72 @@
+-- The flame executable: runs scripts with flame loaded, passes arguments, reports
+-- errors with a traceback and a non-zero status; `flame runner` needs FLAME_PARENT.
+local H = require "spec.helper"
+local run, q = H.run, H.q
+
+local tmp = os.tmpname()
+local function script(src)
+  local f = assert(io.open(tmp, "w"))
+  f:write(src)
+  f:close()
+  return tmp
+end
+
+teardown(function() os.remove(tmp) end)
+
+describe("flame executable", function()
+  it("is on PATH and tells its version", function()
+    local rc, out = run("flame --version")
+    assert.are.equal(0, rc)
+    assert.matches("^flame %d+%.%d+%.%d+ %(Lua 5%.4", out)
+  end)
+
+  it("runs a script with the flame module loaded and its arguments", function()
+    local path = script([[
+      assert(flame == require "flame", "flame is the module")
+      print(flame.VERSION, arg[0] ~= nil, select("#", ...), arg[1], arg[2], ...)
+    ]])
+    local rc, out = run("flame " .. q(path) .. " one 'two words'")
+    assert.are.equal(0, rc, out)
+    assert.matches("^%d+%.%d+%.%d+\ttrue\t2\tone\ttwo words\tone\ttwo words\n$", out)
+  end)
+
+  it("runs code given with -e", function()
+    local rc, out = run([[flame -e 'print(flame.codec ~= nil, ...)' x]])
+    assert.are.equal(0, rc, out)
+    assert.are.equal("true\tx\n", out)
+  end)
+
+  it("reports a script error with a traceback and status 1", function()
+    local path = script("local function f() error('broken on purpose') end\nf()\n")
+    local rc, out = run("flame " .. q(path))
+    assert.are.equal(1, rc)
+    assert.matches("flame: .*:1: broken on purpose", out)
+    assert.matches("stack traceback:", out, 1, true)
+  end)
+
+  it("reports a missing script", function()
+    local rc, out = run("flame /nonexistent/app.lua")
+    assert.are.equal(1, rc)
+    assert.matches("cannot open /nonexistent/app.lua", out, 1, true)
+  end)
+
+  it("shows usage with status 2 when run without arguments", function()
+    local rc, out = run("flame")
+    assert.are.equal(2, rc)
+    assert.matches("usage: flame SCRIPT", out, 1, true)
+    local rc2 = run("flame -e")
+    assert.are.equal(2, rc2)
+  end)
+
+  it("refuses to be a runner without FLAME_PARENT", function()
+    local rc, out = run("env -u FLAME_PARENT flame runner")
+    assert.are.equal(2, rc)
+    assert.matches("FLAME_PARENT is not set", out, 1, true)
+  end)
+
+  it("refuses unknown runner arguments", function()
+    local rc, out = run("flame runner --bogus")
+    assert.are.equal(2, rc)
+    assert.matches("unknown argument '--bogus'", out, 1, true)
+  end)
+end)
