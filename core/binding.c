@@ -5,13 +5,30 @@
 #include <lua.h>
 #include <lauxlib.h>
 
+#include <uv.h>
+
 #include "flame.h"
+
+/* random_bytes(n) -> n bytes from the system's CSPRNG (uv_random) */
+static int l_random_bytes(lua_State *L) {
+  lua_Integer n = luaL_checkinteger(L, 1);
+  luaL_argcheck(L, n >= 0 && n <= 4096, 1, "0 to 4096 bytes");
+  unsigned char b[4096];
+  int rc = uv_random(NULL, NULL, b, (size_t)n, 0, NULL);
+  if (rc != 0) return luaL_error(L, "random_bytes: %s", uv_strerror(rc));
+  lua_pushlstring(L, (const char *)b, (size_t)n);
+  return 1;
+}
 
 int luaopen_flame_core(lua_State *L) {
   luaL_checkversion(L);
   lua_newtable(L);
   flame_codec_open(L);
   flame_sandbox_open(L);
+  flame_loop_open(L);
+  flame_executor_open(L);
+  lua_pushcfunction(L, l_random_bytes);
+  lua_setfield(L, -2, "random_bytes");
   lua_pushliteral(L, FLAME_VERSION);
   lua_setfield(L, -2, "VERSION");
   return 1;

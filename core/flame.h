@@ -25,5 +25,7 @@
 int luaopen_flame_core(lua_State *L);
 void flame_codec_open(lua_State *L);
 void flame_sandbox_open(lua_State *L);
+void flame_loop_open(lua_State *L);
+void flame_executor_open(lua_State *L);
 
 #endif

@@ -332,10 +332,48 @@ static void sb_restricted(lua_State *L) {
   sb_coroutines(L);
 }
 
+/* Runs {module, function, args}: the work a caller names instead of sending. */
+static const char MFA_CHUNK[] =
+  "local spec = ...\n"
+  "local mod, fname, args = spec[1], spec[2], spec[3]\n"
+  "if not require then\n"
+  "  error('this sandbox cannot load modules (restricted profile): send a function', 0)\n"
+  "end\n"
+  "local m = require(mod)\n"
+  "local f = type(m) == 'table' and m[fname] or nil\n"
+  "if type(f) ~= 'function' then\n"
+  "  error(string.format(\"module '%s' has no function '%s'\", mod, fname), 0)\n"
+  "end\n"
+  "if args == nil then return f() end\n"
+  "return f(table.unpack(args, 1, args.n or #args))\n";
+
+static const char ENVMT_KEY[] = "flame.sandbox.envmt";
+static const char MFA_KEY[] = "flame.sandbox.mfa";
+
 static int sb_setup(lua_State *L) {
   if (lua_tointeger(L, 1) == SANDBOX_RESTRICTED) sb_restricted(L);
   else sb_application(L);
+  /* each run's _ENV reads the profile's globals and writes its own table; the
+   * metatable is hidden so work cannot reach the shared globals through it */
+  lua_createtable(L, 0, 2);
+  lua_pushglobaltable(L);
+  lua_setfield(L, -2, "__index");
+  lua_pushboolean(L, 0);
+  lua_setfield(L, -2, "__metatable");
+  lua_setfield(L, LUA_REGISTRYINDEX, ENVMT_KEY);
+  if (luaL_loadbufferx(L, MFA_CHUNK, sizeof MFA_CHUNK - 1, "=(flame mfa)", "t") != LUA_OK)
+    return lua_error(L);
+  lua_setfield(L, LUA_REGISTRYINDEX, MFA_KEY);
   return 0;
+}
+
+/* [-0, +1, m] A fresh environment for one run. */
+static void sb_newenv(lua_State *L) {
+  lua_createtable(L, 0, 4);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -2, "_G");
+  lua_getfield(L, LUA_REGISTRYINDEX, ENVMT_KEY);
+  lua_setmetatable(L, -2);
 }
 
 static int sb_panic(lua_State *L) {
@@ -443,34 +481,42 @@ typedef struct run_ctx {
   int rc;
 } run_ctx;
 
-/* Protected body of sandbox_run: [run_ctx*]. */
+/* Protected body of sandbox_run: [run_ctx*]. Stack while running:
+ * [env, msgh, work, args...]. */
 static int sb_run_main(lua_State *L) {
   run_ctx *r = lua_touserdata(L, 1);
   buf *out = r->out;
   codec_opts o;
   codec_opts_init(&o);
   lua_settop(L, 0);
+  sb_newenv(L);
+  o.env = 1;
   int n = codec_decode(L, r->work, r->len, &o);
   if (n < 0) {
     r->rc = sb_emit(L, out, SANDBOX_DECODE, 1, "message");
     return 0;
   }
-  if (n < 1 || lua_type(L, 1) != LUA_TFUNCTION) {
+  if (n >= 1 && lua_type(L, 2) == LUA_TTABLE) {      /* {module, function, args} */
+    lua_getfield(L, LUA_REGISTRYINDEX, MFA_KEY);
+    lua_insert(L, 2);
+    n++;
+  }
+  if (n < 1 || lua_type(L, 2) != LUA_TFUNCTION) {
     lua_settop(L, 0);
     lua_pushliteral(L, "work is not a function");
     r->rc = sb_emit(L, out, SANDBOX_DECODE, 1, "message");
     return 0;
   }
   lua_pushcfunction(L, sb_msgh);
-  lua_insert(L, 1);
-  int st = lua_pcall(L, n - 1, LUA_MULTRET, 1);
+  lua_insert(L, 2);
+  int st = lua_pcall(L, n - 1, LUA_MULTRET, 2);
   int killed = sandbox_killed(r->s);
   if (killed) {
     lua_settop(L, 0);
     lua_pushstring(L, sandbox_kill_name(killed));
     r->rc = sb_emit(L, out, SANDBOX_KILLED, 1, "reason");
   } else if (st == LUA_OK) {
-    r->rc = sb_emit(L, out, SANDBOX_RESULT, lua_gettop(L) - 1, "result %d");
+    r->rc = sb_emit(L, out, SANDBOX_RESULT, lua_gettop(L) - 2, "result %d");
   } else if (lua_istable(L, -1)) {
     int e = lua_gettop(L);
     lua_rawgeti(L, e, 1);
@@ -484,7 +530,7 @@ static int sb_run_main(lua_State *L) {
       lua_rawgeti(L, e, 2);
       r->rc = sb_emit(L, out, SANDBOX_ERROR, 2, "error");
     }
-  } else {                         /* the handler itself failed (memory) */
+  } else {                         /* memory: Lua does not call the handler */
     lua_pushliteral(L, "");
     r->rc = sb_emit(L, out, SANDBOX_ERROR, 2, "error");
   }

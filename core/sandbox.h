@@ -57,9 +57,12 @@ void sandbox_rearm(sandbox *s);
 const char *sandbox_kill_name(int reason);
 int sandbox_profile_parse(const char *name, sandbox_profile *p);
 
-/* Decodes work (a function and its arguments, codec bytes) into the state, runs it,
- * and appends the outcome to out: a status byte, then codec data. Returns 0, or -1
- * when out ran out of memory. Leaves the state's stack empty. */
+/* Decodes work into the state and runs it: a function and its arguments, or a
+ * table {module, function, args} (require(module)[function](unpack(args))). Each run
+ * gets a fresh _ENV over the profile's globals, so globals it writes are gone after
+ * it; modules it requires stay loaded. Appends the outcome to out: a status byte,
+ * then codec data. Returns 0, or -1 when out ran out of memory. Leaves the state's
+ * stack empty. */
 int sandbox_run(sandbox *s, const char *work, size_t len, buf *out);
 
 #endif

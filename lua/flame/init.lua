@@ -1,50 +1,77 @@
 --- flame: run a Lua closure, with what it captured, on fresh compute.
--- This is the Lua half of the module; the C core is `flame.core`.
+-- The public API (docs/api.md). The C core is `flame.core`.
 -- @module flame
 local core = require "flame.core"
+local errors = require "flame.errors"
+local task = require "flame.task"
+local pool = require "flame.pool"
 
 local M = {}
 
 M.VERSION = core.VERSION
+M.errors = errors
 
---- The codec that carries values and closures between Lua states (docs/codec.md).
+--- Makes a pool (docs/pools.md). Bad options raise an `invalid` error.
+M.pool = pool.new
+
+local Pool = pool.Pool
+
+--- Runs work on a runner of the pool and returns what it returned.
+-- work: a function (sent with everything it captured) or { module, function, args }.
+-- opts: { timeout = ms, link = true }. Raises a flame error (docs/errors.md).
+function M.call(p, work, opts)
+  return Pool.call(p, work, opts, 2)
+end
+
+--- Like call, without waiting: a task runs the call, and its errors are logged.
+function M.cast(p, work, opts)
+  if getmetatable(p) ~= Pool then
+    errors.raise("invalid", "flame.cast: a pool expected", nil, 2)
+  end
+  task.spawn(function()
+    local ok, err = pcall(Pool.call, p, work, opts, 2)
+    if not ok then p.log.error("cast failed: %s", tostring(err)) end
+  end)
+end
+
+--- Runs fn(...) as a concurrent task; t:await() returns its results.
+M.spawn = task.spawn
+
+--- Runs fn as a task and drives the loop until every task has ended.
+M.run = task.run
+
+--- Waits ms milliseconds; other tasks and calls go on meanwhile.
+M.sleep = task.sleep
+
+--- On a runner: what its parent told it; on the parent: nil.
+function M.parent()
+  return nil
+end
+
 M.codec = {}
 
---- Encodes one value.
--- @param value any sendable value
--- @tparam[opt] table opts `name` (the value's name in error paths, default "value"),
---   `functions` (default true), `env` (a table that travels as "the environment"),
---   `max_depth`
--- @treturn string the bytes
--- @return nil, message naming the path to what cannot be sent
+--- Encodes one value (docs/codec.md): bytes, or nil and a message naming the path.
 function M.codec.encode(value, opts)
   return core.encode(opts, value)
 end
 
---- Encodes any number of values (nil included) into one byte string; a "%d" in
--- opts.name is replaced by each value's position.
--- @treturn string|nil bytes, or nil and a message
+--- Encodes any number of values; a "%d" in opts.name becomes each one's position.
 function M.codec.encode_values(opts, ...)
   return core.encode(opts, ...)
 end
 
---- Decodes bytes made by encode or encode_values.
--- @tparam string bytes
--- @tparam[opt] table opts `functions` (default false: bytecode is refused unless the
---   bytes come from a trusted sender), `env`, `max_depth`, `max_size`, `max_items`
--- @return true and the values, or false and a message
+--- Decodes bytes: true and the values, or false and a message. Bytecode is refused
+-- unless opts.functions is true (only for bytes from a trusted sender).
 function M.codec.decode(bytes, opts)
   return core.decode(bytes, opts)
 end
 
---- Lets tables with metatable `mt` cross as `name`; the receiver must register the
--- same name. A table with an unregistered metatable cannot be sent.
+--- Lets tables with metatable mt cross as name; the receiver registers it too.
 function M.codec.register(name, mt)
   core.register(name, mt)
 end
 
---- A sandboxed Lua state (docs/sandbox.md): `{ profile = "application" |
--- "restricted", memory_limit = bytes }`. `sb:call(fn)` runs fn there.
+--- A sandboxed Lua state (docs/sandbox.md).
 M.sandbox = core.sandbox
 
 return M

@@ -1,0 +1,483 @@
+--- Pools of runners, and calls on them.
+-- A pool boots runners through its backend, gives each call a slot on the runner
+-- with the fewest calls, queues callers in arrival order when every slot is taken
+-- and the pool is at max, and turns every failure into an error for the caller.
+-- One deadline per call: from entering flame.call to its result (docs/pools.md).
+-- @module flame.pool
+local core = require "flame.core"
+local errors = require "flame.errors"
+local task = require "flame.task"
+local logmod = require "flame.log"
+
+local M = {}
+
+local loop = task.loop
+local pools = {}                 -- name -> pool, for uniqueness within the process
+local next_call = 0
+
+local function invalid(msg, level)
+  errors.raise("invalid", msg, nil, level and level + 1 or 3)
+end
+
+local function describe(v)
+  if type(v) == "string" then return ("string %q"):format(v) end
+  return type(v) == "table" and "a table" or (type(v) .. " " .. tostring(v))
+end
+
+local function is_ms(v)
+  return type(v) == "number" and v == v and v >= 0
+end
+
+-- option -> { expected, check, default }
+local OPTIONS = {
+  name = { "a non-empty string", function(v) return type(v) == "string" and v ~= "" end },
+  backend = { "a backend name or table",
+    function(v) return type(v) == "string" or type(v) == "table" end, "local" },
+  backend_opts = { "a table", function(v) return type(v) == "table" end },
+  min = { "an integer >= 0", function(v) return math.type(v) == "integer" and v >= 0 end, 0 },
+  max = { "an integer >= 1", function(v) return math.type(v) == "integer" and v >= 1 end, 1 },
+  max_concurrency = { "an integer >= 1",
+    function(v) return math.type(v) == "integer" and v >= 1 end, 100 },
+  single_use = { "a boolean", function(v) return type(v) == "boolean" end, false },
+  timeout = { "milliseconds (a number > 0, or math.huge)",
+    function(v) return is_ms(v) and v > 0 end, 30000 },
+  boot_timeout = { "milliseconds (a number > 0, or math.huge)",
+    function(v) return is_ms(v) and v > 0 end, 30000 },
+  shutdown_timeout = { "milliseconds (a number >= 0, or math.huge)", is_ms, 30000 },
+  idle_shutdown_after = { "milliseconds, or { milliseconds, function }", function(v)
+    return is_ms(v) or (type(v) == "table" and is_ms(v[1]) and type(v[2]) == "function")
+  end, 30000 },
+  min_idle_shutdown_after = { "milliseconds (a number >= 0, or math.huge)", is_ms,
+    math.huge },
+  on_grow_start = { "a function", function(v) return type(v) == "function" end },
+  on_grow_end = { "a function", function(v) return type(v) == "function" end },
+  on_shrink = { "a function", function(v) return type(v) == "function" end },
+  log = { "false or one of \"debug\", \"info\", \"warn\", \"error\"",
+    function(v) return v == false or logmod.LEVELS[v] ~= nil end, false },
+  sandbox = { "\"application\", \"restricted\" or { profile = ..., memory_limit = ... }",
+    function(v)
+      if v == "application" or v == "restricted" then return true end
+      if type(v) ~= "table" then return false end
+      for k, x in pairs(v) do
+        if k == "profile" then
+          if x ~= "application" and x ~= "restricted" then return false end
+        elseif k == "memory_limit" then
+          if math.type(x) ~= "integer" or x < 0 then return false end
+        else
+          return false
+        end
+      end
+      return true
+    end, "application" },
+}
+
+local CALL_OPTIONS = {
+  timeout = { "milliseconds (a number > 0, or math.huge)",
+    function(v) return is_ms(v) and v > 0 end },
+  link = { "a boolean", function(v) return type(v) == "boolean" end },
+}
+
+-- Checks a table of options against spec; returns a copy with defaults filled in.
+local function check_options(where, opts, spec, level)
+  if type(opts) ~= "table" then invalid(where .. ": options must be a table", level + 1) end
+  for k in pairs(opts) do
+    if type(k) ~= "string" or not spec[k] then
+      invalid(("%s: unknown option '%s'"):format(where, tostring(k)), level + 1)
+    end
+  end
+  local out = {}
+  for k, s in pairs(spec) do
+    local v = opts[k]
+    if v == nil then
+      v = s[3]
+    elseif not s[2](v) then
+      invalid(("%s: option '%s' must be %s (got %s)"):format(where, k, s[1], describe(v)),
+        level + 1)
+    end
+    out[k] = v
+  end
+  return out
+end
+
+local function sandbox_settings(sb)
+  if type(sb) == "string" then return { profile = sb, memory_limit = 0 } end
+  return { profile = sb.profile or "application", memory_limit = sb.memory_limit or 0 }
+end
+
+local function resolve_backend(b)
+  if type(b) == "table" then return b end
+  local ok, mod = pcall(require, "flame.backends." .. b)
+  if not ok then
+    local ok2, mod2 = pcall(require, b)
+    if not ok2 then
+      invalid(("flame.pool: no backend '%s' (flame.backends.%s or a module %s)"):format(
+        b, b, b), 3)
+    end
+    mod = mod2
+  end
+  for _, cb in ipairs { "init", "remote_boot" } do
+    if type(mod[cb]) ~= "function" then
+      invalid(("flame.pool: backend '%s' has no %s callback"):format(tostring(b), cb), 3)
+    end
+  end
+  return mod
+end
+
+local Pool = {}
+Pool.__index = Pool
+Pool.__name = "flame.pool"
+
+-- The environment a backend's callbacks get (docs/backends.md).
+local function backend_env(pool, runner)
+  local env = {}
+  env.log = pool.log
+  function env.config(name) return pool.config[name] or {} end
+  function env.merge(a, b)
+    local out = {}
+    for k, v in pairs(a or {}) do out[k] = v end
+    for k, v in pairs(b or {}) do out[k] = v end
+    return out
+  end
+  function env.random_id(n)
+    local alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    local bytes = core.random_bytes(n)
+    return (bytes:gsub(".", function(c)
+      local i = c:byte() % #alphabet + 1
+      return alphabet:sub(i, i)
+    end))
+  end
+  function env.sleep(ms) task.sleep(ms) end
+  --- In-process backends only: a terminator running work on this process's threads.
+  function env.local_terminator(state)
+    local ok, ex = pcall(core.executor, {
+      workers = state.max_concurrency,
+      profile = state.sandbox.profile,
+      memory_limit = state.sandbox.memory_limit,
+      on_done = function(id, status, payload) runner:done(id, status, payload) end,
+    })
+    if not ok then return nil, tostring(ex) end
+    return ex
+  end
+  function env.spawn_monitor(term, work)
+    term:submit(work.id, work.bytes)
+    return work.id
+  end
+  return env
+end
+
+local function call_hook(pool, name, ...)
+  local fn = pool.opts[name]
+  if fn then
+    local ok, err = pcall(fn, ...)
+    if not ok then pool.log.error("%s callback failed: %s", name, tostring(err)) end
+  end
+end
+
+--- Makes a pool. Options as in the API (docs/pools.md); bad ones raise `invalid`.
+function M.new(opts)
+  local o = check_options("flame.pool", opts, OPTIONS, 2)
+  if o.name == nil then invalid("flame.pool: option 'name' is required", 2) end
+  if o.min > o.max then
+    invalid(("flame.pool: min (%d) is larger than max (%d)"):format(o.min, o.max), 2)
+  end
+  if pools[o.name] then
+    invalid(("flame.pool: a pool named '%s' already exists"):format(o.name), 2)
+  end
+  local pool = setmetatable({
+    name = o.name, opts = o, backend = resolve_backend(o.backend),
+    runners = {}, booting = 0, waiting = {}, calls = 0, peak = 0, nrunners = 0,
+    log = logmod.new(o.log, o.name), config = {}, closed = false,
+  }, Pool)
+  pools[o.name] = pool
+  for _ = 1, o.min do pool:grow() end
+  return pool
+end
+
+-- The up runner with the fewest calls that has a free slot, or nil.
+function Pool:pick()
+  local best
+  for _, r in ipairs(self.runners) do
+    if r.status == "up" and r.inflight < self.opts.max_concurrency
+       and (best == nil or r.inflight < best.inflight) then
+      best = r
+    end
+  end
+  return best
+end
+
+-- Gives free slots to the oldest living waiters.
+function Pool:serve()
+  while #self.waiting > 0 do
+    local r = self:pick()
+    if not r then return end
+    local w = table.remove(self.waiting, 1)
+    r.inflight = r.inflight + 1
+    if not w:set(true, r) then r.inflight = r.inflight - 1 end
+  end
+end
+
+-- Boots one runner in a task of its own; callers wait for its slots.
+function Pool:grow()
+  self.booting = self.booting + 1
+  self.nrunners = self.nrunners + 1
+  local id = ("%s-%d"):format(self.name, self.nrunners)
+  call_hook(self, "on_grow_start", { name = self.name, count = #self.runners + self.booting })
+  self.log.info("runner %s booting", id)
+  task.spawn(function()
+    local runner = { id = id, pool = self, inflight = 0, calls = {}, status = "booting" }
+    function runner.done(r, call_id, status, payload) self:done(r, call_id, status, payload) end
+    runner.env = backend_env(self, runner)
+    local settings = {
+      max_concurrency = self.opts.max_concurrency, sandbox = sandbox_settings(self.opts.sandbox),
+      boot_timeout = self.opts.boot_timeout, shutdown_timeout = self.opts.shutdown_timeout,
+      pool = self.name, runner_id = id,
+    }
+    local ok, state = pcall(self.backend.init,
+      runner.env.merge(settings, self.opts.backend_opts), runner.env)
+    local term, err
+    if ok then
+      ok, term, err = pcall(self.backend.remote_boot, state, runner.env)
+      if ok and term then state = err or state end
+    else
+      term, err = nil, state
+    end
+    self.booting = self.booting - 1
+    if not ok or not term then
+      local reason = tostring(ok and err or term)
+      self.log.error("runner %s failed to boot: %s", id, reason)
+      call_hook(self, "on_grow_end", reason, { name = self.name, count = #self.runners })
+      -- the callers this boot was for learn why
+      for _ = 1, math.min(#self.waiting, self.opts.max_concurrency) do
+        local w = table.remove(self.waiting, 1)
+        w:set(false, errors.new("boot", ("pool '%s': runner %s failed to boot: %s")
+          :format(self.name, id, reason), { pool = self.name }))
+      end
+      return
+    end
+    runner.state, runner.term, runner.status = state, term, "up"
+    if self.closed then
+      self:stop_runner(runner)
+      return
+    end
+    self.runners[#self.runners + 1] = runner
+    self.log.info("runner %s up", id)
+    call_hook(self, "on_grow_end", "ok", { name = self.name, count = #self.runners })
+    self:serve()
+  end)
+end
+
+local function busy_count(pool)
+  local b = 0
+  for _, r in ipairs(pool.runners) do b = b + r.inflight end
+  return b
+end
+
+function Pool:stop_runner(r)
+  r.status = "down"
+  if r.term and r.term.close then r.term:close() end
+  for id, f in pairs(r.calls) do                -- calls the runner can no longer answer
+    r.calls[id] = nil
+    f:set("k", nil, "shutdown")
+  end
+  if self.backend.system_shutdown and r.env then pcall(self.backend.system_shutdown, r.env) end
+end
+
+-- A call ended on runner r: free its slot, wake its caller.
+function Pool:done(r, call_id, status, payload)
+  local f = r.calls[call_id]
+  r.calls[call_id] = nil
+  r.inflight = r.inflight - 1
+  if f then f:set(status, payload) end
+  if self.drained and busy_count(self) == 0 then self.drained:set() end
+  self:serve()
+end
+
+-- Waits for a slot until the deadline; returns the runner.
+function Pool:checkout(deadline)
+  local r = self:pick()
+  if r then
+    r.inflight = r.inflight + 1
+    return r
+  end
+  local mc = self.opts.max_concurrency
+  if #self.runners + self.booting < self.opts.max
+     and self.booting * mc <= #self.waiting then
+    self:grow()
+  end
+  local w = task.future()
+  self.waiting[#self.waiting + 1] = w
+  local timer
+  if deadline < math.huge then
+    timer = loop:timer(math.max(0, deadline - task.now()), function()
+      local phase = self.booting > 0 and "boot" or "queue"
+      if w:set(false, errors.new("timeout", ("call on pool '%s' found no free runner "
+          .. "within its timeout"):format(self.name), { phase = phase, pool = self.name })) then
+        for i, x in ipairs(self.waiting) do
+          if x == w then table.remove(self.waiting, i) break end
+        end
+      end
+    end)
+  end
+  local ok, v = w:wait()
+  if timer then timer:stop() end
+  if not ok then error(v, 0) end
+  return v
+end
+
+local function decode_values(payload)
+  return core.decode(payload)
+end
+
+-- Turns a runner's answer into results, or raises.
+local function outcome(pool, status, payload)
+  if status == "r" then
+    local r = table.pack(decode_values(payload))
+    if not r[1] then
+      errors.raise("decode", ("pool '%s': a result could not be decoded: %s")
+        :format(pool.name, r[2]), { pool = pool.name })
+    end
+    return table.unpack(r, 2, r.n)
+  end
+  local ok, msg, tb, value = false, "not enough memory", "", nil
+  if payload then ok, msg, tb, value = decode_values(payload) end
+  if not ok then msg = "the runner's answer could not be decoded: " .. tostring(msg) end
+  if status == "e" then
+    errors.raise("remote", msg, { traceback = tb, value = value, pool = pool.name })
+  elseif status == "k" then
+    if msg == "timeout" then
+      errors.raise("timeout", ("call on pool '%s' ran past its timeout"):format(pool.name),
+        { phase = "run", pool = pool.name })
+    end
+    errors.raise("shutdown", ("call on pool '%s' was stopped (%s)"):format(pool.name, msg),
+      { pool = pool.name })
+  elseif status == "c" then
+    errors.raise("encode", msg, { pool = pool.name })
+  elseif status == "d" then
+    errors.raise("decode", msg, { pool = pool.name })
+  end
+  errors.raise("remote", "unknown answer from the runner", { pool = pool.name })
+end
+
+local function check_work(work, level)
+  if type(work) == "function" then return end
+  if type(work) == "table" then
+    if type(work[1]) ~= "string" or type(work[2]) ~= "string"
+       or (work[3] ~= nil and type(work[3]) ~= "table") then
+      invalid("flame.call: work must be a function or { module, function, args } "
+        .. "(two strings and an optional table)", level + 1)
+    end
+    return
+  end
+  invalid("flame.call: work must be a function or { module, function, args }, got "
+    .. type(work), level + 1)
+end
+
+--- Runs work on a runner of the pool and returns its results (see flame.call).
+function Pool:call(work, opts, level)
+  level = level or 2
+  if getmetatable(self) ~= Pool then invalid("flame.call: a pool expected", level) end
+  check_work(work, level)
+  local o = check_options("flame.call", opts or {}, CALL_OPTIONS, level)
+  if self.closed then
+    errors.raise("shutdown", ("pool '%s' is shut down"):format(self.name), { pool = self.name })
+  end
+  local timeout = o.timeout or self.opts.timeout
+  local deadline = task.now() + timeout
+  local bytes, err = core.encode({ name = "work" }, work)
+  if not bytes then errors.raise("encode", err, { pool = self.name }) end
+
+  local r = self:checkout(deadline)
+  next_call = next_call + 1
+  local id = next_call
+  local f = task.future()
+  r.calls[id] = f
+  self.calls = self.calls + 1
+  local busy = 0
+  for _, x in ipairs(self.runners) do busy = busy + x.inflight end
+  if busy > self.peak then self.peak = busy end
+  local link = o.link ~= false
+  -- a caller that goes away (its task cancelled) takes linked work with it
+  local guard <close> = setmetatable({}, { __close = function()
+    if not f.done then
+      f:set("k", nil)
+      if link then r.term:kill(id, "cancelled") end
+    end
+  end })
+  local ok, e = pcall(self.backend.remote_spawn_monitor or function(state, w, env)
+    return env.spawn_monitor(state.terminator, w)
+  end, r.state, { id = id, bytes = bytes }, r.env)
+  if not ok then
+    r.calls[id] = nil
+    r.inflight = r.inflight - 1
+    self:serve()
+    errors.raise("runner_down", ("pool '%s': runner %s could not take the call: %s")
+      :format(self.name, r.id, tostring(e)), { pool = self.name })
+  end
+  local timer
+  if deadline < math.huge then
+    timer = loop:timer(math.max(0, deadline - task.now()), function()
+      if f:set("k", nil, "timeout") then r.term:kill(id, "timeout") end
+    end)
+  end
+  local status, payload, why = f:wait()
+  if timer then timer:stop() end
+  if why == "timeout" then
+    errors.raise("timeout", ("call on pool '%s' ran past its timeout of %s ms")
+      :format(self.name, tostring(timeout)), { phase = "run", pool = self.name })
+  elseif why == "shutdown" then
+    errors.raise("shutdown", ("pool '%s' shut down before the call ended"):format(self.name),
+      { pool = self.name })
+  end
+  return outcome(self, status, payload)
+end
+
+--- Statistics: runners up, pending (booting), busy (calls running), waiting callers.
+function Pool:stats()
+  local busy, workers, peak_running = 0, 0, 0
+  for _, r in ipairs(self.runners) do
+    busy = busy + r.inflight
+    if r.term and r.term.stats then
+      local s = r.term:stats()
+      workers = workers + s.workers
+      peak_running = math.max(peak_running, s.peak)
+    end
+  end
+  return {
+    name = self.name, runners = #self.runners, pending = self.booting, busy = busy,
+    waiting = #self.waiting, max = self.opts.max, min = self.opts.min,
+    max_concurrency = self.opts.max_concurrency, calls = self.calls, peak_busy = self.peak,
+    workers = workers, peak_running = peak_running,
+  }
+end
+
+--- Stops the pool: queued callers get `shutdown`, running calls get up to
+-- shutdown_timeout to finish, then are killed; runners stop.
+function Pool:shutdown()
+  if self.closed then return end
+  self.closed = true
+  pools[self.name] = nil
+  for _, w in ipairs(self.waiting) do
+    w:set(false, errors.new("shutdown", ("pool '%s' is shutting down"):format(self.name),
+      { pool = self.name }))
+  end
+  self.waiting = {}
+  if busy_count(self) > 0 and self.opts.shutdown_timeout > 0 then
+    -- set when the last call ends (Pool:done) or at the timeout
+    self.drained = task.future()
+    local timer
+    if self.opts.shutdown_timeout < math.huge then
+      timer = loop:timer(self.opts.shutdown_timeout, function() self.drained:set() end)
+    end
+    self.drained:wait()
+    if timer then timer:stop() end
+  end
+  for _, r in ipairs(self.runners) do
+    for id in pairs(r.calls) do r.term:kill(id, "shutdown") end
+    self:stop_runner(r)
+  end
+  self.runners = {}
+  self.log.info("pool shut down")
+end
+
+M.Pool = Pool
+return M
