@@ -105,19 +105,26 @@ local function sandbox_settings(sb)
 end
 
 local function resolve_backend(b)
-  if type(b) == "table" then return b end
-  local ok, mod = pcall(require, "flame.backends." .. b)
-  if not ok then
-    local ok2, mod2 = pcall(require, b)
-    if not ok2 then
-      invalid(("flame.pool: no backend '%s' (flame.backends.%s or a module %s)"):format(
-        b, b, b), 3)
+  local mod, what = b, "the backend table"
+  if type(b) == "string" then
+    what = ("backend '%s'"):format(b)
+    local ok, m = pcall(require, "flame.backends." .. b)
+    if not ok then
+      local ok2, m2 = pcall(require, b)
+      if not ok2 then
+        invalid(("flame.pool: no backend '%s' (no module flame.backends.%s or %s)"):format(
+          b, b, b), 3)
+      end
+      m = m2
     end
-    mod = mod2
+    mod = m
+  end
+  if type(mod) ~= "table" then
+    invalid(("flame.pool: %s is not a table of callbacks"):format(what), 3)
   end
   for _, cb in ipairs { "init", "remote_boot" } do
     if type(mod[cb]) ~= "function" then
-      invalid(("flame.pool: backend '%s' has no %s callback"):format(tostring(b), cb), 3)
+      invalid(("flame.pool: %s has no %s callback"):format(what, cb), 3)
     end
   end
   return mod
@@ -477,6 +484,14 @@ function Pool:shutdown()
   end
   self.runners = {}
   self.log.info("pool shut down")
+end
+
+--- Names of pools not yet shut down (the specs check that none is left behind).
+function M.live()
+  local names = {}
+  for name in pairs(pools) do names[#names + 1] = name end
+  table.sort(names)
+  return names
 end
 
 M.Pool = Pool

@@ -161,6 +161,7 @@ function Task:cancel(reason)
     errors.raise("invalid", "a task cannot cancel itself", nil, 2)
   end
   local ok, err = coroutine.close(self.co)
+  self.observed = true                       -- whoever cancels it knows it ended
   finish(self, false, ok and errors.new("shutdown", "task cancelled"
     .. (reason and (": " .. tostring(reason)) or "")) or err)
   return true

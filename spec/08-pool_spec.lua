@@ -1,0 +1,228 @@
+-- Pools on the local backend: options checked, min and max held, callers queued in
+-- arrival order with their deadlines, boot failures reported, shutdown graceful.
+-- (The full elasticity rules, idle shrinking and single_use, come with the process
+-- backend.)
+local flame = require "flame"
+local errors = require "flame.errors"
+local H = require "spec.helper"
+
+local function invalid_message(opts)
+  local ok, err = pcall(function()
+    local p = flame.pool(opts)
+    p:shutdown()
+  end)
+  assert.is_false(ok, "expected an invalid error")
+  assert.is_true(errors.is(err, "invalid"), tostring(err))
+  return err.message
+end
+
+describe("pool options", function()
+  after_each(H.cleanup)
+
+  local bad = {
+    { { max = 1 }, "option 'name' is required" },
+    { { name = "" }, "option 'name' must be a non-empty string (got string \"\")" },
+    { { name = "p", maxx = 3 }, "unknown option 'maxx'" },
+    { { name = "p", max = 0 }, "option 'max' must be an integer >= 1 (got number 0)" },
+    { { name = "p", max = 2.5 }, "option 'max' must be an integer >= 1 (got number 2.5)" },
+    { { name = "p", max = "3" }, "option 'max' must be an integer >= 1 (got string \"3\")" },
+    { { name = "p", min = -1 }, "option 'min' must be an integer >= 0" },
+    { { name = "p", min = 3, max = 2 }, "min (3) is larger than max (2)" },
+    { { name = "p", max_concurrency = 0 }, "option 'max_concurrency' must be an integer >= 1" },
+    { { name = "p", single_use = 1 }, "option 'single_use' must be a boolean" },
+    { { name = "p", timeout = 0 }, "option 'timeout' must be milliseconds" },
+    { { name = "p", boot_timeout = "soon" }, "option 'boot_timeout' must be milliseconds" },
+    { { name = "p", shutdown_timeout = -5 }, "option 'shutdown_timeout' must be milliseconds" },
+    { { name = "p", idle_shutdown_after = { 10 } },
+      "option 'idle_shutdown_after' must be milliseconds, or { milliseconds, function }" },
+    { { name = "p", min_idle_shutdown_after = 0 / 0 }, "option 'min_idle_shutdown_after'" },
+    { { name = "p", on_grow_start = true }, "option 'on_grow_start' must be a function" },
+    { { name = "p", log = "loud" }, "option 'log' must be false or one of" },
+    { { name = "p", sandbox = "open" }, "option 'sandbox' must be \"application\"" },
+    { { name = "p", sandbox = { profile = "x" } }, "option 'sandbox' must be" },
+    { { name = "p", sandbox = { memory_limit = -1 } }, "option 'sandbox' must be" },
+    { { name = "p", sandbox = { colour = "red" } }, "option 'sandbox' must be" },
+    { { name = "p", backend = 7 }, "option 'backend' must be a backend name or table" },
+    { { name = "p", backend = "nonesuch" }, "no backend 'nonesuch'" },
+    { { name = "p", backend = {} }, "the backend table has no init callback" },
+    { { name = "p", backend = { init = print } }, "the backend table has no remote_boot" },
+    { { name = "p", backend_opts = "x" }, "option 'backend_opts' must be a table" },
+  }
+  for _, case in ipairs(bad) do
+    it("refuses " .. next(case[1]) .. " done wrong: " .. case[2], function()
+      local msg = invalid_message(case[1])
+      assert.matches(case[2], msg, 1, true)
+      assert.matches("08%-pool_spec.lua:%d+: flame.pool: ", msg)
+    end)
+  end
+
+  it("refuses a second pool of the same name, and allows it after shutdown", function()
+    local p = flame.pool { name = "twice" }
+    assert.matches("a pool named 'twice' already exists", invalid_message { name = "twice" },
+      1, true)
+    p:shutdown()
+    flame.pool({ name = "twice" }):shutdown()
+  end)
+
+  it("accepts the documented values", function()
+    local p = H.pool { name = "all-options", backend = "local", backend_opts = {},
+      min = 0, max = 2, max_concurrency = 3, single_use = false, timeout = math.huge,
+      boot_timeout = 1000, shutdown_timeout = 0, idle_shutdown_after = { 100, function()
+        return true end }, min_idle_shutdown_after = math.huge,
+      on_grow_start = function() end, on_grow_end = function() end,
+      on_shrink = function() end, log = "error",
+      sandbox = { profile = "restricted", memory_limit = 1 << 24 } }
+    assert.are.equal(2, p:stats().max)
+  end)
+end)
+
+describe("pool runners", function()
+  after_each(H.cleanup)
+
+  it("boots min runners at start", function()
+    local p = H.pool { name = "min3", min = 3, max = 5 }
+    flame.sleep(20)
+    local s = p:stats()
+    assert.are.equal(3, s.runners)
+    assert.are.equal(0, s.pending)
+  end)
+
+  it("grows up to max and no further", function()
+    local grows = 0
+    local p = H.pool { name = "max2", max = 2, max_concurrency = 1,
+                       on_grow_start = function() grows = grows + 1 end }
+    local ts = {}
+    for i = 1, 6 do
+      ts[i] = flame.spawn(function()
+        return flame.call(p, function() os.execute("sleep 0.05") return i end)
+      end)
+    end
+    for i = 1, 6 do assert.are.equal(i, ts[i]:await()) end
+    local s = p:stats()
+    assert.are.equal(2, s.runners)
+    assert.are.equal(2, grows)
+    assert.are.equal(2, s.peak_busy)
+  end)
+
+  it("serves queued callers in arrival order", function()
+    local p = H.pool { name = "fifo", max = 1, max_concurrency = 1 }
+    local order = {}
+    local ts = {}
+    for i = 1, 8 do
+      ts[i] = flame.spawn(function()
+        flame.call(p, function() return i end)
+        order[#order + 1] = i
+      end)
+    end
+    for i = 1, 8 do ts[i]:await() end
+    assert.are.same({ 1, 2, 3, 4, 5, 6, 7, 8 }, order)
+  end)
+
+  it("gives a queued caller whose deadline passes a queue timeout", function()
+    local p = H.pool { name = "queue-timeout", max = 1, max_concurrency = 1 }
+    local blocker = flame.spawn(function()
+      flame.call(p, function() os.execute("sleep 0.3") end)
+    end)
+    flame.sleep(50)                        -- the blocker holds the only slot
+    local ok, err = pcall(function() return flame.call(p, function() end, { timeout = 50 }) end)
+    assert.is_false(ok)
+    assert.are.equal("timeout", err.kind)
+    assert.are.equal("queue", err.phase)
+    assert.are.equal(0, p:stats().waiting)  -- it left the queue
+    blocker:await()
+    assert.are.equal("free", flame.call(p, function() return "free" end))
+  end)
+
+  it("reports a boot failure to the callers and stays usable", function()
+    local attempts = 0
+    local flaky = {
+      init = function(opts, env) return env.merge({}, opts) end,
+      remote_boot = function(state, env)
+        attempts = attempts + 1
+        if attempts == 1 then return nil, "no capacity today" end
+        return require("flame.backends.local").remote_boot(state, env)
+      end,
+      remote_spawn_monitor = require("flame.backends.local").remote_spawn_monitor,
+    }
+    local results = {}
+    local p = H.pool { name = "flaky", backend = flaky,
+                       on_grow_end = function(r) results[#results + 1] = r end }
+    local ok, err = pcall(function() return flame.call(p, function() return 1 end) end)
+    assert.is_false(ok)
+    assert.are.equal("boot", err.kind)
+    assert.matches("failed to boot: no capacity today", err.message, 1, true)
+    assert.are.equal(2, flame.call(p, function() return 2 end))
+    assert.are.same({ "no capacity today", "ok" }, results)
+  end)
+
+  it("reports a backend that raises in remote_boot as a boot error", function()
+    local p = H.pool { name = "raising", backend = {
+      init = function(opts) return opts end,
+      remote_boot = function() error("exploded", 0) end,
+    } }
+    local ok, err = pcall(function() return flame.call(p, function() end) end)
+    assert.is_false(ok)
+    assert.are.equal("boot", err.kind)
+    assert.matches("exploded", err.message, 1, true)
+  end)
+
+  it("runs restricted work in a restricted sandbox", function()
+    local p = H.pool { name = "restricted", sandbox = "restricted" }
+    assert.is_false(flame.call(p, function() return io ~= nil end))
+    local ok, err = pcall(function() return flame.call(p, { "string", "rep", { "a", 2 } }) end)
+    assert.is_false(ok)
+    assert.matches("cannot load modules", err.message, 1, true)
+  end)
+end)
+
+describe("pool shutdown", function()
+  after_each(H.cleanup)
+
+  it("lets running calls finish, fails queued callers, then refuses calls", function()
+    local p = flame.pool { name = "graceful", max = 1, max_concurrency = 1,
+                           shutdown_timeout = 5000 }
+    local running = flame.spawn(function()
+      return flame.call(p, function() os.execute("sleep 0.1") return "finished" end)
+    end)
+    local queued = flame.spawn(function() return flame.call(p, function() return 1 end) end)
+    flame.sleep(30)
+    p:shutdown()
+    assert.are.equal("finished", running:await())
+    local ok, err = pcall(queued.await, queued)
+    assert.is_false(ok)
+    assert.are.equal("shutdown", err.kind)
+    local ok2, err2 = pcall(function() return flame.call(p, function() end) end)
+    assert.is_false(ok2)
+    assert.are.equal("shutdown", err2.kind)
+    assert.are.same({}, require("flame.pool").live())
+  end)
+
+  it("kills calls still running after shutdown_timeout", function()
+    local p = flame.pool { name = "impatient", shutdown_timeout = 50 }
+    local stuck = flame.spawn(function()
+      return flame.call(p, function() while true do end end, { timeout = math.huge })
+    end)
+    flame.sleep(20)
+    p:shutdown()
+    local ok, err = pcall(stuck.await, stuck)
+    assert.is_false(ok)
+    assert.are.equal("shutdown", err.kind)
+  end)
+
+  it("kills linked work when the calling task is cancelled", function()
+    local dir = H.tmpdir()
+    local p = H.pool { name = "linked", max_concurrency = 1 }
+    local t = flame.spawn(function()
+      flame.call(p, function()
+        local n = 0
+        while true do n = n + 1 end
+      end, { timeout = math.huge })
+    end)
+    flame.sleep(30)
+    t:cancel("caller gone")
+    -- the slot comes back once the killed work ends
+    assert.are.equal("free again", flame.call(p, function() return "free again" end,
+      { timeout = 2000 }))
+    H.rmdir(dir)
+  end)
+end)
