@@ -20,6 +20,12 @@ static int l_random_bytes(lua_State *L) {
   return 1;
 }
 
+/* hrtime() -> nanoseconds on a monotonic clock (uv_hrtime), for measurements */
+static int l_hrtime(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)uv_hrtime());
+  return 1;
+}
+
 int luaopen_flame_core(lua_State *L) {
   luaL_checkversion(L);
   lua_newtable(L);
@@ -27,6 +33,8 @@ int luaopen_flame_core(lua_State *L) {
   flame_sandbox_open(L);
   flame_loop_open(L);
   flame_executor_open(L);
+  lua_pushcfunction(L, l_hrtime);
+  lua_setfield(L, -2, "hrtime");
   lua_pushcfunction(L, l_random_bytes);
   lua_setfield(L, -2, "random_bytes");
   lua_pushliteral(L, FLAME_VERSION);

@@ -1,6 +1,7 @@
 /*
  * main.c - the flame executable.
- *   flame SCRIPT [ARGS...]   runs SCRIPT with the global `flame` = require "flame"
+ *   flame SCRIPT [ARGS...]   runs SCRIPT as a task, with the global `flame` =
+ *                            require "flame", until every task it started ends
  *   flame -e CODE            runs CODE the same way
  *   flame runner [--require MOD]...   the runner entry: needs FLAME_PARENT
  * flame.core is linked in (package.preload), and the Lua modules are looked up on
@@ -118,8 +119,14 @@ static int pmain(lua_State *L) {
   lua_call(L, 1, 1);
   lua_setglobal(L, "flame");
 
+  /* the script runs as a task: require("flame.task").main(chunk, args...) */
   lua_pushcfunction(L, msgh);
   int h = lua_gettop(L);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "flame.task");
+  lua_call(L, 1, 1);
+  lua_getfield(L, -1, "main");
+  lua_remove(L, -2);
   const char *src = a->argv[script];
   int st = is_code ? luaL_loadbuffer(L, src, strlen(src), "=(command line)")
                    : luaL_loadfile(L, strcmp(src, "-") == 0 ? NULL : src);
@@ -127,7 +134,7 @@ static int pmain(lua_State *L) {
     int nargs = a->argc - script - 1;
     luaL_checkstack(L, nargs, "too many arguments to script");
     for (int i = script + 1; i < a->argc; i++) lua_pushstring(L, a->argv[i]);
-    st = lua_pcall(L, nargs, 0, h);
+    st = lua_pcall(L, nargs + 1, 0, h);
   }
   if (st != LUA_OK) {
     fprintf(stderr, "flame: %s\n", lua_tostring(L, -1));

@@ -30,6 +30,20 @@ describe("flame executable", function()
     assert.matches("^%d+%.%d+%.%d+\ttrue\t2\tone\ttwo words\tone\ttwo words\n$", out)
   end)
 
+  it("runs the script as a task: flame.call yields, spawned tasks finish", function()
+    local path = script([[
+      local task = require "flame.task"
+      assert(task.current() ~= nil, "the script is not running as a task")
+      local p = flame.pool { name = "exe" }
+      flame.spawn(function() flame.sleep(50) print("late task done") end)
+      print("call:", flame.call(p, function() return 6 * 7 end))
+      p:shutdown()
+    ]])
+    local rc, out = run("flame " .. q(path))
+    assert.are.equal(0, rc, out)
+    assert.are.equal("call:\t42\nlate task done\n", out)
+  end)
+
   it("runs code given with -e", function()
     local rc, out = run([[flame -e 'print(flame.codec ~= nil, ...)' x]])
     assert.are.equal(0, rc, out)

@@ -51,6 +51,7 @@ local function step(t, args)
   if t.done then return end
   local r = table.pack(coroutine.resume(t.co, table.unpack(args, 1, args.n)))
   if coroutine.status(t.co) == "dead" then
+    if not r[1] then t.traceback = debug.traceback(t.co) end
     finish(t, table.unpack(r, 1, r.n))
   elseif r[2] ~= SUSPEND then
     coroutine.close(t.co)
@@ -183,6 +184,21 @@ function M.run(fn, ...)
   local t = M.spawn(fn, ...)
   if M.current() or loop:running() then return t:await() end
   M.drive(function() return live == 0 end)
+  return t:await()
+end
+
+--- The flame executable's entry: runs a script's chunk as a task (so flame.call in
+-- it yields instead of driving the loop) and every task it starts; a failure is
+-- raised as text with the task's own traceback.
+function M.main(chunk, ...)
+  local t = M.spawn(chunk, ...)
+  local ok, err = pcall(M.drive, function() return live == 0 end)
+  if t.failed then
+    t.observed = true
+    local msg = type(t.error) == "string" and t.error or tostring(t.error)
+    error(msg .. "\n" .. (t.traceback or ""), 0)
+  end
+  if not ok then error(err, 0) end
   return t:await()
 end
 
