@@ -30,11 +30,17 @@ describe("luarocks install #install", function()
       local core = require "flame.core"
       local bytes = assert(flame.codec.encode({ 1, "two" }))
       local ok, v = flame.codec.decode(bytes)
-      print(flame.VERSION, ok, v[2], package.searchpath("flame.core", package.cpath))]]
+      assert(require("flame.backends.local").remote_boot)
+      local pool = flame.pool { name = "installed" }
+      assert(flame.call(pool, function() return 41 + 1 end) == 42)
+      pool:shutdown()
+      print(flame.VERSION, ok, v[2], package.searchpath("flame.core", package.cpath),
+        package.searchpath("flame.backends.local", package.path))]]
     local rc2, out2 = run(env .. "sh -c " .. q(paths .. " && lua5.4 -e " .. q(prog)))
     assert.are.equal(0, rc2, out2)
-    assert.matches("true\ttwo\t" .. tree:gsub("%p", "%%%0") .. "/lib/lua/5.4/flame/core.so",
-      out2)
+    local t = tree:gsub("%p", "%%%0")
+    assert.matches("true\ttwo\t" .. t .. "/lib/lua/5.4/flame/core.so\t"
+      .. t .. "/share/lua/5.4/flame/backends/local.lua", out2)
 
     local rc3, out3 = run(env .. "sh -c " .. q(paths
       .. " && command -v flame && flame -e 'print(flame.VERSION)'"))
