@@ -15,6 +15,20 @@ local function bits(x)
   return string.pack("<d", x)
 end
 
+local V = assert(loadfile("spec/support/values.lua"))()
+
+describe("codec round trips of the shared cases", function()
+  for _, case in ipairs(V.scalars) do
+    it("keeps " .. case[1], function() case[3](trip(case[2])) end)
+  end
+  for _, case in ipairs(V.structures) do
+    it("keeps " .. case[1], function() case[3](trip(case[2]())) end)
+  end
+  for _, case in ipairs(V.closures) do
+    it("carries " .. case[1], function() case[3](trip(case[2]())()) end)
+  end
+end)
+
 describe("codec round trips", function()
   local scalars = {
     { "nil", nil }, { "false", false }, { "true", true },

@@ -30,28 +30,39 @@ return function(backend, base_opts)
   describe("flame.call on the " .. backend .. " backend", function()
     after_each(H.cleanup)
 
-    local values = {
-      { "nil", nil }, { "false", false }, { "true", true }, { "an integer", 42 },
-      { "maxinteger", math.maxinteger }, { "mininteger", math.mininteger },
-      { "a float", 2.5 }, { "a float with an integer value", 3.0 }, { "inf", math.huge },
-      { "-inf", -math.huge }, { "an empty string", "" },
-      { "a binary string", (function()
-          local t = {}
-          for b = 0, 255 do t[#t + 1] = string.char(b) end
-          return table.concat(t)
-        end)() },
-      { "a 1 MB string", ("0123456789abcdef"):rep(65536) },
-      { "nested tables", { 1, { 2, { 3, { x = "y" } } }, k = { [true] = false } } },
-    }
-    for _, case in ipairs(values) do
+    local V = assert(loadfile("spec/support/values.lua"))()
+    for _, case in ipairs(V.scalars) do
       it("round trips " .. case[1], function()
         local p = pool()
         local v = case[2]
-        local got = flame.call(p, function() return v end)
-        assert.are.same(v, got)
-        if type(v) == "number" then assert.are.equal(math.type(v), math.type(got)) end
+        case[3](flame.call(p, function() return v end))
       end)
     end
+    for _, case in ipairs(V.structures) do
+      it("round trips " .. case[1] .. ", captured and returned", function()
+        local p = pool()
+        local v = case[2]()
+        case[3](flame.call(p, function() return v end))
+      end)
+    end
+    for _, case in ipairs(V.closures) do
+      it("runs " .. case[1] .. " on the runner", function()
+        local p = pool()
+        case[3](flame.call(p, case[2]()))
+      end)
+    end
+
+    it("gives decode errors for what the runner's sandbox cannot take", function()
+      local p = pool { sandbox = "restricted" }
+      local open = io.open
+      local err = fails("decode", p, function() return open end)
+      assert.matches("'io.open' is not available here", err.message, 1, true)
+      local M = {}
+      flame.codec.register("spec.calls.M", M)
+      local t = setmetatable({}, M)
+      local err2 = fails("decode", p, function() return t end)
+      assert.matches("metatable 'spec.calls.M' is not registered here", err2.message, 1, true)
+    end)
 
     it("round trips NaN and -0.0 bit for bit", function()
       local p = pool()
