@@ -6,6 +6,9 @@
 #include <string.h>
 #include <stdint.h>
 
+#include <lua.h>
+#include <lauxlib.h>
+
 #include "buf.h"
 
 void buf_init(buf *b) {
@@ -43,4 +46,20 @@ int buf_byte(buf *b, unsigned char c) {
   if (b->len == b->cap && buf_reserve(b, 1) != 0) return -1;
   b->data[b->len++] = c;
   return 0;
+}
+
+static int box_gc(lua_State *L) {
+  buf_free(lua_touserdata(L, 1));
+  return 0;
+}
+
+buf *buf_box(lua_State *L) {
+  buf *b = lua_newuserdatauv(L, sizeof *b, 0);
+  buf_init(b);
+  if (luaL_newmetatable(L, "flame.buf")) {
+    lua_pushcfunction(L, box_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  return b;
 }

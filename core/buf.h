@@ -19,4 +19,9 @@ int buf_reserve(buf *b, size_t extra);
 int buf_append(buf *b, const void *p, size_t n);
 int buf_byte(buf *b, unsigned char c);
 
+struct lua_State;
+/* [-0, +1, m] A buf owned by a new userdata: freed by its __gc, so an error that
+ * unwinds past its owner cannot leak it. */
+buf *buf_box(struct lua_State *L);
+
 #endif

@@ -26,6 +26,8 @@ enum { U_VALUE, U_SHARED };                 /* how one upvalue of a function tra
 #define CODEC_MAGIC1 'L'
 #define CODEC_NAME_MAX 256                  /* longest library name ("string.format") */
 #define CODEC_MT_NAME_MAX 256
+#define CODEC_STRING_REF 32                 /* strings this long travel once, then
+                                               as references (both sides agree) */
 
 static const char NAMES_KEY[] = "flame.codec.names";
 static const char MTS_KEY[] = "flame.codec.mt";
@@ -54,8 +56,11 @@ static void registry_table(lua_State *L, const char *key) {
   lua_setfield(L, LUA_REGISTRYINDEX, key);
 }
 
-/* [-0, +1, m] value -> name of the standard library's C functions and tables of L.
- * Built once per state from package.loaded, so a sandbox names what it has. */
+/* [-0, +1, m] The state's library names: a table mapping each standard library
+ * C function and library table to its name ("string.format", "print", "math"),
+ * and each name back to its value. Built once per state from package.loaded with
+ * raw access only (no metamethod of the state's runs), so a sandbox names what it
+ * has. Sandboxes build it before any work runs (codec_names). */
 static void names_push(lua_State *L) {
   if (lua_getfield(L, LUA_REGISTRYINDEX, NAMES_KEY) == LUA_TTABLE) return;
   lua_pop(L, 1);
@@ -64,7 +69,9 @@ static void names_push(lua_State *L) {
   lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   int loaded = lua_gettop(L);
   for (const char *const *lib = codec_libs; *lib; lib++) {
-    if (lua_getfield(L, loaded, *lib) != LUA_TTABLE) {
+    if (!lua_istable(L, loaded)) break;
+    lua_pushstring(L, *lib);
+    if (lua_rawget(L, loaded) != LUA_TTABLE) {
       lua_pop(L, 1);
       continue;
     }
@@ -74,6 +81,9 @@ static void names_push(lua_State *L) {
       lua_pushvalue(L, t);
       lua_pushstring(L, *lib);
       lua_rawset(L, names);
+      lua_pushstring(L, *lib);
+      lua_pushvalue(L, t);
+      lua_rawset(L, names);
     }
     lua_pushnil(L);
     while (lua_next(L, t)) {
@@ -81,9 +91,14 @@ static void names_push(lua_State *L) {
         lua_pushvalue(L, -1);
         if (lua_rawget(L, names) == LUA_TNIL) {      /* first name wins */
           lua_pop(L, 1);
-          lua_pushvalue(L, -1);
-          if (global) lua_pushvalue(L, -3);
-          else lua_pushfstring(L, "%s.%s", *lib, lua_tostring(L, -3));
+          if (global) lua_pushvalue(L, -2);
+          else lua_pushfstring(L, "%s.%s", *lib, lua_tostring(L, -2));
+          lua_pushvalue(L, -2);                        /* name -> function */
+          lua_pushvalue(L, -2);
+          lua_insert(L, -2);
+          lua_rawset(L, names);
+          lua_pushvalue(L, -2);                        /* function -> name */
+          lua_insert(L, -2);
           lua_rawset(L, names);
         } else {
           lua_pop(L, 1);
@@ -96,6 +111,11 @@ static void names_push(lua_State *L) {
   lua_pop(L, 1);
   lua_pushvalue(L, names);
   lua_setfield(L, LUA_REGISTRYINDEX, NAMES_KEY);
+}
+
+void codec_names(lua_State *L) {
+  names_push(L);
+  lua_pop(L, 1);
 }
 
 void codec_register(lua_State *L, const char *name, int mtidx) {
@@ -134,8 +154,13 @@ typedef struct enc {
 static void e_pushpath(enc *E) {
   lua_State *L = E->L;
   luaL_checkstack(L, 6, "codec path");
-  if (strstr(E->o->root, "%d")) lua_pushfstring(L, E->o->root, E->valueno);
-  else lua_pushstring(L, E->o->root);
+  if (strstr(E->o->root, "%d")) {           /* the name is data, never a format */
+    char n[32];
+    snprintf(n, sizeof n, "%d", E->valueno);
+    luaL_gsub(L, E->o->root, "%d", n);
+  } else {
+    lua_pushstring(L, E->o->root);
+  }
   int wrapped = 0;
   for (int i = 0; i < E->nseg; i++) {
     const seg *s = &E->path[i];
@@ -258,17 +283,21 @@ static int e_mark(enc *E, int idx) {
     e_byte(E, T_ENV);
     return 1;
   }
-  lua_pushvalue(L, idx);
-  if (lua_rawget(L, E->names) == LUA_TSTRING) {
-    size_t len;
-    const char *name = lua_tolstring(L, -1, &len);
-    e_byte(E, T_NAME);
-    e_string(E, name, len);
+  if (lua_type(L, idx) != LUA_TSTRING) {
+    lua_pushvalue(L, idx);
+    if (lua_rawget(L, E->names) == LUA_TSTRING) {
+      size_t len;
+      const char *name = lua_tolstring(L, -1, &len);
+      e_byte(E, T_NAME);
+      e_string(E, name, len);
+      lua_pop(L, 1);
+      return 1;
+    }
     lua_pop(L, 1);
-    return 1;
+    lua_pushvalue(L, idx);
+  } else {                    /* long strings by identity: cheap, no hashing */
+    lua_pushlightuserdata(L, (void *)lua_topointer(L, idx));
   }
-  lua_pop(L, 1);
-  lua_pushvalue(L, idx);
   if (lua_rawget(L, E->seen) == LUA_TNUMBER) {
     e_byte(E, T_REF);
     e_varint(E, (uint64_t)lua_tointeger(L, -1));
@@ -280,7 +309,10 @@ static int e_mark(enc *E, int idx) {
 }
 
 static lua_Integer e_remember(enc *E, int idx) {
-  lua_pushvalue(E->L, idx);
+  if (lua_type(E->L, idx) == LUA_TSTRING)
+    lua_pushlightuserdata(E->L, (void *)lua_topointer(E->L, idx));
+  else
+    lua_pushvalue(E->L, idx);
   lua_pushinteger(E->L, E->nextid);
   lua_rawset(E->L, E->seen);
   return E->nextid++;
@@ -433,6 +465,10 @@ static void e_value(enc *E, int idx) {
     case LUA_TSTRING: {
       size_t len;
       const char *s = lua_tolstring(L, idx, &len);
+      if (len >= CODEC_STRING_REF) {       /* met again: a reference, not a copy */
+        if (e_mark(E, idx)) break;
+        e_remember(E, idx);
+      }
       e_byte(E, T_STR);
       e_string(E, s, len);
       break;
@@ -513,7 +549,7 @@ typedef struct dec {
   lua_State *L;
   const unsigned char *start, *p, *end;
   const codec_opts *o;
-  int refs, env, mts;
+  int refs, env, mts, names;
   lua_Integer nrefs;
   int depth;
   size_t items;
@@ -632,49 +668,51 @@ static void d_table(dec *D, int tag) {
   D->depth--;
 }
 
-/* A library function or table, looked up by name in the receiving environment. */
+/* A library function or table, found in the receiver's own library names (raw, so
+ * no code of the receiver runs, and only standard library entries resolve). */
 static void d_name(dec *D) {
   lua_State *L = D->L;
   size_t len = d_count(D, 1, "name too long");
   if (len > CODEC_NAME_MAX) d_fail(D, "name too long");
   const char *s = (const char *)d_take(D, len);
-  const char *dot = memchr(s, '.', len);
   lua_pushlstring(L, s, len);
-  int name = lua_gettop(L);
-  lua_pushvalue(L, D->env);
-  if (dot) {
-    lua_pushlstring(L, s, (size_t)(dot - s));
-    if (lua_gettable(L, -2) != LUA_TTABLE) lua_pushnil(L);
-    else {
-      lua_pushlstring(L, dot + 1, len - (size_t)(dot - s) - 1);
-      lua_gettable(L, -2);
-    }
-  } else {
-    lua_pushvalue(L, name);
-    lua_gettable(L, -2);
-  }
-  int t = lua_type(L, -1);
+  lua_pushvalue(L, -1);
+  int t = lua_rawget(L, D->names);
   if (t == LUA_TFUNCTION && !D->o->functions) d_fail(D, "functions are refused here");
-  if (!(t == LUA_TTABLE || (t == LUA_TFUNCTION && lua_iscfunction(L, -1)))) {
-    lua_pushfstring(L, "'%s' is not available here", lua_tostring(L, name));
+  if (t != LUA_TTABLE && t != LUA_TFUNCTION) {
+    lua_pushfstring(L, "'%s' is not available here", lua_tostring(L, -2));
     d_fail(D, lua_tostring(L, -1));
   }
-  lua_replace(L, name);
-  lua_settop(L, name);
+  lua_remove(L, -2);
+}
+
+/* lua_dump writes the prototype's upvalue count right after the 31-byte header of
+ * a Lua 5.4 chunk; this writer keeps those 32 bytes and stops the dump there. */
+typedef struct head { unsigned char b[32]; size_t n; } head;
+
+static int head_writer(lua_State *L, const void *p, size_t n, void *ud) {
+  head *h = ud;
+  (void)L;
+  size_t take = n < sizeof h->b - h->n ? n : sizeof h->b - h->n;
+  memcpy(h->b + h->n, p, take);
+  h->n += take;
+  return h->n == sizeof h->b;              /* non-zero: enough, stop dumping */
 }
 
 /* The upvalues of a loaded Lua function, or -1 when its closure and its prototype
  * disagree. lua_load sizes the closure from a header byte it does not check against
- * the prototype, and lua_getupvalue indexes by the prototype: asking only for
- * 1..nups (the closure's count, from lua_getinfo) keeps every access in bounds. */
+ * the prototype, and lua_getupvalue and the VM index by the prototype: a mismatch
+ * would read past the closure. */
 static int d_upvalues(lua_State *L, int f) {
   lua_Debug ar;
+  head h;
+  h.n = 0;
   lua_pushvalue(L, f);
   lua_getinfo(L, ">u", &ar);
-  for (int i = 1; i <= ar.nups; i++) {
-    if (lua_getupvalue(L, f, i) == NULL) return -1;
-    lua_pop(L, 1);
-  }
+  lua_pushvalue(L, f);
+  lua_dump(L, head_writer, &h, 1);
+  lua_pop(L, 1);
+  if (h.n != sizeof h.b || h.b[31] != ar.nups) return -1;
   return ar.nups;
 }
 
@@ -746,6 +784,7 @@ static void d_value(dec *D) {
     case T_STR: {
       size_t len = d_count(D, 1, "truncated input");
       lua_pushlstring(L, (const char *)d_take(D, len), len);
+      if (len >= CODEC_STRING_REF) d_remember(D);
       break;
     }
     case T_TABLE: case T_TABLE_MT: d_table(D, tag); break;
@@ -774,6 +813,13 @@ static int d_main(lua_State *L) {
   D->refs = lua_gettop(L);
   registry_table(L, MTS_KEY);
   D->mts = lua_gettop(L);
+  names_push(L);
+  D->names = lua_gettop(L);
+  if ((size_t)(D->end - D->start) > D->o->max_size) {
+    lua_pushfstring(L, "decode: input of %I bytes is over the limit of %I",
+                    (LUAI_UACINT)(D->end - D->start), (LUAI_UACINT)D->o->max_size);
+    return lua_error(L);
+  }
   const unsigned char *h = d_take(D, 3);
   if (h[0] != CODEC_MAGIC0 || h[1] != CODEC_MAGIC1) d_fail(D, "not flame codec data");
   if (h[2] != CODEC_VERSION) d_fail(D, "unsupported codec version");
@@ -788,19 +834,14 @@ static int d_main(lua_State *L) {
 }
 
 int codec_decode(lua_State *L, const char *data, size_t len, const codec_opts *o) {
-  if (!lua_checkstack(L, 3)) return -1;
-  if (len > o->max_size) {
-    lua_pushfstring(L, "decode: input of %I bytes is over the limit of %I",
-                    (LUAI_UACINT)len, (LUAI_UACINT)o->max_size);
-    return -1;
-  }
+  if (!lua_checkstack(L, 3)) return -1;    /* the one case without a message */
   dec D;
   memset(&D, 0, sizeof D);
   D.L = L;
   D.o = o;
   D.start = D.p = (const unsigned char *)data;
   D.end = D.start + len;
-  D.prealloc = len;
+  D.prealloc = len / 4;     /* at most ~12 bytes of slots reserved per input byte */
   int env = o->env ? lua_absindex(L, o->env) : 0;
   int top = lua_gettop(L);
   lua_pushcfunction(L, d_main);
@@ -812,23 +853,6 @@ int codec_decode(lua_State *L, const char *data, size_t len, const codec_opts *o
 }
 
 /* ---------------------------------------------------------------- binding ---- */
-
-static int box_gc(lua_State *L) {
-  buf_free(lua_touserdata(L, 1));
-  return 0;
-}
-
-/* [-0, +1, m] A buf owned by a userdata, so it is freed even when an error unwinds. */
-static buf *box_new(lua_State *L) {
-  buf *b = lua_newuserdatauv(L, sizeof *b, 0);
-  buf_init(b);
-  if (luaL_newmetatable(L, "flame.buf")) {
-    lua_pushcfunction(L, box_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_setmetatable(L, -2);
-  return b;
-}
 
 static int opt_bool(lua_State *L, int t, const char *k, int d) {
   int ty = lua_getfield(L, t, k);
@@ -880,6 +904,7 @@ static void opts_read(lua_State *L, int t, codec_opts *o, int encoding) {
 /* encode(opts, ...) -> bytes | nil, message */
 static int l_encode(lua_State *L) {
   codec_opts o;
+  if (lua_gettop(L) == 0) lua_pushnil(L);
   opts_read(L, 1, &o, 1);
   int n = lua_gettop(L) - 1;
   int env = 0;
@@ -891,7 +916,7 @@ static int l_encode(lua_State *L) {
     lua_pop(L, 1);
   }
   o.env = env;
-  buf *b = box_new(L);
+  buf *b = buf_box(L);
   lua_insert(L, env ? 3 : 2);
   if (codec_encode(L, n, &o, b) != 0) {
     lua_pushnil(L);

@@ -5,6 +5,7 @@
  * - codec_encode takes n values off the stack and appends their encoding to a buf.
  *   nil, booleans, integers and floats (kept apart; NaN, inf, -0.0 exact), strings,
  *   tables (identity and cycles kept; a metatable only when registered by name),
+ *   strings of 32 bytes or more sent once and then referenced,
  *   Lua functions (bytecode and upvalues; shared upvalues stay shared), standard
  *   library C functions and library tables (by name), and the globals table and
  *   every upvalue named _ENV (as "the receiver's environment"). Anything else fails with a message naming the
@@ -42,12 +43,16 @@ void codec_opts_init(codec_opts *o);
 int codec_encode(lua_State *L, int n, const codec_opts *o, buf *out);
 
 /* [-0, +(k|1), -] Decodes data; pushes the k values and returns k, or returns -1
- * with the message pushed. */
+ * with the message pushed (or, when L's stack cannot grow by 3 slots, nothing). */
 int codec_decode(lua_State *L, const char *data, size_t len, const codec_opts *o);
 
 /* [-0, +0, -] Appends the encoding of one string without a Lua state: for reports
  * that must go out when the state is out of memory. 0, or -1 out of memory. */
 int codec_encode_cstring(buf *out, const char *s);
+
+/* [-0, +0, m] Builds L's table of library names now (sandboxes do, before any
+ * work could change their libraries). */
+void codec_names(lua_State *L);
 
 /* [-0, +0, m] Registers mt under name in L (flame.codec.register). */
 void codec_register(lua_State *L, const char *name, int mtidx);

@@ -10,6 +10,7 @@
  * bookkeeping, but costs 2.3x on tight loops (Lua 5.4 traps every instruction).
  */
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -103,6 +104,31 @@ void sandbox_rearm(sandbox *s) {
 
 /* ------------------------------------------------------------- coroutines ---- */
 
+/* Makes co the innermost running coroutine, armed if a kill is pending; returns
+ * the one it replaces. Every way the sandbox runs code of another coroutine
+ * (resume, wrap, close) goes through sb_enter and sb_leave. */
+static lua_State *sb_enter(sandbox *s, lua_State *co) {
+  uv_mutex_lock(&s->lock);
+  lua_State *prev = s->running;
+  s->running = co;
+  if (atomic_load(&s->kill)) sb_arm(co);
+  uv_mutex_unlock(&s->lock);
+  return prev;
+}
+
+/* Puts prev back; if a kill came meanwhile, it reaches L too: armed, and raised. */
+static void sb_leave(sandbox *s, lua_State *L, lua_State *prev) {
+  uv_mutex_lock(&s->lock);
+  s->running = prev;
+  int k = atomic_load(&s->kill);
+  if (k) sb_arm(L);
+  uv_mutex_unlock(&s->lock);
+  if (k) {
+    lua_pushfstring(L, "flame: work killed (%s)", sandbox_kill_name(k));
+    lua_error(L);
+  }
+}
+
 /* lcorolib's auxresume, with the running coroutine recorded for the kill switch. */
 static int sb_auxresume(lua_State *L, lua_State *co, int narg) {
   sandbox *s = sandbox_of(L);
@@ -112,20 +138,9 @@ static int sb_auxresume(lua_State *L, lua_State *co, int narg) {
     return -1;
   }
   lua_xmove(L, co, narg);
-  uv_mutex_lock(&s->lock);
-  lua_State *prev = s->running;
-  s->running = co;
-  if (atomic_load(&s->kill)) sb_arm(co);
-  uv_mutex_unlock(&s->lock);
+  lua_State *prev = sb_enter(s, co);
   int st = lua_resume(co, L, narg, &nres);
-  uv_mutex_lock(&s->lock);
-  s->running = prev;
-  uv_mutex_unlock(&s->lock);
-  if (atomic_load(&s->kill)) {   /* the kill reached co: it reaches its resumer too */
-    sb_arm(L);
-    lua_pushfstring(L, "flame: work killed (%s)", sandbox_kill_name(atomic_load(&s->kill)));
-    lua_error(L);
-  }
+  sb_leave(s, L, prev);
   if (st == LUA_OK || st == LUA_YIELD) {
     if (!lua_checkstack(L, nres + 1)) {
       lua_pop(co, nres);
@@ -137,6 +152,31 @@ static int sb_auxresume(lua_State *L, lua_State *co, int narg) {
   }
   lua_xmove(co, L, 1);
   return -1;
+}
+
+/* lua_resetthread runs co's pending __close handlers: they run as co, tracked. */
+static int sb_reset(lua_State *L, lua_State *co) {
+  sandbox *s = sandbox_of(L);
+  lua_State *prev = sb_enter(s, co);
+  int st = lua_resetthread(co);
+  sb_leave(s, L, prev);
+  return st;
+}
+
+static int sb_coclose(lua_State *L) {
+  lua_State *co = lua_tothread(L, 1);
+  lua_Debug ar;
+  luaL_argexpected(L, co, 1, "coroutine");
+  if (co == L) return luaL_error(L, "cannot close a running coroutine");
+  if (lua_status(co) == LUA_OK && lua_getstack(co, 0, &ar))
+    return luaL_error(L, "cannot close a normal coroutine");
+  if (sb_reset(L, co) == LUA_OK) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushboolean(L, 0);
+  lua_xmove(co, L, 1);
+  return 2;
 }
 
 static int sb_resume(lua_State *L) {
@@ -159,7 +199,7 @@ static int sb_auxwrap(lua_State *L) {
   if (r < 0) {
     int st = lua_status(co);
     if (st != LUA_OK && st != LUA_YIELD) {   /* error in the coroutine: close it */
-      st = lua_resetthread(co);
+      st = sb_reset(L, co);
       lua_xmove(co, L, 1);
     }
     if (st != LUA_ERRMEM && lua_type(L, -1) == LUA_TSTRING) {
@@ -183,8 +223,19 @@ static int sb_wrap(lua_State *L) {
 
 /* --------------------------------------------------------------- profiles ---- */
 
+static const char RUNENV_KEY[] = "flame.sandbox.runenv";
+
+/* Fills argument `envarg` with the running work's environment when the caller gave
+ * none, so code loaded by work sees the work's globals, not the shared ones. */
+static void sb_default_env(lua_State *L, int envarg) {
+  if (lua_gettop(L) >= envarg) return;
+  lua_settop(L, envarg - 1);
+  if (lua_getfield(L, LUA_REGISTRYINDEX, RUNENV_KEY) != LUA_TTABLE) lua_pop(L, 1);
+}
+
 /* load, loadfile and dofile that accept text only: bytecode can break the VM. */
 static int sb_load(lua_State *L) {
+  sb_default_env(L, 4);
   int n = lua_gettop(L) < 3 ? 3 : lua_gettop(L);
   lua_settop(L, n);
   lua_pushliteral(L, "t");
@@ -196,6 +247,7 @@ static int sb_load(lua_State *L) {
 }
 
 static int sb_loadfile(lua_State *L) {
+  sb_default_env(L, 3);
   int n = lua_gettop(L) < 2 ? 2 : lua_gettop(L);
   lua_settop(L, n);
   lua_pushliteral(L, "t");
@@ -210,12 +262,81 @@ static int sb_dofile(lua_State *L) {
   lua_settop(L, 1);
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_pushvalue(L, 1);
-  lua_pushliteral(L, "t");
-  lua_call(L, 2, 2);
+  lua_call(L, 1, 2);
   if (lua_isnil(L, -2)) return lua_error(L);
   lua_pop(L, 1);
   lua_call(L, 0, LUA_MULTRET);
   return lua_gettop(L) - 1;
+}
+
+/* setmetatable refusing __gc: Lua runs finalizers with hooks off, so a finalizer
+ * could never be killed. */
+static int sb_setmetatable(lua_State *L) {
+  if (lua_type(L, 2) == LUA_TTABLE) {
+    lua_pushliteral(L, "__gc");
+    if (lua_rawget(L, 2) != LUA_TNIL)
+      return luaL_error(L, "setmetatable: __gc metamethods are not allowed in a sandbox "
+                           "(a finalizer cannot be stopped); use a <close> variable");
+    lua_pop(L, 1);
+  }
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, 1);
+  return 1;
+}
+
+/* package.searchers[2], text only: a module file may not be bytecode. */
+static int sb_search_lua(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  lua_settop(L, 1);
+  lua_getfield(L, lua_upvalueindex(1), "searchpath");
+  lua_pushvalue(L, 1);
+  if (lua_getfield(L, lua_upvalueindex(1), "path") != LUA_TSTRING)
+    return luaL_error(L, "'package.path' must be a string");
+  lua_call(L, 2, 2);
+  if (lua_isnil(L, -2)) return 1;           /* the message of the path search */
+  const char *file = lua_tostring(L, -2);
+  if (file == NULL) return luaL_error(L, "package.searchpath returned a non-string");
+  if (luaL_loadfilex(L, file, "t") != LUA_OK)
+    return luaL_error(L, "error loading module '%s' from file '%s':\n\t%s", name, file,
+                      lua_tostring(L, -1));
+  lua_pushstring(L, file);
+  return 2;
+}
+
+/* package.searchers[3] and [4] on the C path the sandbox was made with: work may
+ * change package.cpath, but cannot make require load any other shared object (such
+ * as the Lua library's own luaopen_debug). */
+static int sb_search_c(lua_State *L) {
+  lua_settop(L, 1);
+  lua_getfield(L, lua_upvalueindex(2), "cpath");
+  lua_pushvalue(L, lua_upvalueindex(3));
+  lua_setfield(L, lua_upvalueindex(2), "cpath");
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_pushvalue(L, 1);
+  int st = lua_pcall(L, 1, 2, 0);
+  lua_pushvalue(L, 2);                       /* the work's cpath, put back */
+  lua_setfield(L, lua_upvalueindex(2), "cpath");
+  if (st != LUA_OK) return lua_error(L);
+  return 2;
+}
+
+static void sb_searchers(lua_State *L) {
+  lua_getglobal(L, "package");
+  int pkg = lua_gettop(L);
+  lua_getfield(L, pkg, "searchers");
+  int searchers = lua_gettop(L);
+  lua_pushvalue(L, pkg);
+  lua_pushcclosure(L, sb_search_lua, 1);
+  lua_rawseti(L, searchers, 2);
+  for (int i = 3; i <= 4; i++) {
+    lua_rawgeti(L, searchers, i);
+    lua_pushvalue(L, pkg);
+    lua_getfield(L, pkg, "cpath");
+    lua_pushcclosure(L, sb_search_c, 3);
+    lua_rawseti(L, searchers, i);
+  }
+  lua_settop(L, pkg - 1);
 }
 
 /* [-0, +0, e] Replaces t[name] with fn closed over the old value. */
@@ -266,9 +387,17 @@ static int sb_xpcall(lua_State *L) {
   return sb_finishpcall(L, status, 2);
 }
 
+/* What both profiles replace: everything that runs code the kill switch must reach. */
 static void sb_coroutines(lua_State *L) {
   lua_pushcfunction(L, sb_xpcall);
   lua_setglobal(L, "xpcall");
+  lua_pushglobaltable(L);
+  sb_wrapfield(L, lua_gettop(L), "setmetatable", sb_setmetatable);
+  lua_pop(L, 1);
+  lua_getglobal(L, "coroutine");
+  lua_pushcfunction(L, sb_coclose);
+  lua_setfield(L, -2, "close");
+  lua_pop(L, 1);
   lua_getglobal(L, "coroutine");
   lua_pushcfunction(L, sb_resume);
   lua_setfield(L, -2, "resume");
@@ -299,6 +428,7 @@ static void sb_application(lua_State *L) {
   lua_pop(L, 1);
   sb_setlib(L, "debug");
   lua_settop(L, g - 1);
+  sb_searchers(L);
   sb_coroutines(L);
 }
 
@@ -364,6 +494,7 @@ static int sb_setup(lua_State *L) {
   if (luaL_loadbufferx(L, MFA_CHUNK, sizeof MFA_CHUNK - 1, "=(flame mfa)", "t") != LUA_OK)
     return lua_error(L);
   lua_setfield(L, LUA_REGISTRYINDEX, MFA_KEY);
+  codec_names(L);
   return 0;
 }
 
@@ -458,19 +589,22 @@ static int sb_msgh(lua_State *L) {
   return 1;
 }
 
-/* Appends a status byte and the top n values; on an encode failure of the values,
- * falls back to SANDBOX_ENCODE with the message. */
+/* Appends a status byte and the top n values (the run's environment, at index 1,
+ * travels as "the environment"); on an encode failure of the values, falls back to
+ * SANDBOX_ENCODE with the message, written without Lua. */
 static int sb_emit(lua_State *L, buf *out, int status, int n, const char *root) {
   codec_opts o;
   codec_opts_init(&o);
   o.functions = 0;
   o.root = root;
+  o.env = 1;
   size_t at = out->len;
   if (buf_byte(out, (unsigned char)status) != 0) return -1;
   if (codec_encode(L, n, &o, out) == 0) return 0;
   out->len = at;
+  const char *msg = lua_tostring(L, -1);
   if (buf_byte(out, SANDBOX_ENCODE) != 0) return -1;
-  return codec_encode(L, 1, &o, out) == 0 ? 0 : -1;
+  return codec_encode_cstring(out, msg ? msg : "a result cannot be sent") == 0 ? 0 : -1;
 }
 
 typedef struct run_ctx {
@@ -490,6 +624,8 @@ static int sb_run_main(lua_State *L) {
   codec_opts_init(&o);
   lua_settop(L, 0);
   sb_newenv(L);
+  lua_pushvalue(L, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, RUNENV_KEY);
   o.env = 1;
   int n = codec_decode(L, r->work, r->len, &o);
   if (n < 0) {
@@ -507,6 +643,7 @@ static int sb_run_main(lua_State *L) {
     r->rc = sb_emit(L, out, SANDBOX_DECODE, 1, "message");
     return 0;
   }
+  luaL_checkstack(L, 2, "too many values");
   lua_pushcfunction(L, sb_msgh);
   lua_insert(L, 2);
   int st = lua_pcall(L, n - 1, LUA_MULTRET, 2);
@@ -537,6 +674,12 @@ static int sb_run_main(lua_State *L) {
   return 0;
 }
 
+static int sb_forget_runenv(lua_State *L) {
+  lua_pushnil(L);
+  lua_setfield(L, LUA_REGISTRYINDEX, RUNENV_KEY);
+  return 0;
+}
+
 int sandbox_run(sandbox *s, const char *work, size_t len, buf *out) {
   lua_State *L = s->L;
   run_ctx r = { s, work, len, out, 0 };
@@ -551,6 +694,9 @@ int sandbox_run(sandbox *s, const char *work, size_t len, buf *out) {
     r.rc = buf_byte(out, SANDBOX_ERROR) == 0 ? codec_encode_cstring(out, msg) : -1;
   }
   lua_settop(L, 0);
+  lua_pushcfunction(L, sb_forget_runenv);    /* protected: it may allocate */
+  lua_pcall(L, 0, 0, 0);
+  lua_settop(L, 0);
   return r.rc;
 }
 
@@ -560,9 +706,7 @@ int sandbox_run(sandbox *s, const char *work, size_t len, buf *out) {
 
 typedef struct sbox {
   sandbox *s;
-  uv_thread_t killer;
-  int has_killer;
-  int delay_ms, reason;
+  int busy;                   /* inside sb:call: close must wait */
 } sbox;
 
 static sbox *sbox_check(lua_State *L) {
@@ -571,86 +715,125 @@ static sbox *sbox_check(lua_State *L) {
   return b;
 }
 
-static int sbox_join(sbox *b) {
-  if (!b->has_killer) return 0;
-  b->has_killer = 0;
-  return uv_thread_join(&b->killer);
-}
-
 static int sbox_close(lua_State *L) {
   sbox *b = luaL_checkudata(L, 1, SANDBOX_MT);
-  sbox_join(b);
+  if (b->busy) return luaL_error(L, "sandbox is busy: it cannot be closed during its call");
   sandbox_close(b->s);
   b->s = NULL;
   return 0;
 }
 
-static int kill_parse(lua_State *L, int arg) {
-  static const char *const names[] = { "timeout", "cancelled", "shutdown", "killed", NULL };
-  return luaL_checkoption(L, arg, "killed", names) + 1;
-}
+/* A thread that pulls the kill switch when a deadline passes, unless told first
+ * that the run ended. Lock order: the killer's lock, then the sandbox's. */
+typedef struct killer {
+  uv_thread_t thread;
+  uv_mutex_t lock;
+  uv_cond_t cond;
+  int ended, reason;
+  uint64_t deadline;          /* uv_hrtime() nanoseconds */
+  sandbox *s;
+} killer;
 
 static void killer_main(void *arg) {
-  sbox *b = arg;
-  uv_sleep((unsigned)b->delay_ms);
-  sandbox_kill(b->s, b->reason);
+  killer *k = arg;
+  uv_mutex_lock(&k->lock);
+  while (!k->ended) {
+    uint64_t now = uv_hrtime();
+    if (now >= k->deadline) {
+      sandbox_kill(k->s, k->reason);
+      break;
+    }
+    uv_cond_timedwait(&k->cond, &k->lock, k->deadline - now);
+  }
+  uv_mutex_unlock(&k->lock);
 }
 
-/* sb:kill_after(ms [, reason]): pulls the kill switch from another thread. */
-static int sbox_kill_after(lua_State *L) {
-  sbox *b = sbox_check(L);
-  lua_Integer ms = luaL_checkinteger(L, 2);
-  luaL_argcheck(L, ms >= 0 && ms <= 3600000, 2, "milliseconds in [0, 3600000] expected");
-  int reason = kill_parse(L, 3);
-  int rc = sbox_join(b);
-  if (rc != 0) return luaL_error(L, "sandbox: joining the killer thread: %s", uv_strerror(rc));
-  b->delay_ms = (int)ms;
-  b->reason = reason;
-  rc = uv_thread_create(&b->killer, killer_main, b);
-  if (rc != 0) return luaL_error(L, "sandbox: starting a thread: %s", uv_strerror(rc));
-  b->has_killer = 1;
-  return 0;
+static int killer_start(killer *k, sandbox *s, lua_Integer ms, int reason) {
+  k->s = s;
+  k->ended = 0;
+  k->reason = reason;
+  k->deadline = uv_hrtime() + (uint64_t)ms * 1000000u;
+  int rc = uv_mutex_init(&k->lock);
+  if (rc != 0) return rc;
+  if ((rc = uv_cond_init(&k->cond)) != 0) {
+    uv_mutex_destroy(&k->lock);
+    return rc;
+  }
+  if ((rc = uv_thread_create(&k->thread, killer_main, k)) != 0) {
+    uv_cond_destroy(&k->cond);
+    uv_mutex_destroy(&k->lock);
+  }
+  return rc;
 }
 
-static int sbox_kill(lua_State *L) {
-  sbox *b = sbox_check(L);
-  sandbox_kill(b->s, kill_parse(L, 2));
-  return 0;
+static void killer_stop(killer *k) {
+  uv_mutex_lock(&k->lock);
+  k->ended = 1;
+  uv_cond_signal(&k->cond);
+  uv_mutex_unlock(&k->lock);
+  uv_thread_join(&k->thread);
+  uv_cond_destroy(&k->cond);
+  uv_mutex_destroy(&k->lock);
 }
 
-/* sb:call(fn) -> true, results... | false, kind, message [, traceback [, value]]
+static int kill_parse(lua_State *L, int t) {
+  static const char *const names[] = { "timeout", "cancelled", "shutdown", "killed", NULL };
+  lua_getfield(L, t, "reason");
+  int r = luaL_checkoption(L, -1, "timeout", names) + 1;
+  lua_pop(L, 1);
+  return r;
+}
+
+/* sb:call(fn [, { timeout = ms, reason = "timeout" }])
+ *   -> true, results... | false, kind, message [, traceback [, value]]
  * The function and its captures cross into the sandbox through the codec, the results
- * cross back with functions refused: what flame.call will do on a runner. */
+ * cross back with functions refused: what flame.call does on a runner. With a
+ * timeout, another thread pulls the kill switch when it passes. */
 static int sbox_call(lua_State *L) {
   sbox *b = sbox_check(L);
   luaL_checktype(L, 2, LUA_TFUNCTION);
+  lua_Integer ms = -1;
+  int reason = SANDBOX_KILL_TIMEOUT;
+  if (!lua_isnoneornil(L, 3)) {
+    luaL_checktype(L, 3, LUA_TTABLE);
+    lua_getfield(L, 3, "timeout");
+    if (!lua_isnil(L, -1)) {
+      ms = luaL_checkinteger(L, -1);
+      luaL_argcheck(L, ms >= 0, 3, "timeout: milliseconds >= 0 expected");
+    }
+    lua_pop(L, 1);
+    reason = kill_parse(L, 3);
+  }
   lua_settop(L, 2);
+  buf *work = buf_box(L);                    /* both freed by the GC on any error */
+  buf *out = buf_box(L);
+  lua_rotate(L, 2, 2);                       /* [sb, work, out, fn] */
   codec_opts o;
   codec_opts_init(&o);
   o.root = "work";
-  buf work, out;
-  buf_init(&work);
-  buf_init(&out);
-  if (codec_encode(L, 1, &o, &work) != 0) {
-    buf_free(&work);
+  b->busy = 1;
+  if (codec_encode(L, 1, &o, work) != 0) {
+    b->busy = 0;
     lua_pushboolean(L, 0);
     lua_pushliteral(L, "encode");
     lua_rotate(L, -3, 2);
     return 3;
   }
   sandbox_rearm(b->s);
-  int rc = sandbox_run(b->s, (const char *)work.data, work.len, &out);
-  buf_free(&work);
-  if (rc != 0) {
-    buf_free(&out);
-    return luaL_error(L, "sandbox: not enough memory for the results");
-  }
-  lua_settop(L, 1);
+  killer k;
+  int krc = ms >= 0 ? killer_start(&k, b->s, ms, reason) : 0;
+  int rc = krc == 0 ? sandbox_run(b->s, (const char *)work->data, work->len, out) : 0;
+  if (ms >= 0 && krc == 0) killer_stop(&k);
+  b->busy = 0;
+  buf_free(work);
+  if (krc != 0) return luaL_error(L, "sandbox: cannot start a thread: %s", uv_strerror(krc));
+  if (rc != 0) return luaL_error(L, "sandbox: not enough memory for the results");
   static const struct { int status; const char *kind; } kinds[] = {
     { SANDBOX_ERROR, "remote" }, { SANDBOX_KILLED, "killed" },
     { SANDBOX_ENCODE, "encode" }, { SANDBOX_DECODE, "decode" }, { 0, NULL }
   };
-  int status = out.data[0];
+  lua_settop(L, 3);
+  int status = out->data[0];
   if (status == SANDBOX_RESULT) lua_pushboolean(L, 1);
   else {
     lua_pushboolean(L, 0);
@@ -659,16 +842,17 @@ static int sbox_call(lua_State *L) {
   }
   codec_opts_init(&o);
   o.functions = 0;
-  int n = codec_decode(L, (const char *)out.data + 1, out.len - 1, &o);
-  buf_free(&out);
+  int n = codec_decode(L, (const char *)out->data + 1, out->len - 1, &o);
+  buf_free(out);
   if (n < 0) {                     /* what the sandbox sent cannot be read here */
-    lua_settop(L, 1);
+    lua_replace(L, 4);
+    lua_settop(L, 4);
     lua_pushboolean(L, 0);
     lua_pushliteral(L, "decode");
-    lua_rotate(L, -3, 2);
+    lua_rotate(L, 4, 2);
     return 3;
   }
-  return lua_gettop(L) - 1;
+  return lua_gettop(L) - 3;
 }
 
 static int sbox_memory(lua_State *L) {
@@ -725,8 +909,7 @@ static int l_sandbox(lua_State *L) {
 
 void flame_sandbox_open(lua_State *L) {
   static const luaL_Reg methods[] = {
-    { "call", sbox_call }, { "kill", sbox_kill }, { "kill_after", sbox_kill_after },
-    { "memory", sbox_memory }, { "memory_limit", sbox_limit },
+    { "call", sbox_call }, { "memory", sbox_memory }, { "memory_limit", sbox_limit },
     { "profile", sbox_profile }, { "close", sbox_close }, { NULL, NULL }
   };
   if (luaL_newmetatable(L, SANDBOX_MT)) {

@@ -6,14 +6,18 @@
  * - sandbox_new makes a state whose allocator refuses to grow past memory_limit (the
  *   allocation fails as a Lua memory error; the state stays usable).
  * - Profiles: "application" has the standard libraries, require and subprocesses,
- *   without os.exit, package.loadlib, binary chunks in load/loadfile/dofile, and with
- *   debug reduced to traceback. "restricted" is pure computation: base functions
+ *   without os.exit, package.loadlib, binary chunks (load, loadfile, dofile and
+ *   require load text only; C modules come from the C path the sandbox was made
+ *   with), and with debug reduced to traceback. "restricted" is pure computation: base functions
  *   (without load, loadfile, dofile, print, collectgarbage), string, table, math,
  *   utf8, coroutine, and os.clock/time/date/difftime.
  * - sandbox_kill may be called from any thread: running Lua code in the state (and in
- *   the coroutine it is resuming) raises "flame: work killed (<reason>)" at its next
- *   instruction, again after every pcall that catches it, until sandbox_rearm. Code
- *   blocked inside a C function is stopped when it returns to Lua.
+ *   the coroutine it is resuming or closing) raises "flame: work killed (<reason>)"
+ *   at its next instruction, again after every pcall that catches it, until
+ *   sandbox_rearm. Code blocked inside a C function (a subprocess, a pattern match)
+ *   is stopped when it returns to Lua. Both profiles refuse __gc metamethods
+ *   (finalizers run with hooks off, so they could not be stopped) and run xpcall
+ *   handlers, coroutine.close and __close handlers where the kill reaches them.
  * - Everything else belongs to the thread that owns the state.
  */
 #ifndef FLAME_SANDBOX_H
@@ -32,7 +36,7 @@ enum { SANDBOX_KILL_TIMEOUT = 1, SANDBOX_KILL_CANCEL, SANDBOX_KILL_SHUTDOWN,
 /* How a run ended: the first byte of sandbox_run's output, codec data after it. */
 enum {
   SANDBOX_RESULT = 'r',  /* the work's return values */
-  SANDBOX_ERROR = 'e',   /* message, traceback, error value (nil if it cannot cross) */
+  SANDBOX_ERROR = 'e',   /* message, traceback, and the error value if it can cross */
   SANDBOX_KILLED = 'k',  /* reason name ("timeout", ...) */
   SANDBOX_ENCODE = 'c',  /* a result that cannot cross: message naming it */
   SANDBOX_DECODE = 'd'   /* the work could not be decoded: message */

@@ -211,11 +211,36 @@ describe("codec functions", function()
     assert.are.equal(env, g)
   end)
 
-  it("names a standard function missing on the receiver", function()
-    local bytes = assert(codec.encode(string.format))
-    local ok, err = codec.decode(bytes, { functions = true, env = {} })
+  it("resolves names only among the receiver's standard libraries", function()
+    local ok, err = codec.decode("FL\1\1\10\4nope", { functions = true })
     assert.is_false(ok)
-    assert.are.equal("decode: 'string.format' is not available here at byte 19", err)
+    assert.are.equal("decode: 'nope' is not available here at byte 10", err)
+    -- a global that is not a library function does not resolve, and no __index runs
+    local called = false
+    spec_global = function() end
+    setmetatable(_G, { __index = function() called = true end })
+    local ok2, err2 = codec.decode("FL\1\1\10\11spec_global", { functions = true })
+    setmetatable(_G, nil)
+    spec_global = nil
+    assert.is_false(ok2)
+    assert.matches("'spec_global' is not available here", err2, 1, true)
+    assert.is_false(called)
+  end)
+
+  it("sends a long string once and then as a reference", function()
+    local s = ("x"):rep(100000)
+    local one = assert(codec.encode({ s }))
+    local many = assert(codec.encode({ s, s, s, s, s, s, s, s, s, s }))
+    assert.is_true(#many < #one + 100, ("%d bytes for 10 references"):format(#many))
+    local _, t = codec.decode(many)
+    assert.are.equal(10, #t)
+    for i = 1, 10 do assert.are.equal(s, t[i]) end
+  end)
+
+  it("does not treat a name given for errors as a format", function()
+    local bytes, err = codec.encode(io.stdout, { name = "%d then %s %%" })
+    assert.is_nil(bytes)
+    assert.are.equal("1 then %s %%: userdata cannot be sent", err)
   end)
 
   it("keeps registered metatables and refuses others", function()
