@@ -5,6 +5,8 @@
 #include <lua.h>
 #include <lauxlib.h>
 
+#include <stdio.h>
+#include <unistd.h>
 #include <uv.h>
 
 #include "flame.h"
@@ -26,6 +28,20 @@ static int l_hrtime(lua_State *L) {
   return 1;
 }
 
+static int l_pid(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)uv_os_getpid());
+  return 1;
+}
+
+/* exit(code): ends the process now (a runner's system_shutdown): output is
+ * flushed, nothing else runs, worker threads blocked in C calls do not hold it. */
+static int l_exit(lua_State *L) {
+  int code = (int)luaL_optinteger(L, 1, 0);
+  fflush(NULL);
+  _exit(code);
+  return 0;
+}
+
 int luaopen_flame_core(lua_State *L) {
   luaL_checkversion(L);
   lua_newtable(L);
@@ -33,6 +49,12 @@ int luaopen_flame_core(lua_State *L) {
   flame_sandbox_open(L);
   flame_loop_open(L);
   flame_executor_open(L);
+  flame_link_open(L);
+  flame_proc_open(L);
+  lua_pushcfunction(L, l_pid);
+  lua_setfield(L, -2, "pid");
+  lua_pushcfunction(L, l_exit);
+  lua_setfield(L, -2, "exit");
   lua_pushcfunction(L, l_hrtime);
   lua_setfield(L, -2, "hrtime");
   lua_pushcfunction(L, l_random_bytes);

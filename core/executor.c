@@ -57,6 +57,8 @@ typedef struct executor {
   int nworkers, maxworkers, idle, running, peak;
   int stopping;
   sandbox_config cfg;
+  char *requires;             /* owned copies of cfg.requires and cfg.info */
+  char *info;
   int done_ref;               /* on_done in the registry (loop thread only) */
   int closed;                 /* loop thread only */
   int inflight;               /* loop thread only: submitted, not yet delivered; the
@@ -168,6 +170,8 @@ static void executor_free(uv_handle_t *h) {
   uv_cond_destroy(&ex->cond);
   uv_mutex_destroy(&ex->lock);
   free(ex->workers);
+  free(ex->requires);
+  free(ex->info);
   free(ex);
 }
 
@@ -302,7 +306,7 @@ static int exec_close(lua_State *L) {
 static int l_executor(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   flame_loop *lp = flame_loop_get(L);
-  sandbox_config cfg = { SANDBOX_APPLICATION, 0 };
+  sandbox_config cfg = { SANDBOX_APPLICATION, 0, NULL, NULL, 0 };
   lua_getfield(L, 1, "workers");
   lua_Integer workers = luaL_optinteger(L, -1, 1);
   luaL_argcheck(L, workers >= 1 && workers <= 4096, 1, "workers in [1, 4096] expected");
@@ -313,6 +317,10 @@ static int l_executor(lua_State *L) {
   lua_Integer limit = luaL_optinteger(L, -1, 0);
   luaL_argcheck(L, limit >= 0, 1, "memory_limit >= 0 expected");
   cfg.memory_limit = (size_t)limit;
+  lua_getfield(L, 1, "requires");
+  if (!lua_isnil(L, -1)) cfg.requires = luaL_checkstring(L, -1);
+  lua_getfield(L, 1, "info");                /* bytes: flame.parent() in the workers */
+  if (!lua_isnil(L, -1)) cfg.info = luaL_checklstring(L, -1, &cfg.info_len);
   lua_getfield(L, 1, "on_done");
   luaL_checktype(L, -1, LUA_TFUNCTION);
 
@@ -334,6 +342,16 @@ static int l_executor(lua_State *L) {
   ex->workers = ws;
   ex->maxworkers = (int)workers;
   ex->cfg = cfg;
+  if ((cfg.requires && (ex->requires = strdup(cfg.requires)) == NULL)
+      || (cfg.info && (ex->info = malloc(cfg.info_len)) == NULL)) {
+    free(ex->requires);
+    free(ws);
+    free(ex);
+    return luaL_error(L, "not enough memory");
+  }
+  ex->cfg.requires = ex->requires;
+  if (cfg.info) memcpy(ex->info, cfg.info, cfg.info_len);
+  ex->cfg.info = ex->info;
   ex->lp = lp;
   ex->base.on_close = executor_free;
   int rc = uv_mutex_init(&ex->lock);
@@ -349,6 +367,8 @@ static int l_executor(lua_State *L) {
     }
   }
   if (rc != 0) {
+    free(ex->requires);
+    free(ex->info);
     free(ws);
     free(ex);
     return luaL_error(L, "executor: %s", uv_strerror(rc));

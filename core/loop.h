@@ -19,6 +19,7 @@ typedef struct flame_loop {
   lua_State *L;               /* the thread running loop:run; NULL when not running */
   int running, closed;
   int dispatch_ref;
+  char scratch[64 * 1024];    /* socket reads land here; consumed before returning */
 } flame_loop;
 
 /* [-0, +0, e] The state's loop, made on first use. */

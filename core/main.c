@@ -65,26 +65,16 @@ static void add_own_paths(lua_State *L) {
   lua_pop(L, 2);
 }
 
+/* flame runner [--require MODULE]...: the terminator (lua/flame/terminator.lua)
+ * returns the exit status. */
 static int run_runner(lua_State *L, const args *a) {
-  for (int i = a->first + 1; i < a->argc; i++) {
-    if (strcmp(a->argv[i], "--require") == 0 && i + 1 < a->argc) {
-      i++;
-      continue;
-    }
-    fprintf(stderr, "flame runner: unknown argument '%s'\n%s", a->argv[i], USAGE);
-    lua_pushinteger(L, 2);
-    return 1;
-  }
-  const char *parent = getenv("FLAME_PARENT");
-  if (parent == NULL || *parent == '\0') {
-    fprintf(stderr, "flame runner: FLAME_PARENT is not set (a backend starts runners "
-                    "with it; see docs/backends.md)\n");
-    lua_pushinteger(L, 2);
-    return 1;
-  }
-  fprintf(stderr, "flame runner: this build of flame %s cannot serve as a runner yet "
-                  "(remote runners are not implemented)\n", FLAME_VERSION);
-  lua_pushinteger(L, 1);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "flame.terminator");
+  lua_call(L, 1, 1);
+  lua_getfield(L, -1, "main");
+  for (int i = a->first + 1; i < a->argc; i++) lua_pushstring(L, a->argv[i]);
+  lua_call(L, a->argc - a->first - 1, 1);
+  if (!lua_isinteger(L, -1)) lua_pushinteger(L, 1);
   return 1;
 }
 

@@ -477,6 +477,19 @@ static const char MFA_CHUNK[] =
   "if args == nil then return f() end\n"
   "return f(table.unpack(args, 1, args.n or #args))\n";
 
+/* The flame module work sees in a sandbox: flame.parent() and flame.VERSION, not
+ * the whole library (no loop, no pools inside a worker's state). */
+static const char FLAME_CHUNK[] =
+  "local info, version = ...\n"
+  "local M = { VERSION = version }\n"
+  "function M.parent()\n"
+  "  if info == nil then return nil end\n"
+  "  local t = {}\n"
+  "  for k, v in pairs(info) do t[k] = v end\n"
+  "  return t\n"
+  "end\n"
+  "return M\n";
+
 static const char ENVMT_KEY[] = "flame.sandbox.envmt";
 static const char MFA_KEY[] = "flame.sandbox.mfa";
 
@@ -495,6 +508,33 @@ static int sb_setup(lua_State *L) {
     return lua_error(L);
   lua_setfield(L, LUA_REGISTRYINDEX, MFA_KEY);
   codec_names(L);
+  const sandbox_config *cfg = lua_touserdata(L, 2);
+  if (luaL_loadbufferx(L, FLAME_CHUNK, sizeof FLAME_CHUNK - 1, "=(flame)", "t") != LUA_OK)
+    return lua_error(L);
+  codec_opts o;
+  codec_opts_init(&o);
+  o.functions = 0;
+  if (cfg->info == NULL || codec_decode(L, cfg->info, cfg->info_len, &o) != 1) {
+    lua_settop(L, 3);
+    lua_pushnil(L);
+  }
+  lua_pushliteral(L, FLAME_VERSION);
+  lua_call(L, 2, 1);
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_insert(L, -2);
+  lua_setfield(L, -2, "flame");
+  lua_pop(L, 1);
+  const char *req = cfg->requires;           /* `flame runner --require app` */
+  while (req && *req) {
+    const char *comma = strchr(req, ',');
+    size_t n = comma ? (size_t)(comma - req) : strlen(req);
+    lua_getglobal(L, "require");
+    if (!lua_isfunction(L, -1))
+      return luaL_error(L, "this profile cannot require modules");
+    lua_pushlstring(L, req, n);
+    lua_call(L, 1, 0);
+    req = comma ? comma + 1 : NULL;
+  }
   return 0;
 }
 
@@ -542,8 +582,16 @@ sandbox *sandbox_new(const sandbox_config *c, const char **err) {
   lua_atpanic(s->L, sb_panic);
   lua_pushcfunction(s->L, sb_setup);
   lua_pushinteger(s->L, c->profile);
-  if (lua_pcall(s->L, 1, 0, 0) != LUA_OK) {
-    *err = "memory limit too small for the sandbox's libraries";
+  lua_pushlightuserdata(s->L, (void *)c);
+  int st = lua_pcall(s->L, 2, 0, 0);
+  if (st != LUA_OK) {
+    if (st == LUA_ERRMEM) {
+      *err = "memory limit too small for the sandbox's libraries";
+    } else {
+      static _Thread_local char msg[256];   /* s is freed below: the message outlives it */
+      snprintf(msg, sizeof msg, "%s", lua_tostring(s->L, -1));
+      *err = msg;
+    }
     lua_close(s->L);
     goto fail;
   }
@@ -875,7 +923,7 @@ static int sbox_profile(lua_State *L) {
 
 /* sandbox{ profile = "application"|"restricted", memory_limit = bytes } */
 static int l_sandbox(lua_State *L) {
-  sandbox_config c = { SANDBOX_APPLICATION, 0 };
+  sandbox_config c = { SANDBOX_APPLICATION, 0, NULL, NULL, 0 };
   if (!lua_isnoneornil(L, 1)) {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_pushnil(L);

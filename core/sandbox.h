@@ -45,6 +45,9 @@ enum {
 typedef struct sandbox_config {
   sandbox_profile profile;
   size_t memory_limit;   /* bytes; 0 means no limit */
+  const char *requires;  /* modules to require at creation, comma-separated, or NULL */
+  const char *info;      /* codec bytes of a table: what flame.parent() returns in the */
+  size_t info_len;       /* sandbox (require "flame" gives { parent, VERSION }), or NULL */
 } sandbox_config;
 
 typedef struct sandbox sandbox;

@@ -43,9 +43,17 @@ M.run = task.run
 --- Waits ms milliseconds; other tasks and calls go on meanwhile.
 M.sleep = task.sleep
 
---- On a runner: what its parent told it; on the parent: nil.
+local parent_info
+
+--- On a runner: what its parent told it ({ ref, backend, node_base, host_env,
+-- flame_vsn }); on the parent: nil.
 function M.parent()
-  return nil
+  return parent_info
+end
+
+-- Set once by the terminator when this process is a runner.
+function M._set_parent(info)
+  parent_info = info
 end
 
 M.codec = {}

@@ -8,6 +8,9 @@ local core = require "flame.core"
 local errors = require "flame.errors"
 local task = require "flame.task"
 local logmod = require "flame.log"
+local parentmod = require "flame.parent"
+local remote = require "flame.remote"
+local cjson = require "cjson.safe"
 
 local M = {}
 
@@ -70,6 +73,18 @@ local OPTIONS = {
       return true
     end, "application" },
 }
+
+local LINK_KEYS = { bind = "string", port = "number", advertise = "table",
+                    heartbeat_interval = "number", heartbeat_misses = "number" }
+OPTIONS.link = { "{ bind, port, advertise, heartbeat_interval, heartbeat_misses }",
+  function(v)
+    if type(v) ~= "table" then return false end
+    for k, x in pairs(v) do
+      if LINK_KEYS[k] == nil or type(x) ~= LINK_KEYS[k] then return false end
+    end
+    return (v.heartbeat_interval == nil or v.heartbeat_interval > 0)
+      and (v.heartbeat_misses == nil or v.heartbeat_misses >= 1)
+  end, {} }
 
 local CALL_OPTIONS = {
   timeout = { "milliseconds (a number > 0, or math.huge)",
@@ -160,16 +175,108 @@ local function backend_env(pool, runner)
       workers = state.max_concurrency,
       profile = state.sandbox.profile,
       memory_limit = state.sandbox.memory_limit,
+      info = assert(core.encode(nil, { ref = runner.id, backend = "local",
+        node_base = runner.id, flame_vsn = core.VERSION })),
       on_done = function(id, status, payload) runner:done(id, status, payload) end,
     })
     if not ok then return nil, tostring(ex) end
     return ex
   end
   function env.spawn_monitor(term, work)
-    term:submit(work.id, work.bytes)
+    term:submit(work.id, work.bytes, work.timeout, work.link)
     return work.id
   end
+  function env.getenv(name) return os.getenv(name) end
+  function env.exit(code) core.exit(code or 0) end
+  env.json = { encode = cjson.encode, decode = cjson.decode }
+
+  --- A parent record for this runner: its ref and secret, where to connect, and the
+  -- runner settings. fields: node_base, host_env.
+  function env.parent_new(fields)
+    local hub = assert(pool:hub())
+    local o = pool.opts
+    local function ms(v) return v == math.huge and -1 or v end
+    local idle = type(o.idle_shutdown_after) == "table" and o.idle_shutdown_after[1]
+      or o.idle_shutdown_after
+    local p = parentmod.new {
+      node_base = fields and fields.node_base, host_env = fields and fields.host_env,
+      backend = type(o.backend) == "string" and o.backend or (fields and fields.backend),
+      addrs = hub.addrs,
+      settings = {
+        max_concurrency = o.max_concurrency, shutdown_timeout = ms(o.shutdown_timeout),
+        idle_shutdown_after = ms(idle), failsafe_timeout = ms(o.boot_timeout),
+        heartbeat_interval = hub.opts.heartbeat_interval,
+        heartbeat_misses = hub.opts.heartbeat_misses,
+        sandbox = sandbox_settings(o.sandbox),
+      },
+    }
+    hub:expect(p)
+    runner.parents[#runner.parents + 1] = p.ref
+    return p
+  end
+  env.parent_encode = parentmod.encode
+
+  --- Waits until the runner of parent record p has connected and proved itself.
+  function env.await_remote_up(p, timeout)
+    local hub = assert(pool:hub())
+    runner.awaiting = p.ref
+    local term, err = hub:await(p, timeout or pool.opts.boot_timeout)
+    runner.awaiting = nil
+    return term, err
+  end
+
+  --- Starts a process; its output is logged with the runner's id, its exit reaches
+  -- handle_info as { event = "exit", code = n, signal = n }.
+  env.proc = {}
+  function env.proc.spawn(o)
+    return core.spawn {
+      path = o.path, args = o.args, env = o.env, cwd = o.cwd,
+      on_output = function(stream, line)
+        pool.log[stream == "stderr" and "warn" or "info"]("[%s] %s", runner.id, line)
+      end,
+      on_exit = function(code, signal)
+        runner:info { event = "exit", code = code, signal = signal }
+      end,
+    }
+  end
+
+  --- Delivers msg to the backend's handle_info after ms.
+  function env.send_after(ms, msg)
+    return loop:timer(ms, function() runner:info(msg) end)
+  end
+
+  --- The flame executable runners are started with: FLAME_BIN, else the one
+  -- installed beside this flame.core, else `flame` on PATH.
+  function env.flame_bin()
+    local bin = os.getenv("FLAME_BIN")
+    if bin and bin ~= "" then return bin end
+    local so = package.searchpath("flame.core", package.cpath)
+    local prefix = so and so:match("^(.*)/lib/lua/5%.4/flame/core%.so$")
+    if prefix then
+      local f = io.open(prefix .. "/bin/flame")
+      if f then f:close() return prefix .. "/bin/flame" end
+    end
+    for dir in (os.getenv("PATH") or ""):gmatch("[^:]+") do
+      local f = io.open(dir .. "/flame")
+      if f then f:close() return dir .. "/flame" end
+    end
+    return "flame"
+  end
   return env
+end
+
+--- The pool's hub for remote runners, made on first use.
+function Pool:hub()
+  if self.hub_ then return self.hub_ end
+  local l = self.opts.link
+  local h, err = remote.hub {
+    bind = l.bind, port = l.port, advertise = l.advertise,
+    heartbeat_interval = l.heartbeat_interval or 1000,
+    heartbeat_misses = l.heartbeat_misses or 3, log = self.log,
+  }
+  if not h then return nil, err end
+  self.hub_ = h
+  return h
 end
 
 local function call_hook(pool, name, ...)
@@ -231,8 +338,10 @@ function Pool:grow()
   call_hook(self, "on_grow_start", { name = self.name, count = #self.runners + self.booting })
   self.log.info("runner %s booting", id)
   task.spawn(function()
-    local runner = { id = id, pool = self, inflight = 0, calls = {}, status = "booting" }
+    local runner = { id = id, pool = self, inflight = 0, calls = {}, status = "booting",
+                     parents = {} }
     function runner.done(r, call_id, status, payload) self:done(r, call_id, status, payload) end
+    function runner.info(r, msg) self:info(r, msg) end
     runner.env = backend_env(self, runner)
     local settings = {
       max_concurrency = self.opts.max_concurrency, sandbox = sandbox_settings(self.opts.sandbox),
@@ -262,6 +371,13 @@ function Pool:grow()
       return
     end
     runner.state, runner.term, runner.status = state, term, "up"
+    if term.attach then                       -- a remote runner: its events
+      term:attach(function(kind, a, b, c)
+        if kind == "result" then self:done(runner, a, b, c)
+        elseif kind == "remote_shutdown" then self:runner_down(runner, "runner shut down: " .. a, true)
+        elseif kind == "lost" then self:runner_down(runner, a) end
+      end)
+    end
     if self.closed then
       self:stop_runner(runner)
       return
@@ -279,14 +395,82 @@ local function busy_count(pool)
   return b
 end
 
+-- The backend releases what the runner held (an optional callback, flame's own:
+-- kill the process, remove the container).
+function Pool:release(r, reason)
+  if r.released then return end
+  r.released = true
+  if self.backend.remote_shutdown and r.state then
+    local ok, err = pcall(self.backend.remote_shutdown, r.state, reason, r.env)
+    if not ok then self.log.error("runner %s: remote_shutdown failed: %s", r.id, tostring(err)) end
+  elseif not r.term or not r.term.attach then
+    if self.backend.system_shutdown and r.env then pcall(self.backend.system_shutdown, r.env) end
+  end
+end
+
 function Pool:stop_runner(r)
   r.status = "down"
+  if r.term and r.term.shutdown then r.term:shutdown() end
   if r.term and r.term.close then r.term:close() end
   for id, f in pairs(r.calls) do                -- calls the runner can no longer answer
     r.calls[id] = nil
     f:set("k", nil, "shutdown")
   end
-  if self.backend.system_shutdown and r.env then pcall(self.backend.system_shutdown, r.env) end
+  self:release(r, "shutdown")
+end
+
+local function remove_runner(pool, r)
+  for i, x in ipairs(pool.runners) do
+    if x == r then table.remove(pool.runners, i) return true end
+  end
+  return false
+end
+
+--- A runner went away: its callers get runner_down, it leaves the pool, and the
+-- backend releases it. `quiet`: it said goodbye (idle shutdown), not a failure.
+function Pool:runner_down(r, reason, quiet)
+  if r.status == "down" then return end
+  r.status = "down"
+  remove_runner(self, r)
+  if quiet then self.log.info("runner %s: %s", r.id, reason)
+  else self.log.warn("runner %s down: %s", r.id, reason) end
+  if r.term and r.term.close then r.term:close(reason) end
+  for id, f in pairs(r.calls) do
+    r.calls[id] = nil
+    r.inflight = r.inflight - 1
+    f:set("k", nil, "down", reason)
+  end
+  call_hook(self, "on_shrink", { name = self.name, count = #self.runners, reason = reason })
+  self:release(r, reason)
+  if self.drained and busy_count(self) == 0 then self.drained:set() end
+  self:grow_for_waiters()
+end
+
+-- A message for the backend (a process exit, a send_after): handle_info decides.
+function Pool:info(r, msg)
+  local fn = self.backend.handle_info
+  if not fn then return end
+  local ok, state, reason = pcall(fn, msg, r.state, r.env)
+  if r.status == "down" then return end      -- already gone: only the backend cares
+  if ok and state ~= nil then
+    r.state = state
+    return
+  end
+  reason = tostring(ok and (reason or "the backend reported the runner down") or state)
+  if r.status == "booting" and r.awaiting and self.hub_ then
+    self.hub_:fail(r.awaiting, reason)       -- the boot waiting for it learns why
+  else
+    self:runner_down(r, reason)
+  end
+end
+
+-- Boots for callers still waiting when no runner is up or booting for them.
+function Pool:grow_for_waiters()
+  if self.closed or #self.waiting == 0 then return end
+  if #self.runners + self.booting < self.opts.max
+     and self.booting * self.opts.max_concurrency <= #self.waiting then
+    self:grow()
+  end
 end
 
 -- A call ended on runner r: free its slot, wake its caller.
@@ -412,7 +596,8 @@ function Pool:call(work, opts, level)
   end })
   local ok, e = pcall(self.backend.remote_spawn_monitor or function(state, w, env)
     return env.spawn_monitor(state.terminator, w)
-  end, r.state, { id = id, bytes = bytes }, r.env)
+  end, r.state, { id = id, bytes = bytes, link = link,
+                  timeout = math.max(1, deadline - task.now()) }, r.env)
   if not ok then
     r.calls[id] = nil
     r.inflight = r.inflight - 1
@@ -426,8 +611,12 @@ function Pool:call(work, opts, level)
       if f:set("k", nil, "timeout") then r.term:kill(id, "timeout") end
     end)
   end
-  local status, payload, why = f:wait()
+  local status, payload, why, detail = f:wait()
   if timer then timer:stop() end
+  if why == "down" then
+    errors.raise("runner_down", ("pool '%s': runner %s went away during the call: %s")
+      :format(self.name, r.id, tostring(detail)), { pool = self.name, runner = r.id })
+  end
   if why == "timeout" then
     errors.raise("timeout", ("call on pool '%s' ran past its timeout of %s ms")
       :format(self.name, tostring(timeout)), { phase = "run", pool = self.name })
@@ -478,11 +667,13 @@ function Pool:shutdown()
     self.drained:wait()
     if timer then timer:stop() end
   end
-  for _, r in ipairs(self.runners) do
+  local runners = self.runners
+  self.runners = {}
+  for _, r in ipairs(runners) do
     for id in pairs(r.calls) do r.term:kill(id, "shutdown") end
     self:stop_runner(r)
   end
-  self.runners = {}
+  if self.hub_ then self.hub_:close() end
   self.log.info("pool shut down")
 end
 
