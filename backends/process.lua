@@ -25,12 +25,12 @@ function B.remote_boot(state, flame)
   for i = 2, #state.command do args[#args + 1] = state.command[i] end
   for _, a in ipairs(state.args or {}) do args[#args + 1] = a end
   local proc, err = flame.proc.spawn { path = state.command[1], args = args,
-                                       env = state.env, cwd = state.cwd }
+                                       env = state.env, cwd = state.cwd, group = true }
   if not proc then return nil, "cannot start the runner process: " .. err end
   state.proc = proc
   local term, why = flame.await_remote_up(state.parent, state.boot_timeout)
   if not term then
-    proc:kill("SIGKILL")                    -- a failed boot leaves nothing running
+    proc:kill("SIGKILL", true)              -- a failed boot leaves nothing running
     return nil, why
   end
   state.terminator = term
@@ -50,10 +50,11 @@ end
 --- The child exited: the runner is down, with the exit status as the reason.
 function B.handle_info(msg, state, flame)
   if msg.event == "reap" then
-    if state.proc and not state.proc:exited() then state.proc:kill("SIGKILL") end
+    if state.proc then state.proc:kill("SIGKILL", true) end
     return state
   end
   if msg.event == "exit" then
+    if state.proc then state.proc:kill("SIGKILL", true) end  -- what its work left behind
     if msg.signal ~= 0 then
       return nil, ("runner process %d was killed by signal %d"):format(state.proc:pid() or 0,
         msg.signal)

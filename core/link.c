@@ -77,7 +77,7 @@ typedef struct conn {
   partial *partials;
   int npartials;
   size_t max_message;
-  int closing;
+  int closing, finishing;           /* finishing: close once the queue is written */
   char reason[96];
 } conn;
 
@@ -180,7 +180,10 @@ static void pump(conn *c) {
     int from_small = c->small != NULL;
     if (from_small) m = c->small;
     else if (c->big) m = c->big;
-    else return;
+    else {
+      if (c->finishing && c->writes == 0) conn_close(c, NULL);
+      return;
+    }
     size_t n = m->len - m->off;
     if (n > LINK_CHUNK) n = LINK_CHUNK;
     int last = m->off + n == m->len;
@@ -397,7 +400,7 @@ static int conn_send(lua_State *L) {
   size_t len;
   const char *payload = luaL_optlstring(L, 4, "", &len);
   luaL_argcheck(L, type >= 0 && type <= 255, 2, "a type in [0, 255] expected");
-  if (c == NULL || c->closing) {
+  if (c == NULL || c->closing || c->finishing) {
     lua_pushnil(L);
     lua_pushliteral(L, "closed");
     return 2;
@@ -428,6 +431,17 @@ static int conn_send(lua_State *L) {
 static int conn_lclose(lua_State *L) {
   conn *c = *conn_ud(L);
   if (c) conn_close(c, luaL_optstring(L, 2, "closed"));
+  return 0;
+}
+
+/* conn:finish(reason): close after what is queued has been written (a last word) */
+static int conn_finish(lua_State *L) {
+  conn *c = *conn_ud(L);
+  if (c == NULL || c->closing) return 0;
+  if (!c->reason[0]) snprintf(c->reason, sizeof c->reason, "%s", luaL_optstring(L, 2, "closed"));
+  c->finishing = 1;
+  uv_read_stop((uv_stream_t *)&c->tcp);
+  pump(c);
   return 0;
 }
 
@@ -720,6 +734,7 @@ static int l_b64decode(lua_State *L) {
 void flame_link_open(lua_State *L) {
   static const luaL_Reg conn_methods[] = {
     { "start", conn_start }, { "send", conn_send }, { "close", conn_lclose },
+    { "finish", conn_finish },
     { "queued", conn_queued }, { "peer", conn_peer }, { NULL, NULL }
   };
   static const luaL_Reg listener_methods[] = {

@@ -7,9 +7,12 @@
  *   fn(stream, line), on_exit = fn(code, signal) } starts path with args (argv[0] is
  *   path); env adds to, or overrides, this process's environment. Returns the
  *   process object, or nil and a message ("ENOENT: no such file or directory").
- * - on_exit is called exactly once, after the last line of output, then the
- *   process's handles close. p:kill(signal) sends a signal ("SIGTERM" default,
- *   "SIGKILL", or a number); p:pid().
+ * - on_exit is called exactly once, when the process has ended (output still held
+ *   by its own children may follow; the handles close when that ends too).
+ *   p:kill(signal [, group]) sends a signal ("SIGTERM" default, "SIGKILL", or a
+ *   number), to the process group when group is true; p:pid().
+ * - group = true starts the process as the leader of a new process group, so what
+ *   it leaves behind can be ended with it.
  * - A line longer than 64 KiB is delivered in 64 KiB pieces.
  */
 #include <signal.h>
@@ -76,17 +79,9 @@ static void emit_line(pipe_s *s, const char *line, size_t len) {
   flame_pcall_report(L, 2, "a process output callback");
 }
 
-/* on_exit after both pipes are drained, so every line comes before the exit */
-static void maybe_exit(proc *p) {
+/* The process handle closes once the process has ended and both pipes are done. */
+static void maybe_close(proc *p) {
   if (!p->exited || p->out.open || p->err.open) return;
-  p->exited = 2;
-  lua_State *L = p->lp->L;
-  if (L && p->exit_ref != LUA_NOREF && lua_checkstack(L, 4)) {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, p->exit_ref);
-    lua_pushinteger(L, (lua_Integer)p->code);
-    lua_pushinteger(L, p->signal);
-    flame_pcall_report(L, 2, "a process exit callback");
-  }
   if (!uv_is_closing((uv_handle_t *)&p->h)) uv_close((uv_handle_t *)&p->h, handle_closed);
 }
 
@@ -96,7 +91,7 @@ static void pipe_done(pipe_s *s) {
   if (s->line.len) emit_line(s, (const char *)s->line.data, s->line.len);
   s->line.len = 0;
   if (!uv_is_closing((uv_handle_t *)&s->pipe)) uv_close((uv_handle_t *)&s->pipe, handle_closed);
-  maybe_exit(s->p);
+  maybe_close(s->p);
 }
 
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b) {
@@ -131,7 +126,14 @@ static void on_exit_cb(uv_process_t *h, int64_t code, int sig) {
   p->exited = 1;
   p->code = code;
   p->signal = sig;
-  maybe_exit(p);
+  lua_State *L = p->lp->L;
+  if (L && p->exit_ref != LUA_NOREF && lua_checkstack(L, 4)) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, p->exit_ref);
+    lua_pushinteger(L, (lua_Integer)code);
+    lua_pushinteger(L, sig);
+    flame_pcall_report(L, 2, "a process exit callback");
+  }
+  maybe_close(p);
 }
 
 /* [-0, +1, m] argv or envp as a NULL-terminated array in a userdata */
@@ -236,6 +238,9 @@ static int l_spawn(lua_State *L) {
   opt.exit_cb = on_exit_cb;
   opt.stdio = stdio;
   opt.stdio_count = 3;
+  lua_getfield(L, 1, "group");
+  if (lua_toboolean(L, -1)) opt.flags |= UV_PROCESS_DETACHED;   /* setsid(): a group */
+  lua_pop(L, 1);
   p->h.data = p;
   rc = uv_spawn(&lp->uv, &p->h, &opt);
   if (rc != 0) {                    /* the process handle still has to be closed */
@@ -280,12 +285,13 @@ static int proc_kill(lua_State *L) {
     static const int nums[] = { SIGTERM, SIGKILL, SIGINT, SIGHUP };
     sig = nums[luaL_checkoption(L, 2, NULL, names)];
   }
-  if (p == NULL || p->exited) {
+  int group = lua_toboolean(L, 3);
+  if (p == NULL || (p->exited && !group)) {
     lua_pushnil(L);
     lua_pushliteral(L, "exited");
     return 2;
   }
-  int rc = uv_process_kill(&p->h, sig);
+  int rc = group ? uv_kill(-p->h.pid, sig) : uv_process_kill(&p->h, sig);
   if (rc != 0) {
     lua_pushnil(L);
     lua_pushfstring(L, "%s: %s", uv_err_name(rc), uv_strerror(rc));

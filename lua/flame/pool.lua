@@ -16,6 +16,7 @@ local M = {}
 
 local loop = task.loop
 local pools = {}                 -- name -> pool, for uniqueness within the process
+local LOST_GRACE = 100           -- ms a backend has to explain a lost link
 local next_call = 0
 
 local function invalid(msg, level)
@@ -226,11 +227,12 @@ local function backend_env(pool, runner)
   end
 
   --- Starts a process; its output is logged with the runner's id, its exit reaches
-  -- handle_info as { event = "exit", code = n, signal = n }.
+  -- handle_info as { event = "exit", code = n, signal = n }. group = true makes it
+  -- a process group leader (p:kill(sig, true) then ends what it started too).
   env.proc = {}
   function env.proc.spawn(o)
     return core.spawn {
-      path = o.path, args = o.args, env = o.env, cwd = o.cwd,
+      path = o.path, args = o.args, env = o.env, cwd = o.cwd, group = o.group,
       on_output = function(stream, line)
         pool.log[stream == "stderr" and "warn" or "info"]("[%s] %s", runner.id, line)
       end,
@@ -352,6 +354,7 @@ function Pool:grow()
       runner.env.merge(settings, self.opts.backend_opts), runner.env)
     local term, err
     if ok then
+      runner.state = state                    -- handle_info may come during the boot
       ok, term, err = pcall(self.backend.remote_boot, state, runner.env)
       if ok and term then state = err or state end
     else
@@ -375,7 +378,16 @@ function Pool:grow()
       term:attach(function(kind, a, b, c)
         if kind == "result" then self:done(runner, a, b, c)
         elseif kind == "remote_shutdown" then self:runner_down(runner, "runner shut down: " .. a, true)
-        elseif kind == "lost" then self:runner_down(runner, a) end
+        elseif kind == "lost" then
+          -- a process exit usually says more than a closed socket: let the
+          -- backend's handle_info speak first, briefly
+          local reason = "lost the link to the runner: " .. tostring(a)
+          if self.backend.handle_info then
+            loop:timer(LOST_GRACE, function() self:runner_down(runner, reason) end)
+          else
+            self:runner_down(runner, reason)
+          end
+        end
       end)
     end
     if self.closed then

@@ -116,9 +116,11 @@ function Hub:await(p, timeout)
 end
 
 function Hub:refuse(conn, why)
-  local ip, port = conn:peer()
-  self.log.warn("refused a connection from %s:%s: %s", tostring(ip), tostring(port), why)
-  conn:close(why)
+  local ok, ip, port = pcall(conn.peer, conn)
+  self.log.warn("refused a connection from %s:%s: %s", tostring(ok and ip),
+    tostring(ok and port), why)
+  conn:send(wire.CLOSE, 0, why)            -- the runner learns why, then the link ends
+  conn:finish(why)
 end
 
 -- The handshake, driven by messages: HELLO -> CHALLENGE -> PROOF -> REMOTE_UP.
@@ -184,7 +186,7 @@ function Hub:accept(conn)
       st.stage = "up"
       deadline:stop()
       local term = setmetatable({ conn = conn, inflight = 0, peak = 0, early = {},
-        pid = up.pid, host = up.host, last_seen = task.now() }, Term)
+        pid = math.tointeger(up.pid), host = up.host, last_seen = task.now() }, Term)
       st.term = term
       self:heartbeat(term)
       entry.term = term

@@ -34,6 +34,10 @@ T.__index = T
 -- Every message from the parent proves it is alive.
 function T:on_message(type, id, payload)
   self.last_seen = task.now()
+  if type == wire.CLOSE then
+    self:lost("the parent closed the link: " .. payload)
+    return
+  end
   if self.stage ~= "up" and self.stage ~= "draining" then
     if self.expect and self.expect.type == type then
       local f = self.expect.future
@@ -239,7 +243,8 @@ function T:handshake()
   local proof = type(ch) == "table" and type(ch.proof) == "string" and core.b64decode(ch.proof)
   if not parent_nonce or not proof
      or not core.equal(proof, wire.proof(core.hmac_sha256, secret, "parent", nonce, p.ref)) then
-    self.conn:close("the parent failed to prove the secret")
+    self.conn:send(wire.CLOSE, 0, "the parent failed to prove the secret")
+    self.conn:finish("the parent failed to prove the secret")
     return nil, "the parent failed to prove it holds the runner's secret: refusing it"
   end
   self.conn:send(wire.PROOF, 0, cjson.encode { proof = core.b64encode(
@@ -274,7 +279,9 @@ end
 
 -- The backend's system_shutdown, run on the runner (docs/backends.md).
 local function system_shutdown(backend, code)
-  local env = { exit = function(c) core.exit(c or code) end, log = { info = log, warn = log,
+  -- a runner that failed keeps its failing status, whatever the backend exits with
+  local env = { exit = function(c) core.exit(code ~= 0 and code or (c or 0)) end,
+    log = { info = log, warn = log,
     error = log, debug = function() end } }
   local ok, b = pcall(require, "flame.backends." .. backend)
   if not ok then ok, b = pcall(require, backend) end

@@ -16,6 +16,7 @@ M.SHUTDOWN = 9          -- parent -> runner: stop taking work, drain, exit
 M.REMOTE_SHUTDOWN = 10  -- runner -> parent: reason ("idle", "parent_lost", ...)
 M.PING = 11             -- either way, every heartbeat interval
 M.CONFIG = 13           -- parent -> runner: codec { idle_check = fn }    (after PROOF)
+M.CLOSE = 14            -- either way, last message: why the link is closed
 
 M.NAMES = {}
 for k, v in pairs(M) do if type(v) == "number" and k ~= "PROTOCOL" then M.NAMES[v] = k end end

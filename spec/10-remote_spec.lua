@@ -1,0 +1,306 @@
+-- Remote runners on the process backend, where things go wrong: wrong secrets, old
+-- protocols, garbage on the port, runners killed mid-call, a parent killed, big
+-- results, idle shutdown, boots that never connect. Real processes, real TCP on
+-- 127.0.0.1; every test checks that no runner process is left.
+local flame = require "flame"
+local core = require "flame.core"
+local cjson = require "cjson"
+local errors = require "flame.errors"
+local wire = require "flame.wire"
+local task = require "flame.task"
+local H = require "spec.helper"
+
+local LINK = { heartbeat_interval = 200, heartbeat_misses = 3 }
+
+-- A process is gone when /proc has no entry for it, or only a zombie.
+local function alive(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return false end
+  local stat = f:read("a")
+  f:close()
+  return stat:match("^%d+ %b() (%a)") ~= "Z"
+end
+
+local seen = {}          -- runner pids started by a test, checked after it
+local function track(pid) seen[#seen + 1] = pid return pid end
+
+local function wait_gone(pids, ms)
+  local deadline = task.now() + ms
+  while task.now() < deadline do
+    local any = false
+    for _, pid in ipairs(pids) do if alive(pid) then any = true end end
+    if not any then return true end
+    flame.sleep(50)
+  end
+  return false
+end
+
+local function runner_pids(p)
+  local pids = {}
+  for _, r in ipairs(p.runners) do pids[#pids + 1] = track(r.term.pid) end
+  return pids
+end
+
+local function fails(kind, f, ...)
+  local ok, err = pcall(f, ...)
+  assert(not ok, "expected a " .. kind .. " error")
+  assert(errors.is(err, kind), tostring(err))
+  return err
+end
+
+-- A backend that boots nothing and hands its parent record to the test, so the
+-- test can play the runner (or an impostor) by hand.
+local function puppet_backend(out)
+  return {
+    init = function(opts, env) return env.merge({}, opts) end,
+    remote_boot = function(state, env)
+      state.parent = env.parent_new { node_base = "puppet" }
+      out.parent = state.parent
+      local term, err = env.await_remote_up(state.parent, state.boot_timeout)
+      if not term then return nil, err end
+      state.terminator = term
+      return term, state
+    end,
+  }
+end
+
+local function connect(addr)
+  local host, port = addr:match("^(.+):(%d+)$")
+  local f = task.future()
+  core.connect { host = host, port = tonumber(port), on_connect = function(c, e) f:set(c, e) end }
+  local c, err = f:wait()
+  assert(c, err)
+  local closed = task.future()
+  local got = {}
+  c:start(function(t, id, payload) got[#got + 1] = { t, id, payload } end,
+    function(reason) closed:set(reason) end)
+  return c, closed, got
+end
+
+describe("remote runners", function()
+  after_each(function()
+    H.cleanup()
+    local ok = wait_gone(seen, 5000)
+    seen = {}
+    assert.is_true(ok, "a runner process was left running")
+  end)
+
+  it("runs work in another process that knows its parent", function()
+    local p = H.pool { name = "where", backend = "process", link = LINK }
+    local pid, parent = flame.call(p, function()
+      local f = io.open("/proc/self/stat")
+      local pid = f:read("n")
+      f:close()
+      return pid, require("flame").parent()
+    end)
+    track(pid)
+    assert.are_not.equal(core.pid(), pid)
+    assert.are.equal("process", parent.backend)
+    assert.are.equal(p.runners[1].term.pid, pid)
+    assert.is_nil(flame.parent())            -- this process is the parent
+  end)
+
+  it("refuses a runner that does not hold the secret, and runs nothing", function()
+    local out = {}
+    local p = H.pool { name = "impostor", backend = puppet_backend(out), boot_timeout = 1500,
+                       link = LINK }
+    local caller = flame.spawn(function() return flame.call(p, function() return 1 end) end)
+    flame.sleep(50)
+    local c, closed, got = connect(p:hub().addrs[1])
+    c:send(wire.HELLO, 0, cjson.encode { v = wire.PROTOCOL, ref = out.parent.ref,
+      nonce = core.b64encode(core.random_bytes(16)) })
+    flame.sleep(50)
+    assert.are.equal(wire.CHALLENGE, got[1][1])
+    c:send(wire.PROOF, 0, cjson.encode { proof = core.b64encode(("x"):rep(32)) })
+    c:send(wire.REMOTE_UP, 0, "{}")
+    closed:wait()
+    assert.are.same({ wire.CLOSE, 0, "wrong proof: the runner does not hold the secret" },
+      got[2])
+    local err = fails("boot", caller.await, caller)
+    assert.matches("did not connect within the boot timeout", err.message, 1, true)
+    assert.are.equal(2, #got)                -- the challenge and the refusal, no work
+  end)
+
+  it("a runner refuses a parent that cannot prove the secret", function()
+    local tampered = {
+      init = function(opts, env)
+        local state = require("flame.backends.process").init(opts, env)
+        local doc = cjson.decode(core.b64decode(state.env.FLAME_PARENT))
+        doc.secret = core.b64encode(core.random_bytes(32))
+        state.env.FLAME_PARENT = core.b64encode(cjson.encode(doc))
+        return state
+      end,
+      remote_boot = require("flame.backends.process").remote_boot,
+      handle_info = require("flame.backends.process").handle_info,
+    }
+    local p = H.pool { name = "tampered", backend = tampered, link = LINK }
+    local err = fails("boot", flame.call, p, function() return 1 end)
+    assert.matches("runner process exited with code 1", err.message, 1, true)
+  end)
+
+  it("refuses an old protocol version on both sides", function()
+    local out = {}
+    local p = H.pool { name = "old", backend = puppet_backend(out), boot_timeout = 800,
+                       link = LINK }
+    local caller = flame.spawn(function() return flame.call(p, function() return 1 end) end)
+    flame.sleep(50)
+    local c, closed, got = connect(p:hub().addrs[1])
+    c:send(wire.HELLO, 0, cjson.encode { v = 0, ref = out.parent.ref, nonce = "AAAA" })
+    closed:wait()
+    assert.are.same({ wire.CLOSE, 0, "protocol version 0 is not 1" }, got[1])
+    fails("boot", caller.await, caller)
+
+    local doc = { v = 0, ref = "abcdefghij", secret = core.b64encode("s"),
+                  addrs = { "127.0.0.1:1" }, backend = "process", settings = {} }
+    local rc, msg = H.run("FLAME_PARENT=" .. core.b64encode(cjson.encode(doc)) .. " flame runner")
+    assert.are.equal(2, rc)
+    assert.matches("protocol version 0, this runner speaks 1", msg, 1, true)
+  end)
+
+  it("closes a connection that sends garbage, and only that one", function()
+    local p = H.pool { name = "garbage", backend = "process", link = LINK }
+    assert.are.equal(1, flame.call(p, function() return 1 end))
+    runner_pids(p)
+    local c, closed = connect(p:hub().addrs[1])
+    local junk = {}
+    for i = 1, 4096 do junk[i] = string.char(math.random(0, 255)) end
+    c:send(200, 7, table.concat(junk))      -- a valid frame of nonsense
+    assert.is_string(closed:wait())
+    local c2, closed2, got2 = connect(p:hub().addrs[1])
+    c2:send(wire.HELLO, 0, "not json at all")
+    closed2:wait()
+    assert.are.same({ wire.CLOSE, 0, "malformed HELLO" }, got2[1])
+    assert.are.equal(2, flame.call(p, function() return 2 end))
+    assert.are.equal(1, p:stats().runners)
+  end)
+
+  it("reports runner_down at once when a runner is killed mid-call, and replaces it",
+    function()
+      local p = H.pool { name = "killed", backend = "process", link = LINK }
+      local t0 = task.now()
+      local t = flame.spawn(function()
+        return flame.call(p, function() os.execute("sleep 5") return "finished" end)
+      end)
+      flame.sleep(300)
+      local pid = runner_pids(p)[1]
+      os.execute("kill -9 " .. pid)
+      local err = fails("runner_down", t.await, t)
+      assert.is_true(task.now() - t0 < 5000, "waited for the work instead of the death")
+      assert.matches("killed by signal 9", err.message, 1, true)
+      assert.are.equal("again", flame.call(p, function() return "again" end))
+      runner_pids(p)
+    end)
+
+  it("kills a call past its timeout on the runner, and the runner keeps serving", function()
+    local p = H.pool { name = "remote-timeout", backend = "process", max_concurrency = 1,
+                       link = LINK }
+    local err = fails("timeout", flame.call, p, function() while true do end end,
+      { timeout = 200 })
+    assert.are.equal("run", err.phase)
+    local before = runner_pids(p)[1]
+    assert.are.equal("served", flame.call(p, function() return "served" end))
+    assert.are.equal(before, runner_pids(p)[1])   -- the same runner process
+  end)
+
+  it("carries a 64 MB result whole while small calls keep completing", function()
+    local p = H.pool { name = "big", backend = "process", max_concurrency = 4, link = LINK }
+    flame.call(p, function() end)
+    local order = {}
+    local big = flame.spawn(function()
+      local s = flame.call(p, function() return ("0123456789abcdef"):rep(4 << 20) end)
+      order[#order + 1] = "big"
+      return s
+    end)
+    local small = flame.spawn(function()
+      for i = 1, 30 do
+        flame.call(p, function() return i end)
+        order[#order + 1] = "small"
+      end
+    end)
+    local s = big:await()
+    small:await()
+    assert.are.equal(64 << 20, #s)
+    assert.are.equal("0123456789abcdef", s:sub(1, 16))
+    assert.are.equal("0123456789abcdef", s:sub(-16))
+    local before_big = 0
+    for _, what in ipairs(order) do
+      if what == "big" then break end
+      before_big = before_big + 1
+    end
+    assert.is_true(before_big > 0, "no small call completed while the big result crossed")
+    runner_pids(p)
+  end)
+
+  it("shuts idle runners down; the parent hears REMOTE_SHUTDOWN", function()
+    local shrunk = {}
+    local p = H.pool { name = "idle", backend = "process", idle_shutdown_after = 300,
+                       on_shrink = function(info) shrunk[#shrunk + 1] = info.reason end,
+                       link = LINK }
+    flame.call(p, function() end)
+    local pids = runner_pids(p)
+    flame.sleep(1200)
+    assert.are.equal(0, p:stats().runners)
+    assert.are.same({ "runner shut down: idle" }, shrunk)
+    assert.is_true(wait_gone(pids, 3000))
+  end)
+
+  it("fails a boot that never connects with `boot`, leaving nothing running", function()
+    local state_seen = {}
+    local silent = {
+      init = function(opts, env) return env.merge({}, opts) end,
+      remote_boot = function(state, env)
+        state.parent = env.parent_new { node_base = "silent" }
+        local proc = assert(env.proc.spawn { path = "/bin/sleep", args = { "30" } })
+        state_seen.pid = proc:pid()
+        local term, err = env.await_remote_up(state.parent, state.boot_timeout)
+        if not term then
+          proc:kill("SIGKILL")
+          return nil, err
+        end
+        return term, state
+      end,
+    }
+    local p = H.pool { name = "silent", backend = silent, boot_timeout = 400, link = LINK }
+    local err = fails("boot", flame.call, p, function() end)
+    assert.matches("did not connect within the boot timeout of 400 ms", err.message, 1, true)
+    assert.is_true(wait_gone({ state_seen.pid }, 2000))
+  end)
+
+  it("stops every runner when the parent is killed with SIGKILL", function()
+    local dir = H.tmpdir()
+    local script = dir .. "/parent.lua"
+    local f = assert(io.open(script, "w"))
+    f:write([[
+      local p = flame.pool { name = "orphans", backend = "process", min = 2, max = 2,
+                             shutdown_timeout = 500,
+                             link = { heartbeat_interval = 200, heartbeat_misses = 3 } }
+      flame.call(p, function() end)
+      while #p.runners < 2 do flame.sleep(20) end
+      local out = io.open(arg[1], "w")
+      for _, r in ipairs(p.runners) do out:write(r.term.pid, "\n") end
+      out:close()
+      flame.sleep(60000)
+    ]])
+    f:close()
+    local pidfile = dir .. "/pids"
+    local pp = io.popen("flame " .. H.q(script) .. " " .. H.q(pidfile) .. " >/dev/null 2>&1 & echo $!")
+    local parent = tonumber(pp:read("l"))
+    pp:close()
+    local pids = {}
+    local deadline = task.now() + 10000
+    while #pids < 2 and task.now() < deadline do
+      flame.sleep(50)
+      local pf = io.open(pidfile)
+      if pf then
+        pids = {}
+        for line in pf:lines() do pids[#pids + 1] = track(tonumber(line)) end
+        pf:close()
+      end
+    end
+    assert.are.equal(2, #pids, "the parent did not start its runners")
+    os.execute("kill -9 " .. parent)
+    -- shutdown_timeout (500) plus the heartbeat window (600), with room for a slow box
+    assert.is_true(wait_gone(pids, 5000), "runners outlived their parent")
+    H.rmdir(dir)
+  end)
+end)
