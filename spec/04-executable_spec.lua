@@ -78,6 +78,32 @@ describe("flame executable", function()
     assert.matches("FLAME_PARENT is not set", out, 1, true)
   end)
 
+  local malformed = {
+    { "garbage", "it is not base64" },
+    { "bm90IGpzb24=", "it is not a JSON object" },                      -- "not json"
+    { "e30=", "it has no protocol version" },                          -- "{}"
+    { "eyJ2IjoxfQ==", "it has no ref" },                               -- {"v":1}
+  }
+  for _, case in ipairs(malformed) do
+    it("refuses a malformed FLAME_PARENT: " .. case[2], function()
+      local rc, out = run("FLAME_PARENT=" .. q(case[1]) .. " flame runner")
+      assert.are.equal(2, rc)
+      assert.matches("flame runner: FLAME_PARENT is malformed: " .. case[2], out, 1, true)
+    end)
+  end
+
+  it("gives up when the parent cannot be reached within the failsafe timeout", function()
+    local cjson = require "cjson"
+    local core = require "flame.core"
+    local doc = { v = 1, ref = "abcdefghijkl", secret = core.b64encode("s"),
+                  addrs = { "127.0.0.1:1" }, backend = "process",
+                  settings = { failsafe_timeout = 300 } }
+    local rc, out = run("FLAME_PARENT=" .. core.b64encode(cjson.encode(doc)) .. " flame runner")
+    assert.are.equal(1, rc)
+    assert.matches("could not reach the parent within the failsafe timeout of 300 ms", out,
+      1, true)
+  end)
+
   it("refuses unknown runner arguments", function()
     local rc, out = run("flame runner --bogus")
     assert.are.equal(2, rc)
