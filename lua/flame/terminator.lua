@@ -33,7 +33,7 @@ T.__index = T
 
 -- Every message from the parent proves it is alive.
 function T:on_message(type, id, payload)
-  self.last_seen = task.now()
+  self.msgs = self.msgs + 1
   if type == wire.CLOSE then
     self:lost("the parent closed the link: " .. payload)
     return
@@ -163,13 +163,22 @@ function T:lost(reason)
   end
 end
 
+-- Counts ticks without a message from the parent (see flame.remote's heartbeat).
 function T:heartbeat()
-  local interval = self.settings.heartbeat_interval
+  local interval, misses = self.settings.heartbeat_interval, self.settings.heartbeat_misses
   self.hb = loop:timer(interval, function()
     if self.stage == "done" then return end
-    if self.conn then self.conn:send(wire.PING, 0, "") end
-    if self.conn and task.now() - self.last_seen > interval * self.settings.heartbeat_misses then
-      self:lost(("no heartbeat from the parent for %d ms"):format(task.now() - self.last_seen))
+    if self.conn then
+      self.conn:send(wire.PING, 0, "")
+      if self.msgs == self.heard then
+        self.missed = (self.missed or 0) + 1
+        if self.missed >= misses then
+          self:lost(("no heartbeat from the parent for %d intervals of %d ms")
+            :format(self.missed, interval))
+        end
+      else
+        self.heard, self.missed = self.msgs, 0
+      end
     end
     self:heartbeat()
   end)
@@ -211,7 +220,6 @@ function T:connect()
       local conn, err = connect(addr)
       if conn then
         self.conn = conn
-        self.last_seen = task.now()
         conn:start(function(t, id, payload) self:on_message(t, id, payload) end,
           function(reason) if self.conn == conn then self:lost(reason) end end,
           s.max_message)
@@ -327,7 +335,7 @@ function M.main(...)
     max_message = setting(s, "max_message", 1 << 30),
   }
   local sandbox = type(s.sandbox) == "table" and s.sandbox or {}
-  local term = setmetatable({ p = p, settings = settings, calls = {}, ncalls = 0,
+  local term = setmetatable({ p = p, settings = settings, calls = {}, ncalls = 0, msgs = 0,
     stage = "connecting", stopped = task.future(),
     idle_after = settings.idle_shutdown_after }, T)
   local ok, exec = pcall(core.executor, {
