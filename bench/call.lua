@@ -2,6 +2,8 @@
 -- usage: flame bench/call.lua [backend] [seconds-per-row]
 -- One row per (work, concurrent callers): p50 and p99 latency of a call, measured
 -- around flame.call with a monotonic clock, and calls per second over the row.
+-- 1 caller runs on one warm runner; 100 callers on 4 runners (max_concurrency 25).
+-- Remote backends also get runner boot times: grow start to REMOTE_UP.
 local flame = require "flame"
 local core = require "flame.core"
 
@@ -37,17 +39,38 @@ local function row(pool, name, fn, callers)
   for c = 1, callers do ts[c]:await() end
   local elapsed = (ms() - t0) / 1000
   table.sort(lat)
-  print(("%-24s %8d %10.3f %10.3f %12.0f"):format(name, callers, percentile(lat, 0.5),
-    percentile(lat, 0.99), #lat / elapsed))
+  print(("%-24s %8d %8d %10.3f %10.3f %12.0f"):format(name, callers, #pool.runners,
+    percentile(lat, 0.5), percentile(lat, 0.99), #lat / elapsed))
 end
 
-local pool = flame.pool { name = "bench", backend = backend, max = 1,
-                          max_concurrency = 100, timeout = 60000 }
-flame.call(pool, function() return 0 end)           -- boot the runner first
-print(("flame.call on the %s backend, one runner, %g s a row, %d cores"):format(
+local one = flame.pool { name = "bench-1", backend = backend, max = 1,
+                         max_concurrency = 100, timeout = 60000 }
+local four = flame.pool { name = "bench-4", backend = backend, min = 4, max = 4,
+                          max_concurrency = 25, timeout = 60000 }
+flame.call(one, function() return 0 end)           -- boot the runners first
+while #four.runners < 4 do flame.sleep(10) end
+print(("flame.call on the %s backend, %g s a row, %d cores"):format(
   backend, seconds, tonumber(io.popen("nproc"):read("l")) or 0))
-print(("%-24s %8s %10s %10s %12s"):format("work", "callers", "p50 ms", "p99 ms", "calls/s"))
+print(("%-24s %8s %8s %10s %10s %12s"):format("work", "callers", "runners", "p50 ms",
+  "p99 ms", "calls/s"))
 for _, w in ipairs(works) do
-  for _, callers in ipairs { 1, 100 } do row(pool, w[1], w[2], callers) end
+  row(one, w[1], w[2], 1)
+  row(four, w[1], w[2], 100)
 end
-pool:shutdown()
+one:shutdown()
+four:shutdown()
+
+if backend ~= "local" then
+  local boots = {}
+  for i = 1, 20 do
+    local started
+    local p = flame.pool { name = "boot-" .. i, backend = backend,
+      on_grow_start = function() started = ms() end,
+      on_grow_end = function(r) if r == "ok" then boots[#boots + 1] = ms() - started end end }
+    flame.call(p, function() end)
+    p:shutdown()
+  end
+  table.sort(boots)
+  print(("runner boot (spawn to REMOTE_UP), %d boots: p50 %.1f ms, p90 %.1f ms"):format(
+    #boots, percentile(boots, 0.5), percentile(boots, 0.9)))
+end

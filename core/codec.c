@@ -1,6 +1,6 @@
 /*
  * codec.c - Lua values to bytes and back (contract in codec.h, format in
- * docs/protocol.md). The encoder walks values depth first, giving every table and
+ * docs/codec.md). The encoder walks values depth first, giving every table and
  * Lua function an id the first time it meets it, so later meetings become
  * references and cycles and sharing survive. The decoder reads like lundump.c:
  * one reader, one checked take, one error format, limits before every allocation.

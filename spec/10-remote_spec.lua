@@ -244,6 +244,27 @@ describe("remote runners", function()
     assert.is_true(wait_gone(pids, 3000))
   end)
 
+  it("asks the pool's idle check before an idle shutdown", function()
+    local dir = H.tmpdir()
+    local busy = H.pool { name = "idle-check-no", backend = "process", link = LINK,
+      idle_shutdown_after = { 200, function() return false end } }
+    local ready = H.pool { name = "idle-check-yes", backend = "process", link = LINK,
+      idle_shutdown_after = { 200, function()
+        local f = io.open(dir .. "/checked", "w")   -- runs on the runner
+        f:close()
+        return true
+      end } }
+    flame.call(busy, function() end)
+    flame.call(ready, function() end)
+    runner_pids(busy)
+    runner_pids(ready)
+    flame.sleep(1000)
+    assert.are.equal(1, busy:stats().runners)
+    assert.are.equal(0, ready:stats().runners)
+    assert.is_truthy(io.open(dir .. "/checked"))
+    H.rmdir(dir)
+  end)
+
   it("fails a boot that never connects with `boot`, leaving nothing running", function()
     local state_seen = {}
     local silent = {

@@ -374,6 +374,11 @@ function Pool:grow()
       return
     end
     runner.state, runner.term, runner.status = state, term, "up"
+    local idle = self.opts.idle_shutdown_after
+    if term.configure and type(idle) == "table" then
+      local ok2, err2 = pcall(term.configure, term, { idle_check = idle[2] })
+      if not ok2 then self.log.error("runner %s: idle check not sent: %s", id, tostring(err2)) end
+    end
     if term.attach then                       -- a remote runner: its events
       term:attach(function(kind, a, b, c)
         if kind == "result" then self:done(runner, a, b, c)

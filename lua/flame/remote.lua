@@ -28,6 +28,14 @@ function Term:kill(id, reason)
   if not self.closed then self.conn:send(wire.KILL, id, reason or "cancelled") end
 end
 
+--- Sends runner configuration that is code: { idle_check = fn }.
+function Term:configure(cfg)
+  if self.closed then return end
+  local bytes, err = core.encode({ name = "idle_shutdown_after[2]" }, cfg)
+  if not bytes then error(err, 0) end
+  self.conn:send(wire.CONFIG, 0, bytes)
+end
+
 --- Asks the runner to stop taking work, drain and exit.
 function Term:shutdown()
   if not self.closed then self.conn:send(wire.SHUTDOWN, 0, "") end

@@ -32,36 +32,36 @@ local T = {}
 T.__index = T
 
 -- Every message from the parent proves it is alive.
-function T:on_message(type, id, payload)
+function T:on_message(mtype, id, payload)
   self.msgs = self.msgs + 1
-  if type == wire.CLOSE then
+  if mtype == wire.CLOSE then
     self:lost("the parent closed the link: " .. payload)
     return
   end
   if self.stage ~= "up" and self.stage ~= "draining" then
-    if self.expect and self.expect.type == type then
+    if self.expect and self.expect.type == mtype then
       local f = self.expect.future
       self.expect = nil
       f:set(payload)
-    elseif type ~= wire.PING then
-      self:lost("protocol: unexpected " .. (wire.NAMES[type] or tostring(type))
+    elseif mtype ~= wire.PING then
+      self:lost("protocol: unexpected " .. (wire.NAMES[mtype] or tostring(mtype))
         .. " during the handshake")
     end
     return
   end
-  if type == wire.SPAWN then
+  if mtype == wire.SPAWN then
     self:spawn(id, payload)
-  elseif type == wire.KILL then
+  elseif mtype == wire.KILL then
     if self.calls[id] then self.exec:kill(id, payload ~= "" and payload or "cancelled") end
-  elseif type == wire.SHUTDOWN then
+  elseif mtype == wire.SHUTDOWN then
     self:drain("shutdown")
-  elseif type == wire.CONFIG then
+  elseif mtype == wire.CONFIG then
     local ok, cfg = core.decode(payload, { functions = true })
     if ok and type(cfg) == "table" and type(cfg.idle_check) == "function" then
       self.idle_check = cfg.idle_check
     end
-  elseif type ~= wire.PING then
-    log("ignoring a message of unknown type %d", type)
+  elseif mtype ~= wire.PING then
+    log("ignoring a message of unknown type %d", mtype)
   end
 end
 
