@@ -287,6 +287,71 @@ describe("remote runners", function()
     assert.is_true(wait_gone({ state_seen.pid }, 2000))
   end)
 
+  it("kills remote work when its calling task is cancelled, and frees the slot", function()
+    local dir = H.tmpdir()
+    local p = H.pool { name = "cancel-remote", backend = "process", max_concurrency = 1,
+                       link = LINK }
+    local t = flame.spawn(function()
+      flame.call(p, function()
+        local n = 0
+        for i = 1, 1e10 do n = n + i end        -- pure Lua: the kill reaches it
+        io.open(dir .. "/finished", "w"):close()
+      end, { timeout = math.huge })
+    end)
+    flame.sleep(300)
+    runner_pids(p)
+    t:cancel("caller gone")
+    assert.are.equal("free", flame.call(p, function() return "free" end, { timeout = 3000 }))
+    assert.is_nil(io.open(dir .. "/finished"))
+    H.rmdir(dir)
+  end)
+
+  it("lets unlinked work finish after the parent dies, and kills linked work", function()
+    local dir = H.tmpdir()
+    local script = dir .. "/parent.lua"
+    local f = assert(io.open(script, "w"))
+    f:write([[
+      local dir = arg[1]
+      local p = flame.pool { name = "links", backend = "process", max_concurrency = 2,
+                             shutdown_timeout = 3000,
+                             link = { heartbeat_interval = 200, heartbeat_misses = 3 } }
+      flame.call(p, function() end)
+      local out = io.open(dir .. "/pid", "w")
+      out:write(p.runners[1].term.pid, "\n")
+      out:close()
+      for _, linked in ipairs { true, false } do
+        flame.spawn(function()
+          flame.call(p, function()
+            local t0 = os.time()
+            local n = 0
+            while os.time() - t0 < 2 do n = n + 1 end     -- 1 to 2 s of pure Lua
+            io.open(dir .. "/" .. tostring(linked), "w"):close()
+          end, { link = linked, timeout = math.huge })
+        end)
+      end
+      flame.sleep(60000)
+    ]])
+    f:close()
+    local pp = io.popen("flame " .. H.q(script) .. " " .. H.q(dir) .. " >/dev/null 2>&1 & echo $!")
+    local parent = tonumber(pp:read("l"))
+    pp:close()
+    local pid
+    local deadline = task.now() + 10000
+    while not pid and task.now() < deadline do
+      flame.sleep(50)
+      local pf = io.open(dir .. "/pid")
+      if pf then pid = tonumber(pf:read("l")) pf:close() end
+    end
+    assert.is_number(pid, "the parent did not start its runner")
+    track(pid)
+    flame.sleep(300)                          -- both calls are running now
+    os.execute("kill -9 " .. parent)
+    assert.is_true(wait_gone({ pid }, 8000), "the runner outlived its parent")
+    assert.is_truthy(io.open(dir .. "/false"), "unlinked work did not finish")
+    assert.is_nil(io.open(dir .. "/true"), "linked work was not killed")
+    H.rmdir(dir)
+  end)
+
   it("stops every runner when the parent is killed with SIGKILL", function()
     local dir = H.tmpdir()
     local script = dir .. "/parent.lua"
