@@ -306,7 +306,7 @@ static int exec_close(lua_State *L) {
 static int l_executor(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   flame_loop *lp = flame_loop_get(L);
-  sandbox_config cfg = { SANDBOX_APPLICATION, 0, NULL, NULL, 0 };
+  sandbox_config cfg = { SANDBOX_APPLICATION, 0, NULL, NULL, 0, NULL };
   lua_getfield(L, 1, "workers");
   lua_Integer workers = luaL_optinteger(L, -1, 1);
   luaL_argcheck(L, workers >= 1 && workers <= 4096, 1, "workers in [1, 4096] expected");

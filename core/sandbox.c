@@ -493,8 +493,33 @@ static const char FLAME_CHUNK[] =
 static const char ENVMT_KEY[] = "flame.sandbox.envmt";
 static const char MFA_KEY[] = "flame.sandbox.mfa";
 
+/* restricted, plus require of text modules from one path (no C modules) */
+static void sb_backend(lua_State *L, const char *path) {
+  sb_restricted(L);
+  luaL_requiref(L, LUA_LOADLIBNAME, luaopen_package, 1);
+  int pkg = lua_gettop(L);
+  lua_pushstring(L, path ? path : "");
+  lua_setfield(L, pkg, "path");
+  lua_pushliteral(L, "");
+  lua_setfield(L, pkg, "cpath");
+  lua_pushnil(L);
+  lua_setfield(L, pkg, "loadlib");
+  lua_createtable(L, 2, 0);                  /* searchers: preload, then text files */
+  lua_getfield(L, pkg, "searchers");
+  lua_rawgeti(L, -1, 1);
+  lua_rawseti(L, -3, 1);
+  lua_pop(L, 1);
+  lua_pushvalue(L, pkg);
+  lua_pushcclosure(L, sb_search_lua, 1);
+  lua_rawseti(L, -2, 2);
+  lua_setfield(L, pkg, "searchers");
+  lua_settop(L, pkg - 1);
+}
+
 static int sb_setup(lua_State *L) {
+  const sandbox_config *c0 = lua_touserdata(L, 2);
   if (lua_tointeger(L, 1) == SANDBOX_RESTRICTED) sb_restricted(L);
+  else if (lua_tointeger(L, 1) == SANDBOX_BACKEND) sb_backend(L, c0->path);
   else sb_application(L);
   /* each run's _ENV reads the profile's globals and writes its own table; the
    * metatable is hidden so work cannot reach the shared globals through it */
@@ -556,6 +581,7 @@ static int sb_panic(lua_State *L) {
 int sandbox_profile_parse(const char *name, sandbox_profile *p) {
   if (strcmp(name, "application") == 0) *p = SANDBOX_APPLICATION;
   else if (strcmp(name, "restricted") == 0) *p = SANDBOX_RESTRICTED;
+  else if (strcmp(name, "backend") == 0) *p = SANDBOX_BACKEND;
   else return -1;
   return 0;
 }
@@ -824,6 +850,72 @@ static void killer_stop(killer *k) {
   uv_mutex_destroy(&k->lock);
 }
 
+/* One watchdog thread for the whole process guards the steps of backend states:
+ * a step registers its deadline, and unregisters when it ends; a step still
+ * registered at its deadline is killed. Cheaper than a thread per step (a backend
+ * callback runs for every call). Lock order: the watchdog's lock, then a sandbox's.
+ * The thread lives as long as the process. */
+typedef struct watch {
+  struct watch *prev, *next;
+  sandbox *s;
+  uint64_t deadline;
+} watch;
+
+static uv_once_t watchdog_once = UV_ONCE_INIT;
+static uv_mutex_t watchdog_lock;
+static uv_cond_t watchdog_cond;
+static watch watchdog_list = { &watchdog_list, &watchdog_list, NULL, 0 };
+static int watchdog_ok;
+
+static void watchdog_main(void *arg) {
+  (void)arg;
+  uv_mutex_lock(&watchdog_lock);
+  for (;;) {
+    uint64_t now = uv_hrtime(), next = 0;
+    for (watch *w = watchdog_list.next; w != &watchdog_list; w = w->next) {
+      if (w->deadline <= now) {
+        if (w->s) sandbox_kill(w->s, SANDBOX_KILL_TIMEOUT);
+        w->s = NULL;                         /* fired once; the step unlinks it */
+      } else if (next == 0 || w->deadline < next) {
+        next = w->deadline;
+      }
+    }
+    if (next == 0) uv_cond_wait(&watchdog_cond, &watchdog_lock);
+    else uv_cond_timedwait(&watchdog_cond, &watchdog_lock, next - now);
+  }
+}
+
+static void watchdog_start(void) {
+  static uv_thread_t thread;
+  if (uv_mutex_init(&watchdog_lock) != 0) return;
+  if (uv_cond_init(&watchdog_cond) != 0) return;
+  if (uv_thread_create(&thread, watchdog_main, NULL) != 0) return;
+  watchdog_ok = 1;
+}
+
+/* 0, or -1 when no watchdog could be started (the step then runs unguarded). */
+static int watch_begin(watch *w, sandbox *s, lua_Integer ms) {
+  uv_once(&watchdog_once, watchdog_start);
+  if (!watchdog_ok) return -1;
+  w->s = s;
+  w->deadline = uv_hrtime() + (uint64_t)ms * 1000000u;
+  uv_mutex_lock(&watchdog_lock);
+  w->next = watchdog_list.next;
+  w->prev = &watchdog_list;
+  watchdog_list.next->prev = w;
+  watchdog_list.next = w;
+  uv_cond_signal(&watchdog_cond);
+  uv_mutex_unlock(&watchdog_lock);
+  return 0;
+}
+
+static void watch_end(watch *w) {
+  uv_mutex_lock(&watchdog_lock);
+  w->prev->next = w->next;
+  w->next->prev = w->prev;
+  uv_mutex_unlock(&watchdog_lock);
+}
+
 static int kill_parse(lua_State *L, int t) {
   static const char *const names[] = { "timeout", "cancelled", "shutdown", "killed", NULL };
   lua_getfield(L, t, "reason");
@@ -903,6 +995,155 @@ static int sbox_call(lua_State *L) {
   return lua_gettop(L) - 3;
 }
 
+/* ---- coroutines the host steps: backend callbacks run this way ----------------
+ * sb:start(bytes [, ms]) decodes a function and its arguments (trusted bytes made
+ * by the host: functions allowed) over the sandbox's globals and runs it as a
+ * coroutine; sb:resume(id, bytes [, ms]) resumes it with decoded values. Both return
+ * id, status, out: status "yield" or "done" with the values encoded (functions
+ * refused), "error" with message and traceback, or "killed" when it ran past ms
+ * (default 10 s) without yielding. A killed or ended coroutine is forgotten. */
+static const char COS_KEY[] = "flame.sandbox.cos";
+
+typedef struct step {
+  const char *in;
+  size_t len;
+  int start;
+  lua_Integer id;
+  lua_State *co;
+  int nargs;
+} step;
+
+/* Protected on the sandbox's main thread: decodes and moves values to the coroutine
+ * (making it, for start). */
+static int sb_step_prepare(lua_State *S) {
+  step *st = lua_touserdata(S, 1);
+  lua_settop(S, 0);
+  codec_opts o;
+  codec_opts_init(&o);
+  o.functions = st->start;
+  if (lua_getfield(S, LUA_REGISTRYINDEX, COS_KEY) != LUA_TTABLE) {
+    lua_pop(S, 1);
+    lua_newtable(S);
+    lua_pushvalue(S, -1);
+    lua_setfield(S, LUA_REGISTRYINDEX, COS_KEY);
+  }
+  int cos = lua_gettop(S);
+  if (st->start) {
+    st->co = lua_newthread(S);
+    st->id = (lua_Integer)luaL_len(S, cos) + 1;
+    while (lua_rawgeti(S, cos, st->id) != LUA_TNIL) { lua_pop(S, 1); st->id++; }
+    lua_pop(S, 1);
+    lua_pushvalue(S, -1);
+    lua_rawseti(S, cos, st->id);
+  } else {
+    if (lua_rawgeti(S, cos, st->id) != LUA_TTHREAD) return luaL_error(S, "no such coroutine");
+    st->co = lua_tothread(S, -1);
+  }
+  int base = lua_gettop(S);
+  int n = codec_decode(S, st->in, st->len, &o);
+  if (n < 0) return lua_error(S);
+  if (st->start && (n < 1 || !lua_isfunction(S, base + 1)))
+    return luaL_error(S, "start: a function expected");
+  if (!lua_checkstack(st->co, n)) return luaL_error(S, "too many values");
+  lua_xmove(S, st->co, n);
+  st->nargs = st->start ? n - 1 : n;
+  return 0;
+}
+
+static int sb_forget(lua_State *S) {
+  lua_Integer id = lua_tointeger(S, 1);
+  if (lua_getfield(S, LUA_REGISTRYINDEX, COS_KEY) == LUA_TTABLE) {
+    lua_pushnil(S);
+    lua_rawseti(S, -2, id);
+  }
+  return 0;
+}
+
+static int sbox_step(lua_State *L, int start) {
+  sbox *b = sbox_check(L);
+  size_t len;
+  lua_Integer id = start ? 0 : luaL_checkinteger(L, 2);
+  const char *in = luaL_checklstring(L, start ? 2 : 3, &len);
+  lua_Integer ms = luaL_optinteger(L, start ? 3 : 4, 10000);
+  sandbox *s = b->s;
+  lua_State *S = s->L;
+  step st = { in, len, start, id, NULL, 0 };
+  buf *out = buf_box(L);
+  b->busy = 1;
+  sandbox_rearm(s);
+  lua_settop(S, 0);
+  lua_pushcfunction(S, sb_step_prepare);
+  lua_pushlightuserdata(S, &st);
+  if (lua_pcall(S, 1, 0, 0) != LUA_OK) {
+    b->busy = 0;
+    lua_pushinteger(L, st.id);
+    lua_pushliteral(L, "error");
+    lua_pushstring(L, lua_tostring(S, -1) ? lua_tostring(S, -1) : "cannot start");
+    lua_settop(S, 0);
+    return 3;
+  }
+  lua_settop(S, 0);
+  watch w;
+  int guarded = watch_begin(&w, s, ms) == 0;
+  uv_mutex_lock(&s->lock);
+  s->running = st.co;
+  uv_mutex_unlock(&s->lock);
+  int nres = 0;
+  int rs = lua_resume(st.co, NULL, st.nargs, &nres);
+  uv_mutex_lock(&s->lock);
+  s->running = NULL;
+  uv_mutex_unlock(&s->lock);
+  if (guarded) watch_end(&w);
+  int killed = sandbox_killed(s);
+  const char *status;
+  int ok = 1;
+  if (killed) {
+    status = "killed";
+    ok = 0;
+  } else if (rs == LUA_YIELD || rs == LUA_OK) {
+    status = rs == LUA_YIELD ? "yield" : "done";
+    lua_xmove(st.co, S, nres);               /* encoded from the main thread */
+    codec_opts o;
+    codec_opts_init(&o);
+    o.functions = 0;
+    o.root = "backend value %d";
+    if (codec_encode(S, nres, &o, out) != 0) {
+      status = "error";
+      ok = 0;
+      out->len = 0;
+      codec_encode_cstring(out, lua_tostring(S, -1) ? lua_tostring(S, -1) : "encode failed");
+    }
+  } else {
+    status = "error";
+    ok = 0;
+    const char *msg = lua_tostring(st.co, -1);
+    luaL_traceback(S, st.co, msg ? msg : "(error object is not a string)", 0);
+    codec_encode_cstring(out, lua_tostring(S, -1));
+  }
+  lua_settop(S, 0);
+  if (!ok || rs == LUA_OK) {                 /* ended: forget it */
+    lua_pushcfunction(S, sb_forget);
+    lua_pushinteger(S, st.id);
+    lua_pcall(S, 1, 0, 0);
+    lua_settop(S, 0);
+  }
+  sandbox_rearm(s);
+  b->busy = 0;
+  lua_pushinteger(L, st.id);
+  lua_pushstring(L, status);
+  lua_pushlstring(L, out->data ? (const char *)out->data : "", out->len);
+  buf_free(out);
+  return 3;
+}
+
+static int sbox_start(lua_State *L) {
+  return sbox_step(L, 1);
+}
+
+static int sbox_resume(lua_State *L) {
+  return sbox_step(L, 0);
+}
+
 static int sbox_memory(lua_State *L) {
   sbox *b = sbox_check(L);
   lua_pushinteger(L, (lua_Integer)sandbox_memory(b->s));
@@ -923,7 +1164,7 @@ static int sbox_profile(lua_State *L) {
 
 /* sandbox{ profile = "application"|"restricted", memory_limit = bytes } */
 static int l_sandbox(lua_State *L) {
-  sandbox_config c = { SANDBOX_APPLICATION, 0, NULL, NULL, 0 };
+  sandbox_config c = { SANDBOX_APPLICATION, 0, NULL, NULL, 0, NULL };
   if (!lua_isnoneornil(L, 1)) {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_pushnil(L);
@@ -932,8 +1173,10 @@ static int l_sandbox(lua_State *L) {
       if (strcmp(k, "profile") == 0) {
         if (lua_type(L, -1) != LUA_TSTRING
             || sandbox_profile_parse(lua_tostring(L, -1), &c.profile) != 0)
-          return luaL_error(L, "sandbox: bad option 'profile' (\"application\" or "
-                               "\"restricted\" expected)");
+          return luaL_error(L, "sandbox: bad option 'profile' (\"application\", "
+                               "\"restricted\" or \"backend\" expected)");
+      } else if (strcmp(k, "path") == 0) {
+        c.path = luaL_checkstring(L, -1);    /* kept alive by the options table */
       } else if (strcmp(k, "memory_limit") == 0) {
         int ok;
         lua_Integer v = lua_tointegerx(L, -1, &ok);
@@ -957,7 +1200,8 @@ static int l_sandbox(lua_State *L) {
 
 void flame_sandbox_open(lua_State *L) {
   static const luaL_Reg methods[] = {
-    { "call", sbox_call }, { "memory", sbox_memory }, { "memory_limit", sbox_limit },
+    { "call", sbox_call }, { "start", sbox_start }, { "resume", sbox_resume },
+    { "memory", sbox_memory }, { "memory_limit", sbox_limit },
     { "profile", sbox_profile }, { "close", sbox_close }, { NULL, NULL }
   };
   if (luaL_newmetatable(L, SANDBOX_MT)) {

@@ -10,7 +10,10 @@
  *   require load text only; C modules come from the C path the sandbox was made
  *   with), and with debug reduced to traceback. "restricted" is pure computation: base functions
  *   (without load, loadfile, dofile, print, collectgarbage), string, table, math,
- *   utf8, coroutine, and os.clock/time/date/difftime.
+ *   utf8, coroutine, and os.clock/time/date/difftime. "backend" (where backend
+ *   callbacks run on the parent) is restricted plus require of Lua text modules from
+ *   a given path: no C modules, no I/O; a backend reaches the world only through the
+ *   requests its environment's stubs yield to the host.
  * - sandbox_kill may be called from any thread: running Lua code in the state (and in
  *   the coroutine it is resuming or closing) raises "flame: work killed (<reason>)"
  *   at its next instruction, again after every pcall that catches it, until
@@ -27,7 +30,7 @@
 #include <lua.h>
 #include "buf.h"
 
-typedef enum { SANDBOX_APPLICATION, SANDBOX_RESTRICTED } sandbox_profile;
+typedef enum { SANDBOX_APPLICATION, SANDBOX_RESTRICTED, SANDBOX_BACKEND } sandbox_profile;
 
 /* Why work was killed; 0 means it was not. */
 enum { SANDBOX_KILL_TIMEOUT = 1, SANDBOX_KILL_CANCEL, SANDBOX_KILL_SHUTDOWN,
@@ -48,6 +51,7 @@ typedef struct sandbox_config {
   const char *requires;  /* modules to require at creation, comma-separated, or NULL */
   const char *info;      /* codec bytes of a table: what flame.parent() returns in the */
   size_t info_len;       /* sandbox (require "flame" gives { parent, VERSION }), or NULL */
+  const char *path;      /* backend profile: package.path for its text-only require */
 } sandbox_config;
 
 typedef struct sandbox sandbox;

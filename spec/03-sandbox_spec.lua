@@ -97,7 +97,7 @@ describe("sandbox profiles", function()
 
   it("rejects bad options", function()
     assert.has_error(function() flame.sandbox { profile = "open" } end,
-      "sandbox: bad option 'profile' (\"application\" or \"restricted\" expected)")
+      "sandbox: bad option 'profile' (\"application\", \"restricted\" or \"backend\" expected)")
     assert.has_error(function() flame.sandbox { memory_limit = -1 } end,
       "sandbox: bad option 'memory_limit' (bytes >= 0 expected)")
     assert.has_error(function() flame.sandbox { memroy_limit = 1 } end,

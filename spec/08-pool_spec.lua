@@ -134,15 +134,16 @@ describe("pool runners", function()
   end)
 
   it("reports a boot failure to the callers and stays usable", function()
-    local attempts = 0
+    -- the backend is copied into each runner's backend state: it decides by runner id
     local flaky = {
       init = function(opts, env) return env.merge({}, opts) end,
       remote_boot = function(state, env)
-        attempts = attempts + 1
-        if attempts == 1 then return nil, "no capacity today" end
-        return require("flame.backends.local").remote_boot(state, env)
+        if state.runner_id:match("%-1$") then return nil, "no capacity today" end
+        local term, err = env.local_terminator(state)
+        if not term then return nil, err end
+        state.terminator = term
+        return term, state
       end,
-      remote_spawn_monitor = require("flame.backends.local").remote_spawn_monitor,
     }
     local results = {}
     local p = H.pool { name = "flaky", backend = flaky,
@@ -153,6 +154,48 @@ describe("pool runners", function()
     assert.matches("failed to boot: no capacity today", err.message, 1, true)
     assert.are.equal(2, flame.call(p, function() return 2 end))
     assert.are.same({ "no capacity today", "ok" }, results)
+  end)
+
+  it("runs the backend in a state of its own, cut off from the application", function()
+    local app_secret = "only here"
+    local spy = {
+      init = function(opts, env)
+        -- globals of this state are not the application's, and there is no io
+        if rawget(_G, "app_global") ~= nil or io ~= nil or os.execute ~= nil then
+          error("the backend sees the application's state", 0)
+        end
+        return env.merge({}, opts)
+      end,
+      remote_boot = function(state, env)
+        local term = env.local_terminator(state)
+        state.terminator = term
+        return term, state
+      end,
+    }
+    app_global = app_secret
+    local p = H.pool { name = "spy", backend = spy }
+    local ok, v = pcall(function() return flame.call(p, function() return "ok" end) end)
+    app_global = nil
+    assert.is_true(ok, tostring(v))
+    assert.are.equal("ok", v)
+  end)
+
+  it("stops a backend callback that computes without end", function()
+    local p = H.pool { name = "spinning", boot_timeout = 60000, backend = {
+      init = function(opts) return opts end,
+      remote_boot = function() while true do end end,
+    } }
+    local ok, err = pcall(function() return flame.call(p, function() end, { timeout = 30000 }) end)
+    assert.is_false(ok)
+    assert.are.equal("boot", err.kind)
+    assert.matches("computed for more than 10000 ms without waiting", err.message, 1, true)
+  end)
+
+  it("refuses a backend table that cannot be copied", function()
+    local f = io.stdout
+    local msg = invalid_message { name = "uncopyable", backend = {
+      init = function(o) return f end, remote_boot = function() end } }
+    assert.matches("the backend table cannot be copied into a backend state", msg, 1, true)
   end)
 
   it("reports a backend that raises in remote_boot as a boot error", function()

@@ -48,20 +48,27 @@ local function fails(kind, f, ...)
   return err
 end
 
--- A backend that boots nothing and hands its parent record to the test, so the
--- test can play the runner (or an impostor) by hand.
-local function puppet_backend(out)
-  return {
-    init = function(opts, env) return env.merge({}, opts) end,
-    remote_boot = function(state, env)
-      state.parent = env.parent_new { node_base = "puppet" }
-      out.parent = state.parent
-      local term, err = env.await_remote_up(state.parent, state.boot_timeout)
-      if not term then return nil, err end
-      state.terminator = term
-      return term, state
-    end,
-  }
+-- A backend that boots nothing and waits for its runner: the test plays the runner
+-- (or an impostor) by hand, with the parent record the pool is expecting.
+local puppet_backend = {
+  init = function(opts, env) return env.merge({}, opts) end,
+  remote_boot = function(state, env)
+    state.parent = env.parent_new { node_base = "puppet" }
+    local term, err = env.await_remote_up(state.parent, state.boot_timeout)
+    if not term then return nil, err end
+    state.terminator = term
+    return term, state
+  end,
+}
+
+-- The parent record of the one runner the pool is waiting for.
+local function expected_parent(p)
+  local deadline = task.now() + 2000
+  while task.now() < deadline do
+    for _, entry in pairs(p:hub().pending) do return entry.parent end
+    flame.sleep(10)
+  end
+  error("the pool expects no runner")
 end
 
 local function connect(addr)
@@ -101,13 +108,12 @@ describe("remote runners", function()
   end)
 
   it("refuses a runner that does not hold the secret, and runs nothing", function()
-    local out = {}
-    local p = H.pool { name = "impostor", backend = puppet_backend(out), boot_timeout = 1500,
+    local p = H.pool { name = "impostor", backend = puppet_backend, boot_timeout = 1500,
                        link = LINK }
     local caller = flame.spawn(function() return flame.call(p, function() return 1 end) end)
-    flame.sleep(50)
+    local parent = expected_parent(p)
     local c, closed, got = connect(p:hub().addrs[1])
-    c:send(wire.HELLO, 0, cjson.encode { v = wire.PROTOCOL, ref = out.parent.ref,
+    c:send(wire.HELLO, 0, cjson.encode { v = wire.PROTOCOL, ref = parent.ref,
       nonce = core.b64encode(core.random_bytes(16)) })
     flame.sleep(50)
     assert.are.equal(wire.CHALLENGE, got[1][1])
@@ -122,16 +128,21 @@ describe("remote runners", function()
   end)
 
   it("a runner refuses a parent that cannot prove the secret", function()
+    -- the process backend, with FLAME_PARENT re-encoded around a secret the parent
+    -- does not hold
     local tampered = {
       init = function(opts, env)
         local state = require("flame.backends.process").init(opts, env)
-        local doc = cjson.decode(core.b64decode(state.env.FLAME_PARENT))
-        doc.secret = core.b64encode(core.random_bytes(32))
-        state.env.FLAME_PARENT = core.b64encode(cjson.encode(doc))
+        local fake = env.merge(state.parent, { secret = "c3RyYW5nZXJzZWNyZXRzdHJhbmdlcnNlY3JldCE=" })
+        state.env.FLAME_PARENT = env.parent_encode(fake)
         return state
       end,
-      remote_boot = require("flame.backends.process").remote_boot,
-      handle_info = require("flame.backends.process").handle_info,
+      remote_boot = function(state, env)
+        return require("flame.backends.process").remote_boot(state, env)
+      end,
+      handle_info = function(msg, state, env)
+        return require("flame.backends.process").handle_info(msg, state, env)
+      end,
     }
     local p = H.pool { name = "tampered", backend = tampered, link = LINK }
     local err = fails("boot", flame.call, p, function() return 1 end)
@@ -139,13 +150,12 @@ describe("remote runners", function()
   end)
 
   it("refuses an old protocol version on both sides", function()
-    local out = {}
-    local p = H.pool { name = "old", backend = puppet_backend(out), boot_timeout = 800,
+    local p = H.pool { name = "old", backend = puppet_backend, boot_timeout = 800,
                        link = LINK }
     local caller = flame.spawn(function() return flame.call(p, function() return 1 end) end)
-    flame.sleep(50)
+    local parent = expected_parent(p)
     local c, closed, got = connect(p:hub().addrs[1])
-    c:send(wire.HELLO, 0, cjson.encode { v = 0, ref = out.parent.ref, nonce = "AAAA" })
+    c:send(wire.HELLO, 0, cjson.encode { v = 0, ref = parent.ref, nonce = "AAAA" })
     closed:wait()
     assert.are.same({ wire.CLOSE, 0, "protocol version 0 is not 1" }, got[1])
     fails("boot", caller.await, caller)
@@ -266,13 +276,12 @@ describe("remote runners", function()
   end)
 
   it("fails a boot that never connects with `boot`, leaving nothing running", function()
-    local state_seen = {}
+    local marker = ("%d.%03d"):format(math.random(100, 999), math.random(0, 999))
     local silent = {
       init = function(opts, env) return env.merge({}, opts) end,
       remote_boot = function(state, env)
         state.parent = env.parent_new { node_base = "silent" }
-        local proc = assert(env.proc.spawn { path = "/bin/sleep", args = { "30" } })
-        state_seen.pid = proc:pid()
+        local proc = assert(env.proc.spawn { path = "/bin/sleep", args = { state.marker } })
         local term, err = env.await_remote_up(state.parent, state.boot_timeout)
         if not term then
           proc:kill("SIGKILL")
@@ -281,10 +290,28 @@ describe("remote runners", function()
         return term, state
       end,
     }
-    local p = H.pool { name = "silent", backend = silent, boot_timeout = 400, link = LINK }
-    local err = fails("boot", flame.call, p, function() end)
+    local function sleepers()
+      local pids = {}
+      local p = io.popen("pgrep -x sleep")
+      for line in p:lines() do
+        local f = io.open("/proc/" .. line .. "/cmdline")
+        if f then
+          if f:read("a"):find(marker, 1, true) then pids[#pids + 1] = tonumber(line) end
+          f:close()
+        end
+      end
+      p:close()
+      return pids
+    end
+    local p = H.pool { name = "silent", backend = silent, boot_timeout = 400, link = LINK,
+                       backend_opts = { marker = marker } }
+    local t = flame.spawn(function() return flame.call(p, function() end) end)
+    flame.sleep(200)
+    local started = sleepers()
+    assert.are.equal(1, #started, "the backend's process did not start")
+    local err = fails("boot", t.await, t)
     assert.matches("did not connect within the boot timeout of 400 ms", err.message, 1, true)
-    assert.is_true(wait_gone({ state_seen.pid }, 2000))
+    assert.is_true(wait_gone(started, 2000))
   end)
 
   it("kills remote work when its calling task is cancelled, and frees the slot", function()

@@ -10,6 +10,7 @@ local task = require "flame.task"
 local logmod = require "flame.log"
 local parentmod = require "flame.parent"
 local remote = require "flame.remote"
+local backend = require "flame.backend"
 local cjson = require "cjson.safe"
 
 local M = {}
@@ -150,50 +151,47 @@ local Pool = {}
 Pool.__index = Pool
 Pool.__name = "flame.pool"
 
--- The environment a backend's callbacks get (docs/backends.md).
-local function backend_env(pool, runner)
-  local env = {}
-  env.log = pool.log
-  function env.config(name) return pool.config[name] or {} end
-  function env.merge(a, b)
-    local out = {}
-    for k, v in pairs(a or {}) do out[k] = v end
-    for k, v in pairs(b or {}) do out[k] = v end
-    return out
+local function flame_bin()
+  local bin = os.getenv("FLAME_BIN")
+  if bin and bin ~= "" then return bin end
+  local so = package.searchpath("flame.core", package.cpath)
+  local prefix = so and so:match("^(.*)/lib/lua/5%.4/flame/core%.so$")
+  if prefix then
+    local f = io.open(prefix .. "/bin/flame")
+    if f then f:close() return prefix .. "/bin/flame" end
   end
-  function env.random_id(n)
-    local alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
-    local bytes = core.random_bytes(n)
-    return (bytes:gsub(".", function(c)
-      local i = c:byte() % #alphabet + 1
-      return alphabet:sub(i, i)
-    end))
+  for dir in (os.getenv("PATH") or ""):gmatch("[^:]+") do
+    local f = io.open(dir .. "/flame")
+    if f then f:close() return dir .. "/flame" end
   end
-  function env.sleep(ms) task.sleep(ms) end
-  --- In-process backends only: a terminator running work on this process's threads.
-  function env.local_terminator(state)
-    local ok, ex = pcall(core.executor, {
-      workers = state.max_concurrency,
-      profile = state.sandbox.profile,
-      memory_limit = state.sandbox.memory_limit,
-      info = assert(core.encode(nil, { ref = runner.id, backend = "local",
-        node_base = runner.id, flame_vsn = core.VERSION })),
-      on_done = function(id, status, payload) runner:done(id, status, payload) end,
-    })
-    if not ok then return nil, tostring(ex) end
-    return ex
-  end
-  function env.spawn_monitor(term, work)
-    term:submit(work.id, work.bytes, work.timeout, work.link)
-    return work.id
-  end
-  function env.getenv(name) return os.getenv(name) end
-  function env.exit(code) core.exit(code or 0) end
-  env.json = { encode = cjson.encode, decode = cjson.decode }
+  return "flame"
+end
 
-  --- A parent record for this runner: its ref and secret, where to connect, and the
-  -- runner settings. fields: node_base, host_env.
-  function env.parent_new(fields)
+-- The backend environment's requests from a runner's backend state, served here
+-- (docs/backends.md has what each does). Objects the backend holds (processes,
+-- terminators) stay here; it gets handles.
+local function backend_server(pool, runner)
+  local handles, next_handle = {}, 0
+  runner.handles = handles
+  local function keep(obj, kind, extra)
+    next_handle = next_handle + 1
+    handles[next_handle] = obj
+    local h = { __flame_handle = next_handle, kind = kind }
+    for k, v in pairs(extra or {}) do h[k] = v end
+    return h
+  end
+  local S = {}
+  function S.config(name) return pool.config[name] or {} end
+  S.random_id = parentmod.random_id
+  S.parent_encode = parentmod.encode
+  S.getenv = os.getenv
+  S.flame_bin = flame_bin
+  S.sleep = task.sleep
+  function S.exit() error("exit ends a runner (in system_shutdown), not the parent", 0) end
+  S.json_encode, S.json_decode = cjson.encode, cjson.decode
+  function S.log(level, msg) pool.log[level]("%s", msg) end
+
+  function S.parent_new(fields)
     local hub = assert(pool:hub())
     local o = pool.opts
     local function ms(v) return v == math.huge and -1 or v end
@@ -215,56 +213,78 @@ local function backend_env(pool, runner)
     runner.parents[#runner.parents + 1] = p.ref
     return p
   end
-  env.parent_encode = parentmod.encode
 
-  --- Waits until the runner of parent record p has connected and proved itself.
-  function env.await_remote_up(p, timeout)
+  function S.await_remote_up(p, timeout)
     local hub = assert(pool:hub())
+    if type(p) ~= "table" or type(p.ref) ~= "string" then
+      error("await_remote_up: a parent record from parent_new expected", 0)
+    end
     runner.awaiting = p.ref
     local term, err = hub:await(p, timeout or pool.opts.boot_timeout)
     runner.awaiting = nil
-    return term, err
+    if not term then return nil, err end
+    return keep(term, "terminator")
   end
 
-  --- Starts a process; its output is logged with the runner's id, its exit reaches
-  -- handle_info as { event = "exit", code = n, signal = n }. group = true makes it
-  -- a process group leader (p:kill(sig, true) then ends what it started too).
-  env.proc = {}
-  function env.proc.spawn(o)
-    return core.spawn {
+  function S.local_terminator(state)
+    local sb = type(state) == "table" and state.sandbox or {}
+    local ok, ex = pcall(core.executor, {
+      workers = state.max_concurrency,
+      profile = sb.profile or "application",
+      memory_limit = sb.memory_limit or 0,
+      info = assert(core.encode(nil, { ref = runner.id, backend = "local",
+        node_base = runner.id, flame_vsn = core.VERSION })),
+      on_done = function(id, status, payload) runner:done(id, status, payload) end,
+    })
+    if not ok then return nil, tostring(ex) end
+    return keep(ex, "terminator")
+  end
+
+  function S.spawn_monitor(h, work)
+    local term = type(h) == "table" and handles[h.__flame_handle]
+    if not term or not term.submit then error("spawn_monitor: not a terminator", 0) end
+    local bytes = runner.bytes[work.id]
+    runner.bytes[work.id] = nil
+    if not bytes then error("spawn_monitor: no such call", 0) end
+    term:submit(work.id, bytes, work.timeout, work.link)
+    return work.id
+  end
+
+  function S.send_after(ms, msg)
+    loop:timer(ms, function() pool:info(runner, msg) end)
+    return true
+  end
+
+  function S.proc_spawn(o)
+    local proc, err = core.spawn {
       path = o.path, args = o.args, env = o.env, cwd = o.cwd, group = o.group,
       on_output = function(stream, line)
         pool.log[stream == "stderr" and "warn" or "info"]("[%s] %s", runner.id, line)
       end,
       on_exit = function(code, signal)
-        runner:info { event = "exit", code = code, signal = signal }
+        pool:info(runner, { event = "exit", code = code, signal = signal })
       end,
     }
+    if not proc then return nil, err end
+    return keep(proc, "process", { process_id = proc:pid() })
   end
 
-  --- Delivers msg to the backend's handle_info after ms.
-  function env.send_after(ms, msg)
-    return loop:timer(ms, function() runner:info(msg) end)
+  function S.proc_kill(id, sig, group)
+    local proc = handles[id]
+    if not proc or not proc.kill then return nil, "no such process" end
+    return proc:kill(sig, group)
   end
 
-  --- The flame executable runners are started with: FLAME_BIN, else the one
-  -- installed beside this flame.core, else `flame` on PATH.
-  function env.flame_bin()
-    local bin = os.getenv("FLAME_BIN")
-    if bin and bin ~= "" then return bin end
-    local so = package.searchpath("flame.core", package.cpath)
-    local prefix = so and so:match("^(.*)/lib/lua/5%.4/flame/core%.so$")
-    if prefix then
-      local f = io.open(prefix .. "/bin/flame")
-      if f then f:close() return prefix .. "/bin/flame" end
-    end
-    for dir in (os.getenv("PATH") or ""):gmatch("[^:]+") do
-      local f = io.open(dir .. "/flame")
-      if f then f:close() return dir .. "/flame" end
-    end
-    return "flame"
+  function S.proc_exited(id)
+    local proc = handles[id]
+    return proc == nil or proc:exited()
   end
-  return env
+
+  return function(name, ...)
+    local f = S[name]
+    if not f then error("the backend environment has no " .. tostring(name), 0) end
+    return f(...)
+  end
 end
 
 --- The pool's hub for remote runners, made on first use.
@@ -299,8 +319,15 @@ function M.new(opts)
   if pools[o.name] then
     invalid(("flame.pool: a pool named '%s' already exists"):format(o.name), 2)
   end
+  resolve_backend(o.backend)
+  if type(o.backend) == "table" then            -- it is copied into each backend state
+    local ok, err = core.encode({ name = "backend" }, o.backend)
+    if not ok then
+      invalid("flame.pool: the backend table cannot be copied into a backend state: " .. err, 2)
+    end
+  end
   local pool = setmetatable({
-    name = o.name, opts = o, backend = resolve_backend(o.backend),
+    name = o.name, opts = o,
     runners = {}, booting = 0, waiting = {}, calls = 0, peak = 0, nrunners = 0,
     log = logmod.new(o.log, o.name), config = {}, closed = false,
   }, Pool)
@@ -341,28 +368,30 @@ function Pool:grow()
   self.log.info("runner %s booting", id)
   task.spawn(function()
     local runner = { id = id, pool = self, inflight = 0, calls = {}, status = "booting",
-                     parents = {} }
+                     parents = {}, bytes = {} }
     function runner.done(r, call_id, status, payload) self:done(r, call_id, status, payload) end
-    function runner.info(r, msg) self:info(r, msg) end
-    runner.env = backend_env(self, runner)
     local settings = {
       max_concurrency = self.opts.max_concurrency, sandbox = sandbox_settings(self.opts.sandbox),
       boot_timeout = self.opts.boot_timeout, shutdown_timeout = self.opts.shutdown_timeout,
       pool = self.name, runner_id = id,
     }
-    local ok, state = pcall(self.backend.init,
-      runner.env.merge(settings, self.opts.backend_opts), runner.env)
-    local term, err
+    for k, v in pairs(self.opts.backend_opts or {}) do settings[k] = v end
+    local host, err = backend.new(self.opts.backend, backend_server(self, runner))
+    local term
+    local ok = host ~= nil
     if ok then
-      runner.state = state                    -- handle_info may come during the boot
-      ok, term, err = pcall(self.backend.remote_boot, state, runner.env)
-      if ok and term then state = err or state end
-    else
-      term, err = nil, state
+      runner.host = host
+      ok, err = pcall(host.call, host, "init", settings)
+      if ok then
+        local ok2, h, why = pcall(host.call, host, "remote_boot")
+        ok, err = ok2, ok2 and why or h
+        term = ok2 and h and runner.handles[h.__flame_handle] or nil
+        if ok2 and h and not term then ok, err = false, "remote_boot returned no terminator" end
+      end
     end
     self.booting = self.booting - 1
     if not ok or not term then
-      local reason = tostring(ok and err or term)
+      local reason = tostring(err or "remote_boot returned nothing")
       self.log.error("runner %s failed to boot: %s", id, reason)
       call_hook(self, "on_grow_end", reason, { name = self.name, count = #self.runners })
       -- the callers this boot was for learn why
@@ -371,9 +400,11 @@ function Pool:grow()
         w:set(false, errors.new("boot", ("pool '%s': runner %s failed to boot: %s")
           :format(self.name, id, reason), { pool = self.name }))
       end
+      runner.status = "down"
+      if host then host:close() end
       return
     end
-    runner.state, runner.term, runner.status = state, term, "up"
+    runner.term, runner.status = term, "up"
     local idle = self.opts.idle_shutdown_after
     if term.configure and type(idle) == "table" then
       local ok2, err2 = pcall(term.configure, term, { idle_check = idle[2] })
@@ -387,11 +418,7 @@ function Pool:grow()
           -- a process exit usually says more than a closed socket: let the
           -- backend's handle_info speak first, briefly
           local reason = "lost the link to the runner: " .. tostring(a)
-          if self.backend.handle_info then
-            loop:timer(LOST_GRACE, function() self:runner_down(runner, reason) end)
-          else
-            self:runner_down(runner, reason)
-          end
+          loop:timer(LOST_GRACE, function() self:runner_down(runner, reason) end)
         end
       end)
     end
@@ -412,17 +439,21 @@ local function busy_count(pool)
   return b
 end
 
--- The backend releases what the runner held (an optional callback, flame's own:
--- kill the process, remove the container).
+-- The backend releases what the runner held (remote_shutdown, an optional callback
+-- of flame's own: kill the process, remove the container), then its state closes.
 function Pool:release(r, reason)
   if r.released then return end
   r.released = true
-  if self.backend.remote_shutdown and r.state then
-    local ok, err = pcall(self.backend.remote_shutdown, r.state, reason, r.env)
+  local host = r.host
+  if not host then return end
+  task.spawn(function()
+    local ok, err = pcall(host.call, host, "remote_shutdown", reason)
     if not ok then self.log.error("runner %s: remote_shutdown failed: %s", r.id, tostring(err)) end
-  elseif not r.term or not r.term.attach then
-    if self.backend.system_shutdown and r.env then pcall(self.backend.system_shutdown, r.env) end
-  end
+    -- the state lives on a while: the backend may still hear of the runner (a
+    -- process exit, its own reap timer); then it is closed
+    local linger = math.min(60000, math.max(5000, self.opts.shutdown_timeout + 2000))
+    loop:timer(linger, function() host:close() end)
+  end)
 end
 
 function Pool:stop_runner(r)
@@ -463,22 +494,22 @@ function Pool:runner_down(r, reason, quiet)
   self:grow_for_waiters()
 end
 
--- A message for the backend (a process exit, a send_after): handle_info decides.
+-- A message for the backend (a process exit, a send_after): its handle_info decides,
+-- in a task (it may wait).
 function Pool:info(r, msg)
-  local fn = self.backend.handle_info
-  if not fn then return end
-  local ok, state, reason = pcall(fn, msg, r.state, r.env)
-  if r.status == "down" then return end      -- already gone: only the backend cares
-  if ok and state ~= nil then
-    r.state = state
-    return
-  end
-  reason = tostring(ok and (reason or "the backend reported the runner down") or state)
-  if r.status == "booting" and r.awaiting and self.hub_ then
-    self.hub_:fail(r.awaiting, reason)       -- the boot waiting for it learns why
-  else
-    self:runner_down(r, reason)
-  end
+  local host = r.host
+  if not host then return end
+  task.spawn(function()
+    local ok, alive, reason = pcall(host.call, host, "handle_info", msg)
+    if r.status == "down" then return end    -- already gone: only the backend cared
+    if ok and alive then return end
+    reason = tostring(ok and (reason or "the backend reported the runner down") or alive)
+    if r.status == "booting" and r.awaiting and self.hub_ then
+      self.hub_:fail(r.awaiting, reason)     -- the boot waiting for it learns why
+    else
+      self:runner_down(r, reason)
+    end
+  end)
 end
 
 -- Boots for callers still waiting when no runner is up or booting for them.
@@ -611,10 +642,10 @@ function Pool:call(work, opts, level)
       if link then r.term:kill(id, "cancelled") end
     end
   end })
-  local ok, e = pcall(self.backend.remote_spawn_monitor or function(state, w, env)
-    return env.spawn_monitor(state.terminator, w)
-  end, r.state, { id = id, bytes = bytes, link = link,
-                  timeout = math.max(1, deadline - task.now()) }, r.env)
+  r.bytes[id] = bytes
+  local ok, e = pcall(r.host.call, r.host, "remote_spawn_monitor",
+    { id = id, link = link, timeout = math.max(1, deadline - task.now()) })
+  r.bytes[id] = nil
   if not ok then
     r.calls[id] = nil
     r.inflight = r.inflight - 1
