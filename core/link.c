@@ -75,8 +75,9 @@ typedef struct conn {
   uint64_t id;
   partial *cur;                     /* the message the current chunk belongs to */
   partial *partials;
-  int npartials;
+  int npartials, max_partials;
   size_t max_message;
+  int connecting;                   /* core.connect not yet answered */
   int closing, finishing;           /* finishing: close once the queue is written */
   char reason[96];
 } conn;
@@ -257,12 +258,12 @@ static int deliver(conn *c, partial *p) {
   } else {
     partial_drop(c, p);
   }
-  return c->closing ? -1 : 0;
+  return c->closing || c->finishing ? -1 : 0;
 }
 
 /* Parses bytes as they arrive; any violation closes this connection only. */
 static void parse(conn *c, const unsigned char *p, size_t n) {
-  while (n > 0 && !c->closing) {
+  while (n > 0 && !c->closing && !c->finishing) {
     if (c->head_have < LINK_HEADER) {
       size_t take = LINK_HEADER - c->head_have;
       if (take > n) take = n;
@@ -287,7 +288,7 @@ static void parse(conn *c, const unsigned char *p, size_t n) {
       }
       c->cur = partial_find(c, c->type, c->id);
       if (c->cur == NULL) {
-        if (c->npartials >= LINK_PARTIALS_MAX) {
+        if (c->npartials >= c->max_partials) {
           conn_close(c, "protocol: too many messages at once");
           return;
         }
@@ -367,6 +368,7 @@ static conn *conn_new(lua_State *L, flame_loop *lp) {
   c->lp = lp;
   c->msg_ref = c->close_ref = LUA_NOREF;
   c->max_message = (size_t)1 << 30;
+  c->max_partials = LINK_PARTIALS_MAX;
   c->tcp.data = c;
   c->owner = ud;
   *ud = c;
@@ -376,6 +378,7 @@ static conn *conn_new(lua_State *L, flame_loop *lp) {
 /* conn:start(on_message, on_close [, max_message]) */
 static int conn_start(lua_State *L) {
   conn *c = conn_check(L);
+  if (c->connecting) return luaL_error(L, "link is still connecting: start it in on_connect");
   luaL_checktype(L, 2, LUA_TFUNCTION);
   luaL_checktype(L, 3, LUA_TFUNCTION);
   lua_Integer max = luaL_optinteger(L, 4, (lua_Integer)c->max_message);
@@ -392,13 +395,18 @@ static int conn_start(lua_State *L) {
   return 0;
 }
 
-/* conn:send(type, id, payload) -> true, or nil, "closed" */
+/* conn:send(type, id, payload [, prefix]) -> true, or nil, "closed"
+ * prefix goes before payload, saving a copy of a big payload in Lua. */
 static int conn_send(lua_State *L) {
   conn *c = *conn_ud(L);
   lua_Integer type = luaL_checkinteger(L, 2);
   lua_Integer id = luaL_checkinteger(L, 3);
-  size_t len;
-  const char *payload = luaL_optlstring(L, 4, "", &len);
+  size_t plen, len;
+  const char *payload = luaL_optlstring(L, 4, "", &plen);
+  const char *prefix = luaL_optlstring(L, 5, "", &len);
+  luaL_argcheck(L, plen <= SIZE_MAX - len, 4, "too long");
+  size_t pre = len;
+  len += plen;
   luaL_argcheck(L, type >= 0 && type <= 255, 2, "a type in [0, 255] expected");
   if (c == NULL || c->closing || c->finishing) {
     lua_pushnil(L);
@@ -412,7 +420,8 @@ static int conn_send(lua_State *L) {
     free(data);
     return luaL_error(L, "not enough memory");
   }
-  if (len) memcpy(data, payload, len);
+  if (pre) memcpy(data, prefix, pre);
+  if (plen) memcpy(data + pre, payload, plen);
   m->type = (unsigned char)type;
   m->id = (uint64_t)id;
   m->data = data;
@@ -426,6 +435,18 @@ static int conn_send(lua_State *L) {
   pump(c);
   lua_pushboolean(L, 1);
   return 1;
+}
+
+/* conn:limits(max_message, max_partials): what a peer may make this side hold; a
+ * parent keeps them small until the peer has authenticated. */
+static int conn_limits(lua_State *L) {
+  conn *c = conn_check(L);
+  lua_Integer max = luaL_checkinteger(L, 2), parts = luaL_checkinteger(L, 3);
+  luaL_argcheck(L, max > 0, 2, "bytes > 0 expected");
+  luaL_argcheck(L, parts >= 1 && parts <= LINK_PARTIALS_MAX, 3, "1 to 64 expected");
+  c->max_message = (size_t)max;
+  c->max_partials = (int)parts;
+  return 0;
 }
 
 static int conn_lclose(lua_State *L) {
@@ -501,10 +522,31 @@ static void listener_free(uv_handle_t *h) {
   free(l);
 }
 
+static void closed_free(uv_handle_t *h) {
+  free(h);
+}
+
+/* A connection nobody can take now: accepted and closed, so the backlog moves. */
+static void refuse_pending(uv_stream_t *s) {
+  uv_tcp_t *t = malloc(sizeof *t);
+  if (t == NULL) return;
+  if (uv_tcp_init(s->loop, t) != 0) {
+    free(t);
+    return;
+  }
+  t->data = NULL;
+  uv_accept(s, (uv_stream_t *)t);
+  uv_close((uv_handle_t *)t, closed_free);
+}
+
 static void on_connection(uv_stream_t *s, int status) {
   listener *l = s->data;
   lua_State *L = l->lp->L;
-  if (status < 0 || L == NULL || !lua_checkstack(L, 4)) return;
+  if (status < 0) return;
+  if (L == NULL || !lua_checkstack(L, 4)) {
+    refuse_pending(s);
+    return;
+  }
   lua_rawgeti(L, LUA_REGISTRYINDEX, l->accept_ref);
   conn *c = conn_new(L, l->lp);
   int rc = uv_tcp_init(&l->lp->uv, &c->tcp);
@@ -611,6 +653,7 @@ static void on_connect(uv_connect_t *req, int status) {
   lua_State *L = c->lp->L;
   int cb = r->cb_ref;
   free(r);
+  c->connecting = 0;
   if (status == 0) uv_tcp_nodelay(&c->tcp, 1);
   if (L == NULL || !lua_checkstack(L, 4)) {
     conn_close(c, "connect: the loop is gone");
@@ -651,6 +694,7 @@ static int l_connect(lua_State *L) {
     return luaL_error(L, "connect: %s", uv_strerror(rc));
   }
   r->c = c;
+  c->connecting = 1;
   lua_pushvalue(L, -2);
   r->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushvalue(L, -1);               /* keep the object alive until on_connect */
@@ -734,7 +778,7 @@ static int l_b64decode(lua_State *L) {
 void flame_link_open(lua_State *L) {
   static const luaL_Reg conn_methods[] = {
     { "start", conn_start }, { "send", conn_send }, { "close", conn_lclose },
-    { "finish", conn_finish },
+    { "finish", conn_finish }, { "limits", conn_limits },
     { "queued", conn_queued }, { "peer", conn_peer }, { NULL, NULL }
   };
   static const luaL_Reg listener_methods[] = {

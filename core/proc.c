@@ -180,7 +180,9 @@ static int l_spawn(lua_State *L) {
     }
     lua_pushnil(L);
     while (lua_next(L, 6)) {
-      lua_pushfstring(L, "%s=%s", luaL_checkstring(L, -2), luaL_checkstring(L, -1));
+      if (lua_type(L, -2) != LUA_TSTRING)  /* tostring on a number key would break next */
+        return luaL_error(L, "spawn: env keys must be strings");
+      lua_pushfstring(L, "%s=%s", lua_tostring(L, -2), luaL_checkstring(L, -1));
       envp[k++] = (char *)lua_tostring(L, -1);
       lua_rawseti(L, 5, nargs + k);
       lua_pop(L, 1);

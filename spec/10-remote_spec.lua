@@ -213,7 +213,8 @@ describe("remote runners", function()
   end)
 
   it("carries a 64 MB result whole while small calls keep completing", function()
-    local p = H.pool { name = "big", backend = "process", max_concurrency = 4, link = LINK }
+    -- default heartbeats: copying 64 MB takes a while under the sanitizers
+    local p = H.pool { name = "big", backend = "process", max_concurrency = 4 }
     flame.call(p, function() end)
     local order = {}
     local big = flame.spawn(function()
@@ -290,17 +291,21 @@ describe("remote runners", function()
         return term, state
       end,
     }
+    -- children of this process whose command line has the marker (read from /proc:
+    -- no tool is spawned, as those may not run under the sanitizers' preload)
     local function sleepers()
       local pids = {}
-      local p = io.popen("pgrep -x sleep")
-      for line in p:lines() do
-        local f = io.open("/proc/" .. line .. "/cmdline")
-        if f then
-          if f:read("a"):find(marker, 1, true) then pids[#pids + 1] = tonumber(line) end
-          f:close()
+      local me = core.pid()
+      local f = io.open(("/proc/%d/task/%d/children"):format(me, me))
+      if not f then return pids end
+      for pid in f:read("a"):gmatch("%d+") do
+        local c = io.open("/proc/" .. pid .. "/cmdline")
+        if c then
+          if c:read("a"):find(marker, 1, true) then pids[#pids + 1] = tonumber(pid) end
+          c:close()
         end
       end
-      p:close()
+      f:close()
       return pids
     end
     local p = H.pool { name = "silent", backend = silent, boot_timeout = 400, link = LINK,
@@ -312,6 +317,77 @@ describe("remote runners", function()
     local err = fails("boot", t.await, t)
     assert.matches("did not connect within the boot timeout of 400 ms", err.message, 1, true)
     assert.is_true(wait_gone(started, 2000))
+  end)
+
+  it("fails every caller waiting for a boot that fails", function()
+    local p = H.pool { name = "exits", backend = "process", max = 1, max_concurrency = 1,
+                       backend_opts = { command = { "/bin/sh", "-c", "exit 3" } },
+                       timeout = math.huge, link = LINK }
+    local ts = {}
+    for i = 1, 3 do ts[i] = flame.spawn(function() return flame.call(p, function() end) end) end
+    for i = 1, 3 do
+      local err = fails("boot", ts[i].await, ts[i])
+      assert.matches("runner process exited with code 3", err.message, 1, true)
+    end
+  end)
+
+  it("ends a boot in flight when the pool shuts down, leaving nothing running", function()
+    local p = flame.pool { name = "early-shutdown", backend = "process", min = 1,
+                           boot_timeout = math.huge, link = LINK }
+    flame.sleep(5)                           -- the runner process is starting
+    local t0 = task.now()
+    p:shutdown()
+    flame.sleep(300)
+    assert.is_true(task.now() - t0 < 5000)
+    local me = core.pid()
+    local f = io.open(("/proc/%d/task/%d/children"):format(me, me))
+    local children = f and f:read("a") or ""
+    if f then f:close() end
+    local left = {}
+    for pid in children:gmatch("%d+") do
+      local c = io.open("/proc/" .. pid .. "/cmdline")
+      if c and c:read("a"):find("runner", 1, true) and alive(tonumber(pid)) then
+        left[#left + 1] = pid
+      end
+      if c then c:close() end
+    end
+    assert.are.same({}, left)
+  end)
+
+  it("lets an unauthenticated peer send only a little", function()
+    local p = H.pool { name = "flood", backend = puppet_backend, boot_timeout = 2000,
+                       link = LINK }
+    local t = flame.spawn(function() return pcall(flame.call, p, function() end) end)
+    expected_parent(p)
+    local c, closed = connect(p:hub().addrs[1])
+    c:send(wire.HELLO, 0, ("x"):rep(200 * 1024))  -- bigger than a handshake may be
+    closed:wait()                            -- by the parent (a reset, with data unread)
+    assert.are.equal(1, p:hub().drops)
+    t:await()
+  end)
+
+  it("stops listening to a connection once it is refused", function()
+    local p = H.pool { name = "chatty", backend = puppet_backend, boot_timeout = 1000,
+                       link = LINK }
+    local t = flame.spawn(function() return pcall(flame.call, p, function() end) end)
+    expected_parent(p)
+    local c, closed, got = connect(p:hub().addrs[1])
+    for _ = 1, 5 do c:send(wire.HELLO, 0, "not json") end
+    c:send(wire.SHUTDOWN, 0, "")
+    closed:wait()
+    assert.are.equal(1, p:hub().refusals)    -- one refusal, nothing after it is read
+    assert.is_true(#got <= 1)
+    t:await()
+  end)
+
+  it("keeps a runner whose idle check never returns, and it still serves", function()
+    local p = H.pool { name = "stuck-check", backend = "process", link = LINK,
+                       idle_shutdown_after = { 200, function() while true do end end } }
+    flame.call(p, function() end)
+    runner_pids(p)
+    flame.sleep(6000)                        -- the check is killed after 5 s
+    assert.are.equal(1, p:stats().runners)
+    assert.are.equal("alive", flame.call(p, function() return "alive" end))
   end)
 
   it("kills remote work when its calling task is cancelled, and frees the slot", function()

@@ -394,31 +394,50 @@ function Pool:grow()
       local reason = tostring(err or "remote_boot returned nothing")
       self.log.error("runner %s failed to boot: %s", id, reason)
       call_hook(self, "on_grow_end", reason, { name = self.name, count = #self.runners })
-      -- the callers this boot was for learn why
-      for _ = 1, math.min(#self.waiting, self.opts.max_concurrency) do
+      -- the callers this boot was for learn why: all of them when nothing else is up
+      -- or booting, else as many as it would have served (the rest may get another)
+      local n = #self.waiting
+      if #self.runners > 0 or self.booting > 0 then n = math.min(n, self.opts.max_concurrency) end
+      for _ = 1, n do
         local w = table.remove(self.waiting, 1)
         w:set(false, errors.new("boot", ("pool '%s': runner %s failed to boot: %s")
           :format(self.name, id, reason), { pool = self.name }))
       end
       runner.status = "down"
+      if self.hub_ then
+        for _, ref in ipairs(runner.parents) do self.hub_:forget(ref) end
+      end
       if host then host:close() end
+      self:grow_for_waiters()
       return
     end
     runner.term, runner.status = term, "up"
     local idle = self.opts.idle_shutdown_after
     if term.configure and type(idle) == "table" then
-      local ok2, err2 = pcall(term.configure, term, { idle_check = idle[2] })
+      local ok2, err2 = pcall(term.configure, term, idle[2])
       if not ok2 then self.log.error("runner %s: idle check not sent: %s", id, tostring(err2)) end
     end
     if term.attach then                       -- a remote runner: its events
       term:attach(function(kind, a, b, c)
         if kind == "result" then self:done(runner, a, b, c)
-        elseif kind == "remote_shutdown" then self:runner_down(runner, "runner shut down: " .. a, true)
+        elseif kind == "remote_shutdown" then
+          -- it takes no more calls; calls on their way get "shutdown" and are retried
+          -- elsewhere; it leaves the pool when its link closes
+          runner.status = "draining"
+          runner.leaving = "runner shut down: " .. tostring(a)
+          call_hook(self, "on_shrink", { name = self.name, count = #self.runners - 1,
+                                          reason = runner.leaving })
+          runner.shrink_reported = true
         elseif kind == "lost" then
+          runner.status = runner.status == "up" and "lost" or runner.status
           -- a process exit usually says more than a closed socket: let the
           -- backend's handle_info speak first, briefly
-          local reason = "lost the link to the runner: " .. tostring(a)
-          loop:timer(LOST_GRACE, function() self:runner_down(runner, reason) end)
+          if runner.leaving then
+            self:runner_down(runner, runner.leaving, true)
+          else
+            local reason = "lost the link to the runner: " .. tostring(a)
+            loop:timer(LOST_GRACE, function() self:runner_down(runner, reason) end)
+          end
         end
       end)
     end
@@ -488,7 +507,9 @@ function Pool:runner_down(r, reason, quiet)
     r.inflight = r.inflight - 1
     f:set("k", nil, "down", reason)
   end
-  call_hook(self, "on_shrink", { name = self.name, count = #self.runners, reason = reason })
+  if not r.shrink_reported then
+    call_hook(self, "on_shrink", { name = self.name, count = #self.runners, reason = reason })
+  end
   self:release(r, reason)
   if self.drained and busy_count(self) == 0 then self.drained:set() end
   self:grow_for_waiters()
@@ -524,6 +545,7 @@ end
 -- A call ended on runner r: free its slot, wake its caller.
 function Pool:done(r, call_id, status, payload)
   local f = r.calls[call_id]
+  if f == nil then return end               -- not ours, or answered already
   r.calls[call_id] = nil
   r.inflight = r.inflight - 1
   if f then f:set(status, payload) end
@@ -611,20 +633,8 @@ local function check_work(work, level)
     .. type(work), level + 1)
 end
 
---- Runs work on a runner of the pool and returns its results (see flame.call).
-function Pool:call(work, opts, level)
-  level = level or 2
-  if getmetatable(self) ~= Pool then invalid("flame.call: a pool expected", level) end
-  check_work(work, level)
-  local o = check_options("flame.call", opts or {}, CALL_OPTIONS, level)
-  if self.closed then
-    errors.raise("shutdown", ("pool '%s' is shut down"):format(self.name), { pool = self.name })
-  end
-  local timeout = o.timeout or self.opts.timeout
-  local deadline = task.now() + timeout
-  local bytes, err = core.encode({ name = "work" }, work)
-  if not bytes then errors.raise("encode", err, { pool = self.name }) end
-
+-- One try of a call: a slot, the work sent, its answer (or why there is none).
+function Pool:attempt(bytes, deadline, link)
   local r = self:checkout(deadline)
   next_call = next_call + 1
   local id = next_call
@@ -634,7 +644,6 @@ function Pool:call(work, opts, level)
   local busy = 0
   for _, x in ipairs(self.runners) do busy = busy + x.inflight end
   if busy > self.peak then self.peak = busy end
-  local link = o.link ~= false
   -- a caller that goes away (its task cancelled) takes linked work with it
   local guard <close> = setmetatable({}, { __close = function()
     if not f.done then
@@ -661,6 +670,32 @@ function Pool:call(work, opts, level)
   end
   local status, payload, why, detail = f:wait()
   if timer then timer:stop() end
+  return status, payload, why, detail, r
+end
+
+--- Runs work on a runner of the pool and returns its results (see flame.call).
+function Pool:call(work, opts, level)
+  level = level or 2
+  if getmetatable(self) ~= Pool then invalid("flame.call: a pool expected", level) end
+  check_work(work, level)
+  local o = check_options("flame.call", opts or {}, CALL_OPTIONS, level)
+  if self.closed then
+    errors.raise("shutdown", ("pool '%s' is shut down"):format(self.name), { pool = self.name })
+  end
+  local timeout = o.timeout or self.opts.timeout
+  local deadline = task.now() + timeout
+  local bytes, err = core.encode({ name = "work" }, work)
+  if not bytes then errors.raise("encode", err, { pool = self.name }) end
+
+  local status, payload, why, detail, r
+  for _ = 1, 3 do
+    status, payload, why, detail, r = self:attempt(bytes, deadline, o.link ~= false)
+    -- a runner that was going away when the call reached it refused it unstarted:
+    -- the call goes to another runner, within the same deadline
+    local refused = status == "k" and why == nil and r.leaving and payload
+      and select(2, core.decode(payload)) == "shutdown"
+    if not refused then break end
+  end
   if why == "down" then
     errors.raise("runner_down", ("pool '%s': runner %s went away during the call: %s")
       :format(self.name, r.id, tostring(detail)), { pool = self.name, runner = r.id })

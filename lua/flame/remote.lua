@@ -20,6 +20,7 @@ Term.__index = Term
 function Term:submit(id, bytes, timeout, link)
   if self.closed then error("runner link is closed", 0) end
   self.conn:send(wire.SPAWN, id, wire.spawn_payload(timeout, link ~= false, bytes))
+  self.ids[id] = true
   self.inflight = self.inflight + 1
   if self.inflight > self.peak then self.peak = self.inflight end
 end
@@ -28,10 +29,10 @@ function Term:kill(id, reason)
   if not self.closed then self.conn:send(wire.KILL, id, reason or "cancelled") end
 end
 
---- Sends runner configuration that is code: { idle_check = fn }.
-function Term:configure(cfg)
+--- Sends the pool's idle check: work the runner runs in a sandbox before it goes.
+function Term:configure(idle_check)
   if self.closed then return end
-  local bytes, err = core.encode({ name = "idle_shutdown_after[2]" }, cfg)
+  local bytes, err = core.encode({ name = "idle_shutdown_after[2]" }, idle_check)
   if not bytes then error(err, 0) end
   self.conn:send(wire.CONFIG, 0, bytes)
 end
@@ -124,27 +125,46 @@ function Hub:await(p, timeout)
 end
 
 function Hub:refuse(conn, why)
+  self.refusals = (self.refusals or 0) + 1
   local ok, ip, port = pcall(conn.peer, conn)
-  self.log.warn("refused a connection from %s:%s: %s", tostring(ok and ip),
+  self.log.error("refused a connection from %s:%s: %s", tostring(ok and ip),
     tostring(ok and port), why)
   conn:send(wire.CLOSE, 0, why)            -- the runner learns why, then the link ends
   conn:finish(why)
 end
 
 -- The handshake, driven by messages: HELLO -> CHALLENGE -> PROOF -> REMOTE_UP.
+local HANDSHAKE_MESSAGE = 64 * 1024    -- what an unauthenticated peer may send at once
+local HANDSHAKES_MAX = 64              -- connections not yet authenticated, at most
+
 function Hub:accept(conn)
   local o = self.opts
   local window = o.heartbeat_interval * o.heartbeat_misses
   local st = { stage = "hello" }
+  self.handshaking = (self.handshaking or 0) + 1
+  local function done_handshaking()
+    if st.counted then return end
+    st.counted = true
+    self.handshaking = self.handshaking - 1
+  end
   self.conns[conn] = true
+  local function refuse(why)
+    st.refused = true
+    self:refuse(conn, why)
+  end
   -- a connection that does not finish the handshake in time is closed
   local deadline = loop:timer(window, function()
-    if st.stage ~= "up" then self:refuse(conn, "handshake timed out") end
+    if st.stage ~= "up" and not st.refused then
+      refuse("handshake timed out")
+    end
   end)
   conn:start(function(t, id, payload)
+    if st.refused then return end
     if st.term then
       st.term.msgs = st.term.msgs + 1
       if t == wire.RESULT then
+        if not st.term.ids[id] then return end   -- not a call we sent (or a duplicate)
+        st.term.ids[id] = nil
         st.term.inflight = st.term.inflight - 1
         st.term:emit("result", id, payload:sub(1, 1), payload:sub(2))
       elseif t == wire.REMOTE_SHUTDOWN then
@@ -158,15 +178,15 @@ function Hub:accept(conn)
     if st.stage == "hello" and t == wire.HELLO then
       local hello = cjson.decode(payload)
       local v = type(hello) == "table" and math.tointeger(hello.v)
-      if not v then return self:refuse(conn, "malformed HELLO") end
+      if not v then return refuse("malformed HELLO") end
       hello.v = v
       if hello.v ~= wire.PROTOCOL then
-        return self:refuse(conn, ("protocol version %d is not %d"):format(hello.v, wire.PROTOCOL))
+        return refuse(("protocol version %d is not %d"):format(hello.v, wire.PROTOCOL))
       end
       local entry = type(hello.ref) == "string" and self.pending[hello.ref]
-      if not entry or entry.claimed then return self:refuse(conn, "unknown runner ref") end
+      if not entry or entry.claimed then return refuse("unknown runner ref") end
       local nonce = type(hello.nonce) == "string" and core.b64decode(hello.nonce)
-      if not nonce or #nonce < 16 then return self:refuse(conn, "malformed HELLO nonce") end
+      if not nonce or #nonce < 16 then return refuse("malformed HELLO nonce") end
       st.entry, st.secret = entry, core.b64decode(entry.parent.secret)
       st.nonce = core.random_bytes(16)
       st.stage = "proof"
@@ -181,33 +201,45 @@ function Hub:accept(conn)
       local want = wire.proof(core.hmac_sha256, st.secret, "runner", st.nonce,
         st.entry.parent.ref)
       if not proof or not core.equal(proof, want) then
-        return self:refuse(conn, "wrong proof: the runner does not hold the secret")
+        return refuse("wrong proof: the runner does not hold the secret")
       end
       st.stage = "auth"
     elseif st.stage == "auth" and t == wire.REMOTE_UP then
       local up = cjson.decode(payload) or {}
       local entry = st.entry
       if entry.claimed or entry.future.done then
-        return self:refuse(conn, "the runner came too late")
+        return refuse("the runner came too late")
       end
       entry.claimed = true
       st.stage = "up"
       deadline:stop()
-      local term = setmetatable({ conn = conn, inflight = 0, peak = 0, early = {},
+      done_handshaking()
+      conn:limits(o.max_message or (1 << 30), 64)
+      local term = setmetatable({ conn = conn, inflight = 0, peak = 0, early = {}, ids = {},
         pid = math.tointeger(up.pid), host = up.host, msgs = 0 }, Term)
       st.term = term
       self:heartbeat(term)
       entry.term = term
       entry.future:set(term)
     else
-      self:refuse(conn, ("protocol: unexpected %s during the handshake"):format(
+      refuse(("protocol: unexpected %s during the handshake"):format(
         wire.NAMES[t] or tostring(t)))
     end
   end, function(reason)
     self.conns[conn] = nil
     deadline:stop()
-    if st.term then st.term:lost(reason) end
-  end, o.max_message)
+    done_handshaking()
+    if st.term then
+      st.term:lost(reason)
+    elseif not st.refused and reason:match("^protocol") then
+      self.drops = (self.drops or 0) + 1
+      self.log.error("closed an unauthenticated connection: %s", reason)
+    end
+  end, HANDSHAKE_MESSAGE)
+  conn:limits(HANDSHAKE_MESSAGE, 1)
+  if self.handshaking > HANDSHAKES_MAX then
+    refuse("too many connections are authenticating")
+  end
 end
 
 -- Heartbeats count ticks without a message, not milliseconds: when this loop was
@@ -240,6 +272,9 @@ end
 function Hub:close()
   if self.listener then self.listener:close() end
   self.listener = nil
+  for _, entry in pairs(self.pending) do       -- boots in flight learn it at once
+    entry.future:set(nil, "the pool is shutting down")
+  end
   for conn in pairs(self.conns) do conn:close("the pool is shutting down") end
 end
 

@@ -52,29 +52,39 @@ function T:on_message(mtype, id, payload)
   if mtype == wire.SPAWN then
     self:spawn(id, payload)
   elseif mtype == wire.KILL then
-    if self.calls[id] then self.exec:kill(id, payload ~= "" and payload or "cancelled") end
+    local reason = payload ~= "" and payload or "cancelled"
+    if self.calls[id] then
+      self.exec:kill(id, reason)
+    elseif self.nearly < 1024 then          -- a KILL can overtake a long SPAWN
+      self.early_kills[id] = reason
+      self.nearly = self.nearly + 1
+    end
   elseif mtype == wire.SHUTDOWN then
     self:drain("shutdown")
   elseif mtype == wire.CONFIG then
-    local ok, cfg = core.decode(payload, { functions = true })
-    if ok and type(cfg) == "table" and type(cfg.idle_check) == "function" then
-      self.idle_check = cfg.idle_check
-    end
+    self.idle_check = payload               -- work, run in a sandbox when idle
   elseif mtype ~= wire.PING then
     log("ignoring a message of unknown type %d", mtype)
   end
 end
 
+local function answer(self, id, status, text)
+  if self.conn then self.conn:send(wire.RESULT, id, status .. assert(core.encode(nil, text))) end
+end
+
 function T:spawn(id, payload)
-  if self.stage ~= "up" then
-    self.conn:send(wire.RESULT, id, "k" .. assert(core.encode(nil, "shutdown")))
-    return
+  if id <= 0 then return self:lost("protocol: SPAWN with id " .. id) end
+  if self.stage ~= "up" then return answer(self, id, "k", "shutdown") end
+  local early = self.early_kills[id]
+  if early then                              -- killed before it arrived
+    self.early_kills[id] = nil
+    self.nearly = self.nearly - 1
+    return answer(self, id, "k", early)
   end
   local timeout, link, bytes = wire.spawn_parse(payload)
-  if not timeout then
-    self:lost("protocol: malformed SPAWN")
-    return
-  end
+  if not timeout then return self:lost("protocol: malformed SPAWN") end
+  local ok, err = pcall(self.exec.submit, self.exec, id, bytes)
+  if not ok then return answer(self, id, "e", "the runner could not start the call: " .. tostring(err)) end
   local call = { link = link }
   self.calls[id] = call
   self.ncalls = self.ncalls + 1
@@ -82,16 +92,19 @@ function T:spawn(id, payload)
   if timeout < math.huge then
     call.timer = loop:timer(timeout, function() self.exec:kill(id, "timeout") end)
   end
-  self.exec:submit(id, bytes)
 end
 
+local IDLE_CHECK_ID = -1                     -- the executor job of the idle check
+local IDLE_CHECK_LIMIT = 5000
+
 function T:done(id, status, payload)
+  if id == IDLE_CHECK_ID then return self:idle_checked(status, payload) end
   local call = self.calls[id]
   if not call then return end
   self.calls[id] = nil
   self.ncalls = self.ncalls - 1
   if call.timer then call.timer:stop() end
-  if self.conn then self.conn:send(wire.RESULT, id, status .. (payload or "")) end
+  if self.conn then self.conn:send(wire.RESULT, id, payload or "", status) end
   if self.ncalls == 0 then
     if self.stage == "draining" then
       self.stopped:set(self.stop_reason)
@@ -113,16 +126,32 @@ function T:idle_start()
   self.idle_timer = loop:timer(after, function()
     self.idle_timer = nil
     if self.ncalls > 0 or self.stage ~= "up" then return end
-    if self.idle_check then
-      local ok, ready = pcall(self.idle_check)
-      if ok and not ready then
-        self:idle_start()
-        return
-      end
-    end
-    self.conn:send(wire.REMOTE_SHUTDOWN, 0, "idle")
-    self:drain("idle")
+    if not self.idle_check then return self:go_idle() end
+    -- the pool's check runs like work: in a sandbox, killed if it takes too long
+    self.checking = loop:timer(IDLE_CHECK_LIMIT, function()
+      self.exec:kill(IDLE_CHECK_ID, "timeout")
+    end)
+    self.exec:submit(IDLE_CHECK_ID, self.idle_check)
   end)
+end
+
+function T:idle_checked(status, payload)
+  if self.checking then self.checking:stop() end
+  self.checking = nil
+  local ready = false
+  if status == "r" then
+    local ok, v = core.decode(payload or "")
+    ready = ok and v and true or false
+  else
+    log("the idle check failed (%s): staying up", status)
+  end
+  if ready and self.ncalls == 0 and self.stage == "up" then return self:go_idle() end
+  if self.stage == "up" and self.ncalls == 0 then self:idle_start() end
+end
+
+function T:go_idle()
+  self.conn:send(wire.REMOTE_SHUTDOWN, 0, "idle")
+  self:drain("idle")
 end
 
 --- Stops taking work; once the calls in flight end (or shutdown_timeout passes),
@@ -157,8 +186,9 @@ function T:lost(reason)
   end
   if self.stage == "up" then
     self:drain("parent_lost")
-  elseif self.stage ~= "draining" then
+  elseif self.stage ~= "draining" then      -- refused or lost before it was up
     self.stage = "draining"
+    self.never_up = reason
     self.stopped:set("parent_lost")
   end
 end
@@ -199,15 +229,23 @@ function T:expect_message(type, ms)
   return payload, err
 end
 
--- One connection attempt to one address: connection or nil, error.
-local function connect(addr)
+-- One connection attempt to one address, for at most ms: connection or nil, error.
+local function connect(addr, ms)
   local host, port = addr:match("^(.+):(%d+)$")
   host = host:gsub("^%[(.*)%]$", "%1")
   local f = task.future()
-  local ok, err = pcall(core.connect, { host = host, port = tonumber(port),
-    on_connect = function(c, e) f:set(c, e) end })
-  if not ok then return nil, err end
-  return f:wait()
+  local ok, pending = pcall(core.connect, { host = host, port = tonumber(port),
+    on_connect = function(c, e)
+      if not f:set(c, e) and c then c:close("too late") end
+    end })
+  if not ok then return nil, pending end
+  if not pending then return nil, "cannot connect" end
+  local timer = loop:timer(math.max(1, ms), function()
+    if f:set(nil, "connect timed out") then pending:close("connect timed out") end
+  end)
+  local c, err = f:wait()
+  timer:stop()
+  return c, err
 end
 
 --- Connects (with retries until the failsafe deadline) and authenticates.
@@ -217,12 +255,14 @@ function T:connect()
   local delay, last_err = 50, "no address"
   while task.now() < deadline do
     for _, addr in ipairs(p.addrs) do
-      local conn, err = connect(addr)
+      local conn, err = connect(addr, deadline - task.now())
       if conn then
         self.conn = conn
         conn:start(function(t, id, payload) self:on_message(t, id, payload) end,
-          function(reason) if self.conn == conn then self:lost(reason) end end,
-          s.max_message)
+          function(reason)
+            if self.closing then self.closing:set() end
+            if self.conn == conn and self.stage ~= "done" then self:lost(reason) end
+          end, s.max_message)
         local ok, why = self:handshake()
         if ok then return true end
         return nil, why                         -- a refused handshake is final
@@ -278,8 +318,13 @@ function T:run()
   self:idle_stop()
   if self.hb then self.hb:stop() end
   for id in pairs(self.calls) do self.exec:kill(id, "shutdown") end
-  if self.conn then
-    self.conn:close("runner stopping: " .. tostring(reason))
+  if self.conn then                          -- last results and messages go out first
+    local closed = task.future()
+    self.closing = closed
+    self.conn:finish("runner stopping: " .. tostring(reason))
+    local timer = loop:timer(2000, function() closed:set() end)
+    closed:wait()
+    timer:stop()
     self.conn = nil
   end
   return 0, reason
@@ -336,6 +381,7 @@ function M.main(...)
   }
   local sandbox = type(s.sandbox) == "table" and s.sandbox or {}
   local term = setmetatable({ p = p, settings = settings, calls = {}, ncalls = 0, msgs = 0,
+    early_kills = {}, nearly = 0,
     stage = "connecting", stopped = task.future(),
     idle_after = settings.idle_shutdown_after }, T)
   local ok, exec = pcall(core.executor, {
@@ -352,6 +398,10 @@ function M.main(...)
   end
   term.exec = exec
   local code, reason = task.run(function() return term:run() end)
+  if code == 0 and term.never_up then
+    log("%s", term.never_up)
+    code = 1
+  end
   if code == 0 then log("stopping (%s)", tostring(reason)) end
   system_shutdown(p.backend, code)
   exec:close()
