@@ -687,15 +687,16 @@ function Pool:call(work, opts, level)
   local bytes, err = core.encode({ name = "work" }, work)
   if not bytes then errors.raise("encode", err, { pool = self.name }) end
 
-  local status, payload, why, detail, r
+  local status, payload, why, detail, r, killed
   for _ = 1, 3 do
     status, payload, why, detail, r = self:attempt(bytes, deadline, o.link ~= false)
     -- a runner that was going away when the call reached it refused it unstarted:
     -- the call goes to another runner, within the same deadline
-    local refused = status == "k" and why == nil and r.leaving and payload
-      and select(2, core.decode(payload)) == "shutdown"
-    if not refused then break end
+    killed = status == "k" and why == nil and payload and select(2, core.decode(payload))
+    if not (killed == "shutdown" and r.leaving) then break end
   end
+  -- the runner's own deadline may fire a moment before ours: the same error
+  if killed == "timeout" then why = "timeout" end
   if why == "down" then
     errors.raise("runner_down", ("pool '%s': runner %s went away during the call: %s")
       :format(self.name, r.id, tostring(detail)), { pool = self.name, runner = r.id })
