@@ -34,6 +34,35 @@ function M.cast(p, work, opts)
   end)
 end
 
+local Child = {}
+Child.__index = Child
+
+--- Waits for the child's work to end: its results, or its error raised.
+function Child:await() return self.task:await() end
+--- Stops the child: its remote work is killed, its slot freed.
+function Child:cancel(reason) return self.task:cancel(reason or "cancelled") end
+--- True while the child's work runs.
+function Child:alive() return self.task:alive() end
+
+--- Places long-running work on a runner: it holds its slot until it returns, is
+-- cancelled when the task that placed it ends, and has no timeout unless
+-- opts.timeout gives one. Returns a handle: await, cancel, alive.
+function M.place_child(p, work, opts)
+  if getmetatable(p) ~= Pool then
+    errors.raise("invalid", "flame.place_child: a pool expected", nil, 2)
+  end
+  local o = {}
+  for k, v in pairs(opts or {}) do o[k] = v end
+  if o.timeout == nil then o.timeout = math.huge end
+  local parent = task.current()
+  local t = task.spawn(function()
+    local r = table.pack(Pool.call(p, work, o, 2))
+    return table.unpack(r, 1, r.n)
+  end)
+  if parent then parent:link(t) end
+  return setmetatable({ task = t }, Child)
+end
+
 --- Runs fn(...) as a concurrent task; t:await() returns its results.
 M.spawn = task.spawn
 

@@ -197,6 +197,7 @@ local function backend_server(pool, runner)
     local function ms(v) return v == math.huge and -1 or v end
     local idle = type(o.idle_shutdown_after) == "table" and o.idle_shutdown_after[1]
       or o.idle_shutdown_after
+    if runner.is_min then idle = o.min_idle_shutdown_after end
     local p = parentmod.new {
       node_base = fields and fields.node_base, host_env = fields and fields.host_env,
       backend = type(o.backend) == "string" and o.backend or (fields and fields.backend),
@@ -326,8 +327,9 @@ function M.new(opts)
       invalid("flame.pool: the backend table cannot be copied into a backend state: " .. err, 2)
     end
   end
+  if require("flame").parent() ~= nil then o.min = 0 end  -- a runner boots no runners
   local pool = setmetatable({
-    name = o.name, opts = o,
+    name = o.name, opts = o, nmin = 0,
     runners = {}, booting = 0, waiting = {}, calls = 0, peak = 0, nrunners = 0,
     log = logmod.new(o.log, o.name), config = {}, closed = false,
   }, Pool)
@@ -336,16 +338,72 @@ function M.new(opts)
   return pool
 end
 
+local function remove_runner(pool, r)
+  for i, x in ipairs(pool.runners) do
+    if x == r then table.remove(pool.runners, i) return true end
+  end
+  return false
+end
+
 -- The up runner with the fewest calls that has a free slot, or nil.
 function Pool:pick()
   local best
+  local mc = self.opts.single_use and 1 or self.opts.max_concurrency
   for _, r in ipairs(self.runners) do
-    if r.status == "up" and r.inflight < self.opts.max_concurrency
+    if r.status == "up" and r.inflight < mc and not r.used
        and (best == nil or r.inflight < best.inflight) then
       best = r
     end
   end
   return best
+end
+
+-- A slot of r is taken: its idle clock stops; a single-use runner is spent.
+function Pool:take(r)
+  r.inflight = r.inflight + 1
+  if self.opts.single_use then r.used = true end
+  if r.idle_timer then
+    r.idle_timer:stop()
+    r.idle_timer = nil
+  end
+end
+
+function Pool:untake(r)
+  r.inflight = r.inflight - 1
+  if self.opts.single_use then r.used = nil end
+end
+
+-- Local runners idle down here (remote ones decide on the runner): after
+-- idle_shutdown_after without calls, or min_idle_shutdown_after for min runners,
+-- and when the idle check agrees.
+function Pool:idle_watch(r)
+  if r.remote or r.status ~= "up" or r.inflight > 0 or self.closed then return end
+  local idle = self.opts.idle_shutdown_after
+  local ms = type(idle) == "table" and idle[1] or idle
+  if r.is_min then ms = self.opts.min_idle_shutdown_after end
+  if ms == math.huge then return end
+  if r.idle_timer then r.idle_timer:stop() end
+  r.idle_timer = loop:timer(ms, function()
+    r.idle_timer = nil
+    if r.status ~= "up" or r.inflight > 0 or self.closed then return end
+    if type(idle) == "table" then
+      local ok, ready = pcall(idle[2])
+      if not ok or not ready then return self:idle_watch(r) end
+    end
+    self:shrink(r, "idle")
+  end)
+end
+
+-- A runner leaves on purpose (idle, single use): stopped, not replaced.
+function Pool:shrink(r, why)
+  if r.status == "down" then return end
+  remove_runner(self, r)
+  if r.is_min then self.nmin = self.nmin - 1 end
+  self.log.info("runner %s: shut down (%s)", r.id, why)
+  self:stop_runner(r)
+  call_hook(self, "on_shrink", { name = self.name, count = #self.runners, reason = why })
+  r.shrink_reported = true
+  self:grow_for_waiters()
 end
 
 -- Gives free slots to the oldest living waiters.
@@ -354,8 +412,8 @@ function Pool:serve()
     local r = self:pick()
     if not r then return end
     local w = table.remove(self.waiting, 1)
-    r.inflight = r.inflight + 1
-    if not w:set(true, r) then r.inflight = r.inflight - 1 end
+    self:take(r)
+    if not w:set(true, r) then self:untake(r) self:idle_watch(r) end
   end
 end
 
@@ -364,11 +422,13 @@ function Pool:grow()
   self.booting = self.booting + 1
   self.nrunners = self.nrunners + 1
   local id = ("%s-%d"):format(self.name, self.nrunners)
+  local is_min = self.nmin < self.opts.min    -- it keeps the pool at min: min rules
+  if is_min then self.nmin = self.nmin + 1 end
   call_hook(self, "on_grow_start", { name = self.name, count = #self.runners + self.booting })
   self.log.info("runner %s booting", id)
   task.spawn(function()
     local runner = { id = id, pool = self, inflight = 0, calls = {}, status = "booting",
-                     parents = {}, bytes = {} }
+                     parents = {}, bytes = {}, is_min = is_min }
     function runner.done(r, call_id, status, payload) self:done(r, call_id, status, payload) end
     local settings = {
       max_concurrency = self.opts.max_concurrency, sandbox = sandbox_settings(self.opts.sandbox),
@@ -404,6 +464,7 @@ function Pool:grow()
           :format(self.name, id, reason), { pool = self.name }))
       end
       runner.status = "down"
+      if is_min then self.nmin = self.nmin - 1 end
       if self.hub_ then
         for _, ref in ipairs(runner.parents) do self.hub_:forget(ref) end
       end
@@ -445,10 +506,12 @@ function Pool:grow()
       self:stop_runner(runner)
       return
     end
+    runner.remote = term.attach ~= nil
     self.runners[#self.runners + 1] = runner
     self.log.info("runner %s up", id)
     call_hook(self, "on_grow_end", "ok", { name = self.name, count = #self.runners })
     self:serve()
+    self:idle_watch(runner)
   end)
 end
 
@@ -486,12 +549,6 @@ function Pool:stop_runner(r)
   self:release(r, "shutdown")
 end
 
-local function remove_runner(pool, r)
-  for i, x in ipairs(pool.runners) do
-    if x == r then table.remove(pool.runners, i) return true end
-  end
-  return false
-end
 
 --- A runner went away: its callers get runner_down, it leaves the pool, and the
 -- backend releases it. `quiet`: it said goodbye (idle shutdown), not a failure.
@@ -512,6 +569,14 @@ function Pool:runner_down(r, reason, quiet)
   end
   self:release(r, reason)
   if self.drained and busy_count(self) == 0 then self.drained:set() end
+  if r.is_min then
+    self.nmin = self.nmin - 1
+    if not quiet and not self.closed then   -- a min runner that died is replaced
+      self.log.info("replacing min runner %s", r.id)
+      self:grow()
+      return
+    end
+  end
   self:grow_for_waiters()
 end
 
@@ -550,14 +615,19 @@ function Pool:done(r, call_id, status, payload)
   r.inflight = r.inflight - 1
   if f then f:set(status, payload) end
   if self.drained and busy_count(self) == 0 then self.drained:set() end
+  if self.opts.single_use and r.inflight == 0 and r.status == "up" then
+    self:shrink(r, "single use")
+    return
+  end
   self:serve()
+  self:idle_watch(r)
 end
 
 -- Waits for a slot until the deadline; returns the runner.
 function Pool:checkout(deadline)
   local r = self:pick()
   if r then
-    r.inflight = r.inflight + 1
+    self:take(r)
     return r
   end
   local mc = self.opts.max_concurrency
@@ -657,7 +727,7 @@ function Pool:attempt(bytes, deadline, link)
   r.bytes[id] = nil
   if not ok then
     r.calls[id] = nil
-    r.inflight = r.inflight - 1
+    self:untake(r)
     self:serve()
     errors.raise("runner_down", ("pool '%s': runner %s could not take the call: %s")
       :format(self.name, r.id, tostring(e)), { pool = self.name })

@@ -45,6 +45,13 @@ local function finish(t, ok, ...)
   local waiters = t.waiters
   t.waiters = nil
   if waiters then for i = 1, #waiters do waiters[i]() end end
+  local linked = t.linked                   -- children placed by it end with it
+  t.linked = nil
+  if linked then
+    for i = 1, #linked do
+      if linked[i]:alive() then linked[i]:cancel("the task that placed it ended") end
+    end
+  end
 end
 
 local function step(t, args)
@@ -152,6 +159,12 @@ end
 
 function Task:alive()
   return not self.done
+end
+
+--- Cancels `child` when this task ends (flame.place_child).
+function Task:link(child)
+  self.linked = self.linked or {}
+  self.linked[#self.linked + 1] = child
 end
 
 --- Stops a task that is waiting: its pending calls are cancelled (their to-be-closed
