@@ -705,7 +705,11 @@ end
 
 -- One try of a call: a slot, the work sent, its answer (or why there is none).
 function Pool:attempt(bytes, deadline, link)
+  local asked = self.queue_waits and core.hrtime()
   local r = self:checkout(deadline)
+  if asked then                              -- a benchmark asked for queue waits
+    self.queue_waits[#self.queue_waits + 1] = (core.hrtime() - asked) / 1e6
+  end
   next_call = next_call + 1
   local id = next_call
   local f = task.future()
