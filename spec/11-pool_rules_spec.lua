@@ -207,3 +207,91 @@ describe("place_child", function()
     assert.are.equal("invalid", err.kind)
   end)
 end)
+
+describe("pool slots under cancellation and failure", function()
+  after_each(H.cleanup)
+
+  it("a caller cancelled while queued gives no slot away", function()
+    local p = H.pool { name = "queued-cancel", max = 1, max_concurrency = 1 }
+    local a = flame.spawn(function() flame.call(p, function() os.execute("sleep 0.2") end) end)
+    flame.sleep(30)
+    local b = flame.spawn(function() flame.call(p, function() end) end)
+    flame.sleep(30)
+    b:cancel()
+    a:await()
+    assert.are.equal(0, p:stats().busy)
+    assert.are.equal(0, p:stats().waiting)
+    assert.are.equal("free", flame.call(p, function() return "free" end, { timeout = 1000 }))
+  end)
+
+  it("a child queued when its placing task ends gives no slot away", function()
+    local p = H.pool { name = "child-queued", max = 1, max_concurrency = 1 }
+    local a = flame.spawn(function() flame.call(p, function() os.execute("sleep 0.2") end) end)
+    flame.sleep(30)
+    flame.spawn(function() flame.place_child(p, function() end) flame.sleep(10) end):await()
+    a:await()
+    flame.sleep(20)
+    assert.are.equal(0, p:stats().busy)
+    assert.are.equal("free", flame.call(p, function() return "free" end, { timeout = 1000 }))
+  end)
+
+  it("a call the backend cannot send fails at once with runner_down", function()
+    local p = H.pool { name = "unsent", backend = {
+      init = function(opts, env) return env.merge({}, opts) end,
+      remote_boot = function(state, env)
+        state.terminator = env.local_terminator(state)
+        return state.terminator, state
+      end,
+      remote_spawn_monitor = function(state, work, env)
+        env.spawn_monitor({ __flame_handle = 999 }, work)   -- not a terminator
+      end,
+    } }
+    local t0 = task.now()
+    local ok, err = pcall(function() return flame.call(p, function() end, { timeout = 5000 }) end)
+    assert.is_false(ok)
+    assert.are.equal("runner_down", err.kind)
+    assert.is_true(task.now() - t0 < 5000, "waited for the deadline")
+    assert.are.equal(0, p:stats().busy)
+  end)
+
+  it("a remote_boot returning no terminator fails the boot, and the pool boots again", function()
+    local p = H.pool { name = "bad-term", backend = {
+      init = function(opts) return opts end,
+      remote_boot = function(state) return 42, state end,
+    } }
+    for _ = 1, 2 do
+      local ok, err = pcall(function() return flame.call(p, function() end, { timeout = 2000 }) end)
+      assert.is_false(ok)
+      assert.are.equal("boot", err.kind)
+      assert.matches("not a terminator", err.message, 1, true)
+    end
+    assert.are.equal(0, p:stats().pending)
+  end)
+
+  it("single_use runners boot side by side", function()
+    local c = counter()
+    local p = H.pool { name = "single-burst", single_use = true, max = 4,
+                       on_grow_start = c.on_grow_start }
+    local most = 0
+    local ts = {}
+    for i = 1, 4 do
+      ts[i] = flame.spawn(function() flame.call(p, function() os.execute("sleep 0.2") end) end)
+    end
+    flame.sleep(100)
+    most = p:stats().runners + p:stats().pending
+    for i = 1, 4 do ts[i]:await() end
+    assert.are.equal(4, c.grows)
+    assert.is_true(most >= 3, "single-use runners booted one at a time")
+  end)
+
+  it("stops the runners even when the shutting-down task is cancelled", function()
+    local p = flame.pool { name = "interrupted", shutdown_timeout = math.huge }
+    local busy = flame.spawn(function() flame.call(p, function() os.execute("sleep 0.3") end) end)
+    flame.sleep(50)
+    local stopper = flame.spawn(function() p:shutdown() end)
+    flame.sleep(20)
+    stopper:cancel()
+    assert.are.equal(0, #p.runners)
+    pcall(busy.await, busy)
+  end)
+end)

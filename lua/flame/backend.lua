@@ -141,10 +141,11 @@ end
 --- Runs fn(...) as a coroutine in the backend state, serving what it asks for, and
 -- returns what it returned; raises its error.
 function Host:run(fn, ...)
-  if not self.sb then error("the runner's backend state is closed", 0) end
+  local sb = self.sb
+  if not sb then error("the runner's backend state is closed", 0) end
   local bytes, err = core.encode({ name = "backend" }, fn, ...)
   if not bytes then error("cannot send to the backend state: " .. err, 0) end
-  local id, status, out = self.sb:start(bytes, STEP_LIMIT)
+  local id, status, out = sb:start(bytes, STEP_LIMIT)
   while status == "yield" do
     local req = table.pack(core.decode(out))
     local reply
@@ -160,7 +161,8 @@ function Host:run(fn, ...)
     end
     local rb, rerr = core.encode(nil, table.unpack(reply, 1, reply.n))
     if not rb then rb = assert(core.encode(nil, nil, "reply cannot be sent: " .. rerr)) end
-    id, status, out = self.sb:resume(id, rb, STEP_LIMIT)
+    if sb ~= self.sb then error("the runner's backend state was closed meanwhile", 0) end
+    id, status, out = sb:resume(id, rb, STEP_LIMIT)
   end
   if status == "done" then
     local r = table.pack(core.decode(out))

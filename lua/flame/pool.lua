@@ -247,7 +247,12 @@ local function backend_server(pool, runner)
     local bytes = runner.bytes[work.id]
     runner.bytes[work.id] = nil
     if not bytes then error("spawn_monitor: no such call", 0) end
-    term:submit(work.id, bytes, work.timeout, work.link)
+    local ok, err = pcall(term.submit, term, work.id, bytes, work.timeout, work.link)
+    if not ok then
+      runner.send_error = tostring(err)
+      error(err, 0)
+    end
+    runner.sent[work.id] = true
     return work.id
   end
 
@@ -345,10 +350,15 @@ local function remove_runner(pool, r)
   return false
 end
 
+-- Calls one runner takes at once: 1 for single-use runners.
+local function slots(pool)
+  return pool.opts.single_use and 1 or pool.opts.max_concurrency
+end
+
 -- The up runner with the fewest calls that has a free slot, or nil.
 function Pool:pick()
   local best
-  local mc = self.opts.single_use and 1 or self.opts.max_concurrency
+  local mc = slots(self)
   for _, r in ipairs(self.runners) do
     if r.status == "up" and r.inflight < mc and not r.used
        and (best == nil or r.inflight < best.inflight) then
@@ -386,11 +396,12 @@ function Pool:idle_watch(r)
   r.idle_timer = loop:timer(ms, function()
     r.idle_timer = nil
     if r.status ~= "up" or r.inflight > 0 or self.closed then return end
-    if type(idle) == "table" then
+    if type(idle) ~= "table" then return self:shrink(r, "idle") end
+    task.spawn(function()                    -- the check may wait: it runs in a task
       local ok, ready = pcall(idle[2])
-      if not ok or not ready then return self:idle_watch(r) end
-    end
-    self:shrink(r, "idle")
+      if r.status ~= "up" or r.inflight > 0 or self.closed then return end
+      if ok and ready then self:shrink(r, "idle") else self:idle_watch(r) end
+    end)
   end)
 end
 
@@ -427,8 +438,16 @@ function Pool:grow()
   call_hook(self, "on_grow_start", { name = self.name, count = #self.runners + self.booting })
   self.log.info("runner %s booting", id)
   task.spawn(function()
+    local counted = false                    -- booting comes back down whatever happens
+    local guard <close> = setmetatable({}, { __close = function()
+      if not counted then
+        self.booting = self.booting - 1
+        if is_min then self.nmin = self.nmin - 1 end
+        self.log.error("runner %s: the boot failed in flame itself", id)
+      end
+    end })
     local runner = { id = id, pool = self, inflight = 0, calls = {}, status = "booting",
-                     parents = {}, bytes = {}, is_min = is_min }
+                     parents = {}, bytes = {}, sent = {}, is_min = is_min }
     function runner.done(r, call_id, status, payload) self:done(r, call_id, status, payload) end
     local settings = {
       max_concurrency = self.opts.max_concurrency, sandbox = sandbox_settings(self.opts.sandbox),
@@ -445,10 +464,16 @@ function Pool:grow()
       if ok then
         local ok2, h, why = pcall(host.call, host, "remote_boot")
         ok, err = ok2, ok2 and why or h
-        term = ok2 and h and runner.handles[h.__flame_handle] or nil
-        if ok2 and h and not term then ok, err = false, "remote_boot returned no terminator" end
+        term = ok2 and type(h) == "table" and runner.handles[h.__flame_handle] or nil
+        if ok2 and h and not (term and term.submit) then
+          ok, err, term = false, "remote_boot returned something that is not a terminator", nil
+        end
+        if term and runner.failed then          -- declared down while it booted
+          ok, err, term = false, runner.failed, nil
+        end
       end
     end
+    counted = true
     self.booting = self.booting - 1
     if not ok or not term then
       local reason = tostring(err or "remote_boot returned nothing")
@@ -457,14 +482,20 @@ function Pool:grow()
       -- the callers this boot was for learn why: all of them when nothing else is up
       -- or booting, else as many as it would have served (the rest may get another)
       local n = #self.waiting
-      if #self.runners > 0 or self.booting > 0 then n = math.min(n, self.opts.max_concurrency) end
+      if #self.runners > 0 or self.booting > 0 then n = math.min(n, slots(self)) end
       for _ = 1, n do
         local w = table.remove(self.waiting, 1)
         w:set(false, errors.new("boot", ("pool '%s': runner %s failed to boot: %s")
           :format(self.name, id, reason), { pool = self.name }))
       end
       runner.status = "down"
-      if is_min then self.nmin = self.nmin - 1 end
+      if is_min then
+        self.nmin = self.nmin - 1
+        self.min_backoff = math.min((self.min_backoff or 500) * 2, 30000)
+        loop:timer(self.min_backoff, function()  -- min is kept: try again, later
+          if not self.closed and self.nmin < self.opts.min then self:grow() end
+        end)
+      end
       if self.hub_ then
         for _, ref in ipairs(runner.parents) do self.hub_:forget(ref) end
       end
@@ -507,6 +538,7 @@ function Pool:grow()
       return
     end
     runner.remote = term.attach ~= nil
+    if is_min then self.min_backoff = nil end
     self.runners[#self.runners + 1] = runner
     self.log.info("runner %s up", id)
     call_hook(self, "on_grow_end", "ok", { name = self.name, count = #self.runners })
@@ -533,7 +565,8 @@ function Pool:release(r, reason)
     if not ok then self.log.error("runner %s: remote_shutdown failed: %s", r.id, tostring(err)) end
     -- the state lives on a while: the backend may still hear of the runner (a
     -- process exit, its own reap timer); then it is closed
-    local linger = math.min(60000, math.max(5000, self.opts.shutdown_timeout + 2000))
+    local st = self.opts.shutdown_timeout
+    local linger = (st == math.huge and 5000 or st + 1000) + 5000  -- after its reap timer
     loop:timer(linger, function() host:close() end)
   end)
 end
@@ -590,8 +623,9 @@ function Pool:info(r, msg)
     if r.status == "down" then return end    -- already gone: only the backend cared
     if ok and alive then return end
     reason = tostring(ok and (reason or "the backend reported the runner down") or alive)
-    if r.status == "booting" and r.awaiting and self.hub_ then
-      self.hub_:fail(r.awaiting, reason)     -- the boot waiting for it learns why
+    if r.status == "booting" then
+      r.failed = reason                      -- the boot fails with it
+      if r.awaiting and self.hub_ then self.hub_:fail(r.awaiting, reason) end
     else
       self:runner_down(r, reason)
     end
@@ -602,7 +636,7 @@ end
 function Pool:grow_for_waiters()
   if self.closed or #self.waiting == 0 then return end
   if #self.runners + self.booting < self.opts.max
-     and self.booting * self.opts.max_concurrency <= #self.waiting then
+     and self.booting * slots(self) <= #self.waiting then
     self:grow()
   end
 end
@@ -625,32 +659,52 @@ end
 
 -- Waits for a slot until the deadline; returns the runner.
 function Pool:checkout(deadline)
+  if self.closed then
+    errors.raise("shutdown", ("pool '%s' is shut down"):format(self.name), { pool = self.name })
+  end
   local r = self:pick()
   if r then
     self:take(r)
     return r
   end
-  local mc = self.opts.max_concurrency
   if #self.runners + self.booting < self.opts.max
-     and self.booting * mc <= #self.waiting then
+     and self.booting * slots(self) <= #self.waiting then
     self:grow()
   end
   local w = task.future()
   self.waiting[#self.waiting + 1] = w
+  local function leave_queue()
+    for i, x in ipairs(self.waiting) do
+      if x == w then table.remove(self.waiting, i) return end
+    end
+  end
   local timer
   if deadline < math.huge then
     timer = loop:timer(math.max(0, deadline - task.now()), function()
       local phase = self.booting > 0 and "boot" or "queue"
       if w:set(false, errors.new("timeout", ("call on pool '%s' found no free runner "
           .. "within its timeout"):format(self.name), { phase = phase, pool = self.name })) then
-        for i, x in ipairs(self.waiting) do
-          if x == w then table.remove(self.waiting, i) break end
-        end
+        leave_queue()
       end
     end)
   end
+  -- a caller cancelled while waiting leaves the queue, and gives back a slot it
+  -- was granted but never used
+  local used = false
+  local guard <close> = setmetatable({}, { __close = function()
+    if timer then timer:stop() end
+    if used then return end
+    if w:set(false, errors.new("shutdown", "cancelled while waiting")) then
+      leave_queue()
+    elseif w.values[1] == true then
+      local granted = w.values[2]
+      self:untake(granted)
+      self:serve()
+      self:idle_watch(granted)
+    end
+  end })
   local ok, v = w:wait()
-  if timer then timer:stop() end
+  used = true
   if not ok then error(v, 0) end
   return v
 end
@@ -710,6 +764,10 @@ function Pool:attempt(bytes, deadline, link)
   if asked then                              -- a benchmark asked for queue waits
     self.queue_waits[#self.queue_waits + 1] = (core.hrtime() - asked) / 1e6
   end
+  if self.closed or r.status ~= "up" then    -- stopped while the slot was on its way
+    self:untake(r)
+    errors.raise("shutdown", ("pool '%s' is shut down"):format(self.name), { pool = self.name })
+  end
   next_call = next_call + 1
   local id = next_call
   local f = task.future()
@@ -718,32 +776,46 @@ function Pool:attempt(bytes, deadline, link)
   local busy = 0
   for _, x in ipairs(self.runners) do busy = busy + x.inflight end
   if busy > self.peak then self.peak = busy end
-  -- a caller that goes away (its task cancelled) takes linked work with it
+  -- a caller that goes away (its task cancelled) takes linked work with it; before
+  -- the work was sent, it just gives the slot back
   local guard <close> = setmetatable({}, { __close = function()
-    if not f.done then
-      f:set("k", nil)
-      if link then r.term:kill(id, "cancelled") end
+    if f.done then return end
+    f:set("k", nil)
+    if not r.sent[id] then
+      r.calls[id] = nil
+      self:untake(r)
+      self:serve()
+      self:idle_watch(r)
+    elseif link and r.status ~= "down" then
+      pcall(r.term.kill, r.term, id, "cancelled")
     end
   end })
   r.bytes[id] = bytes
   local ok, e = pcall(r.host.call, r.host, "remote_spawn_monitor",
     { id = id, link = link, timeout = math.max(1, deadline - task.now()) })
   r.bytes[id] = nil
+  if ok and not r.sent[id] then
+    ok, e = false, r.send_error or "the backend did not send the call"
+  end
   if not ok then
     r.calls[id] = nil
     self:untake(r)
-    self:serve()
-    errors.raise("runner_down", ("pool '%s': runner %s could not take the call: %s")
-      :format(self.name, r.id, tostring(e)), { pool = self.name })
+    local reason = ("runner %s could not take the call: %s"):format(r.id, tostring(e))
+    self:runner_down(r, reason)               -- a runner that cannot take calls is gone
+    errors.raise("runner_down", ("pool '%s': %s"):format(self.name, reason),
+      { pool = self.name, runner = r.id })
   end
   local timer
   if deadline < math.huge then
     timer = loop:timer(math.max(0, deadline - task.now()), function()
-      if f:set("k", nil, "timeout") then r.term:kill(id, "timeout") end
+      if f:set("k", nil, "timeout") and r.status ~= "down" then
+        pcall(r.term.kill, r.term, id, "timeout")
+      end
     end)
   end
   local status, payload, why, detail = f:wait()
   if timer then timer:stop() end
+  r.sent[id] = nil
   return status, payload, why, detail, r
 end
 
@@ -807,7 +879,8 @@ end
 --- Stops the pool: queued callers get `shutdown`, running calls get up to
 -- shutdown_timeout to finish, then are killed; runners stop.
 function Pool:shutdown()
-  if self.closed then return end
+  if self.stopping then return end
+  self.stopping = true
   self.closed = true
   pools[self.name] = nil
   for _, w in ipairs(self.waiting) do
@@ -815,6 +888,18 @@ function Pool:shutdown()
       { pool = self.name }))
   end
   self.waiting = {}
+  -- whatever happens while draining (the caller cancelled, a wait refused), the
+  -- runners are stopped
+  local finish <close> = setmetatable({}, { __close = function()
+    local runners = self.runners
+    self.runners = {}
+    for _, r in ipairs(runners) do
+      for id in pairs(r.calls) do pcall(r.term.kill, r.term, id, "shutdown") end
+      self:stop_runner(r)
+    end
+    if self.hub_ then self.hub_:close() end
+    self.log.info("pool shut down")
+  end })
   if busy_count(self) > 0 and self.opts.shutdown_timeout > 0 then
     -- set when the last call ends (Pool:done) or at the timeout
     self.drained = task.future()
@@ -825,14 +910,6 @@ function Pool:shutdown()
     self.drained:wait()
     if timer then timer:stop() end
   end
-  local runners = self.runners
-  self.runners = {}
-  for _, r in ipairs(runners) do
-    for id in pairs(r.calls) do r.term:kill(id, "shutdown") end
-    self:stop_runner(r)
-  end
-  if self.hub_ then self.hub_:close() end
-  self.log.info("pool shut down")
 end
 
 --- Names of pools not yet shut down (the specs check that none is left behind).
