@@ -74,6 +74,7 @@ local function bootstrap(spec)
   function env.spawn_monitor(term, work) return request("spawn_monitor", plain(term), work) end
   function env.send_after(ms, msg) return request("send_after", ms, plain(msg)) end
   env.proc = { spawn = function(o) return handle(request("proc_spawn", plain(o))) end }
+  env.http = { request = function(o) return request("http_request", plain(o)) end }
   env.json = {
     encode = function(v) return request("json_encode", plain(v)) end,
     decode = function(s) return request("json_decode", s) end,

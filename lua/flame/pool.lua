@@ -275,6 +275,22 @@ local function backend_server(pool, runner)
     return keep(proc, "process", { process_id = proc:pid() })
   end
 
+  --- An HTTP request (core/http.c): status, headers, body, or nil and a message.
+  function S.http_request(o)
+    if type(o) ~= "table" or type(o.url) ~= "string" then
+      error("http.request: a table with a url expected", 0)
+    end
+    local f = task.future()
+    local opts = {}
+    for _, k in ipairs { "method", "url", "unix_socket", "headers", "body", "timeout",
+                         "ca", "cert", "key", "insecure" } do opts[k] = o[k] end
+    opts.on_done = function(...) f:set(...) end
+    core.http_request(opts)
+    local status, headers, body, err = f:wait()
+    if not status then return nil, err end
+    return status, headers, body
+  end
+
   function S.proc_kill(id, sig, group)
     local proc = handles[id]
     if not proc or not proc.kill then return nil, "no such process" end
