@@ -1,0 +1,976 @@
+--- Pools of runners, and calls on them.
+-- A pool boots runners through its backend, gives each call a slot on the runner
+-- with the fewest calls, queues callers in arrival order when every slot is taken
+-- and the pool is at max, and turns every failure into an error for the caller.
+-- One deadline per call: from entering flame.call to its result (docs/pools.md).
+-- @module flame.pool
+local core = require "flame.core"
+local errors = require "flame.errors"
+local task = require "flame.task"
+local logmod = require "flame.log"
+local parentmod = require "flame.parent"
+local remote = require "flame.remote"
+local backend = require "flame.backend"
+local cjson = require "cjson.safe"
+
+local M = {}
+
+local loop = task.loop
+local pools = {}                 -- name -> pool, for uniqueness within the process
+local LOST_GRACE = 100           -- ms a backend has to explain a lost link
+local next_call = 0
+
+local function invalid(msg, level)
+  errors.raise("invalid", msg, nil, level and level + 1 or 3)
+end
+
+local function describe(v)
+  if type(v) == "string" then return ("string %q"):format(v) end
+  return type(v) == "table" and "a table" or (type(v) .. " " .. tostring(v))
+end
+
+local function is_ms(v)
+  return type(v) == "number" and v == v and v >= 0
+end
+
+-- option -> { expected, check, default }
+local OPTIONS = {
+  name = { "a non-empty string", function(v) return type(v) == "string" and v ~= "" end },
+  backend = { "a backend name or table",
+    function(v) return type(v) == "string" or type(v) == "table" end, "local" },
+  backend_opts = { "a table", function(v) return type(v) == "table" end },
+  min = { "an integer >= 0", function(v) return math.type(v) == "integer" and v >= 0 end, 0 },
+  max = { "an integer >= 1", function(v) return math.type(v) == "integer" and v >= 1 end, 1 },
+  max_concurrency = { "an integer >= 1",
+    function(v) return math.type(v) == "integer" and v >= 1 end, 100 },
+  single_use = { "a boolean", function(v) return type(v) == "boolean" end, false },
+  timeout = { "milliseconds (a number > 0, or math.huge)",
+    function(v) return is_ms(v) and v > 0 end, 30000 },
+  boot_timeout = { "milliseconds (a number > 0, or math.huge)",
+    function(v) return is_ms(v) and v > 0 end, 30000 },
+  shutdown_timeout = { "milliseconds (a number >= 0, or math.huge)", is_ms, 30000 },
+  idle_shutdown_after = { "milliseconds, or { milliseconds, function }", function(v)
+    return is_ms(v) or (type(v) == "table" and is_ms(v[1]) and type(v[2]) == "function")
+  end, 30000 },
+  min_idle_shutdown_after = { "milliseconds (a number >= 0, or math.huge)", is_ms,
+    math.huge },
+  on_grow_start = { "a function", function(v) return type(v) == "function" end },
+  on_grow_end = { "a function", function(v) return type(v) == "function" end },
+  on_shrink = { "a function", function(v) return type(v) == "function" end },
+  log = { "false or one of \"debug\", \"info\", \"warn\", \"error\"",
+    function(v) return v == false or logmod.LEVELS[v] ~= nil end, false },
+  sandbox = { "\"application\", \"restricted\" or { profile = ..., memory_limit = ... }",
+    function(v)
+      if v == "application" or v == "restricted" then return true end
+      if type(v) ~= "table" then return false end
+      for k, x in pairs(v) do
+        if k == "profile" then
+          if x ~= "application" and x ~= "restricted" then return false end
+        elseif k == "memory_limit" then
+          if math.type(x) ~= "integer" or x < 0 then return false end
+        else
+          return false
+        end
+      end
+      return true
+    end, "application" },
+}
+
+local LINK_KEYS = { bind = "string", port = "number", advertise = "table",
+                    heartbeat_interval = "number", heartbeat_misses = "number" }
+OPTIONS.link = { "{ bind, port, advertise, heartbeat_interval, heartbeat_misses }",
+  function(v)
+    if type(v) ~= "table" then return false end
+    for k, x in pairs(v) do
+      if LINK_KEYS[k] == nil or type(x) ~= LINK_KEYS[k] then return false end
+    end
+    return (v.heartbeat_interval == nil or v.heartbeat_interval > 0)
+      and (v.heartbeat_misses == nil or v.heartbeat_misses >= 1)
+  end, {} }
+
+local CALL_OPTIONS = {
+  timeout = { "milliseconds (a number > 0, or math.huge)",
+    function(v) return is_ms(v) and v > 0 end },
+  link = { "a boolean", function(v) return type(v) == "boolean" end },
+}
+
+-- Checks a table of options against spec; returns a copy with defaults filled in.
+local function check_options(where, opts, spec, level)
+  if type(opts) ~= "table" then invalid(where .. ": options must be a table", level + 1) end
+  for k in pairs(opts) do
+    if type(k) ~= "string" or not spec[k] then
+      invalid(("%s: unknown option '%s'"):format(where, tostring(k)), level + 1)
+    end
+  end
+  local out = {}
+  for k, s in pairs(spec) do
+    local v = opts[k]
+    if v == nil then
+      v = s[3]
+    elseif not s[2](v) then
+      invalid(("%s: option '%s' must be %s (got %s)"):format(where, k, s[1], describe(v)),
+        level + 1)
+    end
+    out[k] = v
+  end
+  return out
+end
+
+local function sandbox_settings(sb)
+  if type(sb) == "string" then return { profile = sb, memory_limit = 0 } end
+  return { profile = sb.profile or "application", memory_limit = sb.memory_limit or 0 }
+end
+
+local function resolve_backend(b)
+  local mod, what = b, "the backend table"
+  if type(b) == "string" then
+    what = ("backend '%s'"):format(b)
+    local ok, m = pcall(require, "flame.backends." .. b)
+    if not ok then
+      local ok2, m2 = pcall(require, b)
+      if not ok2 then
+        invalid(("flame.pool: no backend '%s' (no module flame.backends.%s or %s)"):format(
+          b, b, b), 3)
+      end
+      m = m2
+    end
+    mod = m
+  end
+  if type(mod) ~= "table" then
+    invalid(("flame.pool: %s is not a table of callbacks"):format(what), 3)
+  end
+  for _, cb in ipairs { "init", "remote_boot" } do
+    if type(mod[cb]) ~= "function" then
+      invalid(("flame.pool: %s has no %s callback"):format(what, cb), 3)
+    end
+  end
+  return mod
+end
+
+local Pool = {}
+Pool.__index = Pool
+Pool.__name = "flame.pool"
+
+local parent_instance = parentmod.random_id(12)  -- this process, as a parent
+
+local function hostname()
+  local f = io.open("/proc/sys/kernel/hostname")
+  local h = f and f:read("l") or os.getenv("HOSTNAME") or "localhost"
+  if f then f:close() end
+  return h
+end
+
+local function flame_bin()
+  local bin = os.getenv("FLAME_BIN")
+  if bin and bin ~= "" then return bin end
+  local so = package.searchpath("flame.core", package.cpath)
+  local prefix = so and so:match("^(.*)/lib/lua/5%.4/flame/core%.so$")
+  if prefix then
+    local f = io.open(prefix .. "/bin/flame")
+    if f then f:close() return prefix .. "/bin/flame" end
+  end
+  for dir in (os.getenv("PATH") or ""):gmatch("[^:]+") do
+    local f = io.open(dir .. "/flame")
+    if f then f:close() return dir .. "/flame" end
+  end
+  return "flame"
+end
+
+-- The backend environment's requests from a runner's backend state, served here
+-- (docs/backends.md has what each does). Objects the backend holds (processes,
+-- terminators) stay here; it gets handles.
+local function backend_server(pool, runner)
+  local handles, next_handle = {}, 0
+  runner.handles = handles
+  local function keep(obj, kind, extra)
+    next_handle = next_handle + 1
+    handles[next_handle] = obj
+    local h = { __flame_handle = next_handle, kind = kind }
+    for k, v in pairs(extra or {}) do h[k] = v end
+    return h
+  end
+  local S = {}
+  function S.config(name) return pool.config[name] or {} end
+  S.random_id = parentmod.random_id
+  S.parent_encode = parentmod.encode
+  S.getenv = os.getenv
+  S.flame_bin = flame_bin
+  S.sleep = task.sleep
+  function S.exit() error("exit ends a runner (in system_shutdown), not the parent", 0) end
+  S.json_encode, S.json_decode = cjson.encode, cjson.decode
+  function S.log(level, msg) pool.log[level]("%s", msg) end
+
+  function S.parent_new(fields)
+    local hub = assert(pool:hub())
+    local o = pool.opts
+    local function ms(v) return v == math.huge and -1 or v end
+    local idle = type(o.idle_shutdown_after) == "table" and o.idle_shutdown_after[1]
+      or o.idle_shutdown_after
+    if runner.is_min then idle = o.min_idle_shutdown_after end
+    local p = parentmod.new {
+      node_base = fields and fields.node_base, host_env = fields and fields.host_env,
+      backend = type(o.backend) == "string" and o.backend or (fields and fields.backend),
+      addrs = hub.addrs,
+      settings = {
+        max_concurrency = o.max_concurrency, shutdown_timeout = ms(o.shutdown_timeout),
+        idle_shutdown_after = ms(idle), failsafe_timeout = ms(o.boot_timeout),
+        heartbeat_interval = hub.opts.heartbeat_interval,
+        heartbeat_misses = hub.opts.heartbeat_misses,
+        sandbox = sandbox_settings(o.sandbox),
+      },
+    }
+    hub:expect(p)
+    runner.parents[#runner.parents + 1] = p.ref
+    return p
+  end
+
+  function S.await_remote_up(p, timeout)
+    local hub = assert(pool:hub())
+    if type(p) ~= "table" or type(p.ref) ~= "string" then
+      error("await_remote_up: a parent record from parent_new expected", 0)
+    end
+    runner.awaiting = p.ref
+    local term, err = hub:await(p, timeout or pool.opts.boot_timeout)
+    runner.awaiting = nil
+    if not term then return nil, err end
+    return keep(term, "terminator")
+  end
+
+  function S.local_terminator(state)
+    local sb = type(state) == "table" and state.sandbox or {}
+    local ok, ex = pcall(core.executor, {
+      workers = state.max_concurrency,
+      profile = sb.profile or "application",
+      memory_limit = sb.memory_limit or 0,
+      info = assert(core.encode(nil, { ref = runner.id, backend = "local",
+        node_base = runner.id, flame_vsn = core.VERSION })),
+      on_done = function(id, status, payload) runner:done(id, status, payload) end,
+    })
+    if not ok then return nil, tostring(ex) end
+    return keep(ex, "terminator")
+  end
+
+  function S.spawn_monitor(h, work)
+    local term = type(h) == "table" and handles[h.__flame_handle]
+    if not term or not term.submit then error("spawn_monitor: not a terminator", 0) end
+    local bytes = runner.bytes[work.id]
+    runner.bytes[work.id] = nil
+    if not bytes then error("spawn_monitor: no such call", 0) end
+    local ok, err = pcall(term.submit, term, work.id, bytes, work.timeout, work.link)
+    if not ok then
+      runner.send_error = tostring(err)
+      error(err, 0)
+    end
+    runner.sent[work.id] = true
+    return work.id
+  end
+
+  function S.send_after(ms, msg)
+    loop:timer(ms, function() pool:info(runner, msg) end)
+    return true
+  end
+
+  function S.proc_spawn(o)
+    local proc, err = core.spawn {
+      path = o.path, args = o.args, env = o.env, cwd = o.cwd, group = o.group,
+      on_output = function(stream, line)
+        pool.log[stream == "stderr" and "warn" or "info"]("[%s] %s", runner.id, line)
+      end,
+      on_exit = function(code, signal)
+        pool:info(runner, { event = "exit", code = code, signal = signal })
+      end,
+    }
+    if not proc then return nil, err end
+    return keep(proc, "process", { process_id = proc:pid() })
+  end
+
+  --- An HTTP request (core/http.c): status, headers, body, or nil and a message.
+  function S.http_request(o)
+    if type(o) ~= "table" or type(o.url) ~= "string" then
+      error("http.request: a table with a url expected", 0)
+    end
+    local f = task.future()
+    local opts = {}
+    for _, k in ipairs { "method", "url", "unix_socket", "headers", "body", "timeout",
+                         "ca", "cert", "key", "insecure" } do opts[k] = o[k] end
+    opts.on_done = function(...) f:set(...) end
+    core.http_request(opts)
+    local status, headers, body, err = f:wait()
+    if not status then return nil, err end
+    return status, headers, body
+  end
+
+  --- A request left running: its answer reaches handle_info as
+  -- { event = "http", tag = tag, status = n, body = s } or { ..., error = message }.
+  function S.http_watch(o, tag)
+    local opts = {}
+    for _, k in ipairs { "method", "url", "unix_socket", "headers", "body", "timeout",
+                         "ca", "cert", "key", "insecure" } do opts[k] = o[k] end
+    opts.on_done = function(status, headers, body, err)
+      pool:info(runner, { event = "http", tag = tag, status = status, body = body,
+                          error = err })
+    end
+    core.http_request(opts)
+    return true
+  end
+
+  function S.proc_alive(pid)
+    local f = io.open("/proc/" .. math.floor(tonumber(pid) or 0) .. "/stat")
+    if not f then return false end
+    local st = f:read("a")
+    f:close()
+    return st:match("^%d+ %b() (%a)") ~= "Z"
+  end
+
+  --- Who this parent is: { id (random, per process), pid, host }.
+  function S.parent_info()
+    return { id = parent_instance, pid = core.pid(), host = hostname() }
+  end
+
+  function S.proc_kill(id, sig, group)
+    local proc = handles[id]
+    if not proc or not proc.kill then return nil, "no such process" end
+    return proc:kill(sig, group)
+  end
+
+  function S.proc_exited(id)
+    local proc = handles[id]
+    return proc == nil or proc:exited()
+  end
+
+  return function(name, ...)
+    local f = S[name]
+    if not f then error("the backend environment has no " .. tostring(name), 0) end
+    return f(...)
+  end
+end
+
+--- The pool's hub for remote runners, made on first use.
+function Pool:hub()
+  if self.hub_ then return self.hub_ end
+  local l = self.opts.link
+  local h, err = remote.hub {
+    bind = l.bind, port = l.port, advertise = l.advertise,
+    heartbeat_interval = l.heartbeat_interval or 1000,
+    heartbeat_misses = l.heartbeat_misses or 3, log = self.log,
+  }
+  if not h then return nil, err end
+  self.hub_ = h
+  return h
+end
+
+local function call_hook(pool, name, ...)
+  local fn = pool.opts[name]
+  if fn then
+    local ok, err = pcall(fn, ...)
+    if not ok then pool.log.error("%s callback failed: %s", name, tostring(err)) end
+  end
+end
+
+--- Makes a pool. Options as in the API (docs/pools.md); bad ones raise `invalid`.
+function M.new(opts)
+  local o = check_options("flame.pool", opts, OPTIONS, 2)
+  if o.name == nil then invalid("flame.pool: option 'name' is required", 2) end
+  if o.min > o.max then
+    invalid(("flame.pool: min (%d) is larger than max (%d)"):format(o.min, o.max), 2)
+  end
+  if pools[o.name] then
+    invalid(("flame.pool: a pool named '%s' already exists"):format(o.name), 2)
+  end
+  resolve_backend(o.backend)
+  if type(o.backend) == "table" then            -- it is copied into each backend state
+    local ok, err = core.encode({ name = "backend" }, o.backend)
+    if not ok then
+      invalid("flame.pool: the backend table cannot be copied into a backend state: " .. err, 2)
+    end
+  end
+  if require("flame").parent() ~= nil then o.min = 0 end  -- a runner boots no runners
+  local pool = setmetatable({
+    name = o.name, opts = o, nmin = 0,
+    runners = {}, booting = 0, waiting = {}, calls = 0, peak = 0, nrunners = 0,
+    log = logmod.new(o.log, o.name), config = {}, closed = false,
+  }, Pool)
+  pools[o.name] = pool
+  for _ = 1, o.min do pool:grow() end
+  return pool
+end
+
+local function remove_runner(pool, r)
+  for i, x in ipairs(pool.runners) do
+    if x == r then table.remove(pool.runners, i) return true end
+  end
+  return false
+end
+
+-- Calls one runner takes at once: 1 for single-use runners.
+local function slots(pool)
+  return pool.opts.single_use and 1 or pool.opts.max_concurrency
+end
+
+-- The up runner with the fewest calls that has a free slot, or nil.
+function Pool:pick()
+  local best
+  local mc = slots(self)
+  for _, r in ipairs(self.runners) do
+    if r.status == "up" and r.inflight < mc and not r.used
+       and (best == nil or r.inflight < best.inflight) then
+      best = r
+    end
+  end
+  return best
+end
+
+-- A slot of r is taken: its idle clock stops; a single-use runner is spent.
+function Pool:take(r)
+  r.inflight = r.inflight + 1
+  if self.opts.single_use then r.used = true end
+  if r.idle_timer then
+    r.idle_timer:stop()
+    r.idle_timer = nil
+  end
+end
+
+function Pool:untake(r)
+  r.inflight = r.inflight - 1
+  if self.opts.single_use then r.used = nil end
+end
+
+-- Local runners idle down here (remote ones decide on the runner): after
+-- idle_shutdown_after without calls, or min_idle_shutdown_after for min runners,
+-- and when the idle check agrees.
+function Pool:idle_watch(r)
+  if r.remote or r.status ~= "up" or r.inflight > 0 or self.closed then return end
+  local idle = self.opts.idle_shutdown_after
+  local ms = type(idle) == "table" and idle[1] or idle
+  if r.is_min then ms = self.opts.min_idle_shutdown_after end
+  if ms == math.huge then return end
+  if r.idle_timer then r.idle_timer:stop() end
+  r.idle_timer = loop:timer(ms, function()
+    r.idle_timer = nil
+    if r.status ~= "up" or r.inflight > 0 or self.closed then return end
+    if type(idle) ~= "table" then return self:shrink(r, "idle") end
+    task.spawn(function()                    -- the check may wait: it runs in a task
+      local ok, ready = pcall(idle[2])
+      if r.status ~= "up" or r.inflight > 0 or self.closed then return end
+      if ok and ready then self:shrink(r, "idle") else self:idle_watch(r) end
+    end)
+  end)
+end
+
+-- A runner leaves on purpose (idle, single use): stopped, not replaced.
+function Pool:shrink(r, why)
+  if r.status == "down" then return end
+  remove_runner(self, r)
+  if r.is_min then self.nmin = self.nmin - 1 end
+  self.log.info("runner %s: shut down (%s)", r.id, why)
+  self:stop_runner(r)
+  call_hook(self, "on_shrink", { name = self.name, count = #self.runners, reason = why })
+  r.shrink_reported = true
+  self:grow_for_waiters()
+end
+
+-- Gives free slots to the oldest living waiters.
+function Pool:serve()
+  while #self.waiting > 0 do
+    local r = self:pick()
+    if not r then return end
+    local w = table.remove(self.waiting, 1)
+    self:take(r)
+    if not w:set(true, r) then self:untake(r) self:idle_watch(r) end
+  end
+end
+
+-- Boots one runner in a task of its own; callers wait for its slots.
+function Pool:grow()
+  self.booting = self.booting + 1
+  self.nrunners = self.nrunners + 1
+  local id = ("%s-%d"):format(self.name, self.nrunners)
+  local is_min = self.nmin < self.opts.min    -- it keeps the pool at min: min rules
+  if is_min then self.nmin = self.nmin + 1 end
+  call_hook(self, "on_grow_start", { name = self.name, count = #self.runners + self.booting })
+  self.log.info("runner %s booting", id)
+  task.spawn(function()
+    local counted = false                    -- booting comes back down whatever happens
+    local guard <close> = setmetatable({}, { __close = function()
+      if not counted then
+        self.booting = self.booting - 1
+        if is_min then self.nmin = self.nmin - 1 end
+        self.log.error("runner %s: the boot failed in flame itself", id)
+      end
+    end })
+    local runner = { id = id, pool = self, inflight = 0, calls = {}, status = "booting",
+                     parents = {}, bytes = {}, sent = {}, is_min = is_min }
+    function runner.done(r, call_id, status, payload) self:done(r, call_id, status, payload) end
+    local settings = {
+      max_concurrency = self.opts.max_concurrency, sandbox = sandbox_settings(self.opts.sandbox),
+      boot_timeout = self.opts.boot_timeout, shutdown_timeout = self.opts.shutdown_timeout,
+      pool = self.name, runner_id = id,
+    }
+    for k, v in pairs(self.opts.backend_opts or {}) do settings[k] = v end
+    local host, err = backend.new(self.opts.backend, backend_server(self, runner))
+    local term
+    local ok = host ~= nil
+    if ok then
+      runner.host = host
+      ok, err = pcall(host.call, host, "init", settings)
+      if ok then
+        local ok2, h, why = pcall(host.call, host, "remote_boot")
+        ok, err = ok2, ok2 and why or h
+        term = ok2 and type(h) == "table" and runner.handles[h.__flame_handle] or nil
+        if ok2 and h and not (term and term.submit) then
+          ok, err, term = false, "remote_boot returned something that is not a terminator", nil
+        end
+        if term and runner.failed then          -- declared down while it booted
+          ok, err, term = false, runner.failed, nil
+        end
+      end
+    end
+    counted = true
+    self.booting = self.booting - 1
+    if not ok or not term then
+      local reason = tostring(err or "remote_boot returned nothing")
+      self.log.error("runner %s failed to boot: %s", id, reason)
+      call_hook(self, "on_grow_end", reason, { name = self.name, count = #self.runners })
+      -- the callers this boot was for learn why: all of them when nothing else is up
+      -- or booting, else as many as it would have served (the rest may get another)
+      local n = #self.waiting
+      if #self.runners > 0 or self.booting > 0 then n = math.min(n, slots(self)) end
+      for _ = 1, n do
+        local w = table.remove(self.waiting, 1)
+        w:set(false, errors.new("boot", ("pool '%s': runner %s failed to boot: %s")
+          :format(self.name, id, reason), { pool = self.name }))
+      end
+      runner.status = "down"
+      if is_min then
+        self.nmin = self.nmin - 1
+        self.min_backoff = math.min((self.min_backoff or 500) * 2, 30000)
+        loop:timer(self.min_backoff, function()  -- min is kept: try again, later
+          if not self.closed and self.nmin < self.opts.min then self:grow() end
+        end)
+      end
+      if self.hub_ then
+        for _, ref in ipairs(runner.parents) do self.hub_:forget(ref) end
+      end
+      if host then host:close() end
+      self:grow_for_waiters()
+      return
+    end
+    runner.term, runner.status = term, "up"
+    local idle = self.opts.idle_shutdown_after
+    if term.configure and type(idle) == "table" then
+      local ok2, err2 = pcall(term.configure, term, idle[2])
+      if not ok2 then self.log.error("runner %s: idle check not sent: %s", id, tostring(err2)) end
+    end
+    if term.attach then                       -- a remote runner: its events
+      term:attach(function(kind, a, b, c)
+        if kind == "result" then self:done(runner, a, b, c)
+        elseif kind == "remote_shutdown" then
+          -- it takes no more calls; calls on their way get "shutdown" and are retried
+          -- elsewhere; it leaves the pool when its link closes
+          runner.status = "draining"
+          runner.leaving = "runner shut down: " .. tostring(a)
+          call_hook(self, "on_shrink", { name = self.name, count = #self.runners - 1,
+                                          reason = runner.leaving })
+          runner.shrink_reported = true
+        elseif kind == "lost" then
+          runner.status = runner.status == "up" and "lost" or runner.status
+          -- a process exit usually says more than a closed socket: let the
+          -- backend's handle_info speak first, briefly
+          if runner.leaving then
+            self:runner_down(runner, runner.leaving, true)
+          else
+            local reason = "lost the link to the runner: " .. tostring(a)
+            loop:timer(LOST_GRACE, function() self:runner_down(runner, reason) end)
+          end
+        end
+      end)
+    end
+    if self.closed then
+      self:stop_runner(runner)
+      return
+    end
+    runner.remote = term.attach ~= nil
+    if is_min then self.min_backoff = nil end
+    self.runners[#self.runners + 1] = runner
+    self.log.info("runner %s up", id)
+    call_hook(self, "on_grow_end", "ok", { name = self.name, count = #self.runners })
+    self:serve()
+    self:idle_watch(runner)
+  end)
+end
+
+local function busy_count(pool)
+  local b = 0
+  for _, r in ipairs(pool.runners) do b = b + r.inflight end
+  return b
+end
+
+-- The backend releases what the runner held (remote_shutdown, an optional callback
+-- of flame's own: kill the process, remove the container), then its state closes.
+function Pool:release(r, reason)
+  if r.released then return end
+  r.released = true
+  local host = r.host
+  if not host then return end
+  task.spawn(function()
+    local ok, err = pcall(host.call, host, "remote_shutdown", reason)
+    if not ok then self.log.error("runner %s: remote_shutdown failed: %s", r.id, tostring(err)) end
+    -- the state lives on a while: the backend may still hear of the runner (a
+    -- process exit, its own reap timer); then it is closed
+    local st = self.opts.shutdown_timeout
+    local linger = (st == math.huge and 5000 or st + 1000) + 5000  -- after its reap timer
+    loop:timer(linger, function() host:close() end)
+  end)
+end
+
+function Pool:stop_runner(r)
+  r.status = "down"
+  if r.term and r.term.shutdown then r.term:shutdown() end
+  if r.term and r.term.close then r.term:close() end
+  for id, f in pairs(r.calls) do                -- calls the runner can no longer answer
+    r.calls[id] = nil
+    f:set("k", nil, "shutdown")
+  end
+  self:release(r, "shutdown")
+end
+
+
+--- A runner went away: its callers get runner_down, it leaves the pool, and the
+-- backend releases it. `quiet`: it said goodbye (idle shutdown), not a failure.
+function Pool:runner_down(r, reason, quiet)
+  if r.status == "down" then return end
+  r.status = "down"
+  remove_runner(self, r)
+  if quiet then self.log.info("runner %s: %s", r.id, reason)
+  else self.log.warn("runner %s down: %s", r.id, reason) end
+  if r.term and r.term.close then r.term:close(reason) end
+  for id, f in pairs(r.calls) do
+    r.calls[id] = nil
+    r.inflight = r.inflight - 1
+    f:set("k", nil, "down", reason)
+  end
+  if not r.shrink_reported then
+    call_hook(self, "on_shrink", { name = self.name, count = #self.runners, reason = reason })
+  end
+  self:release(r, reason)
+  if self.drained and busy_count(self) == 0 then self.drained:set() end
+  if r.is_min then
+    self.nmin = self.nmin - 1
+    if not quiet and not self.closed then   -- a min runner that died is replaced
+      self.log.info("replacing min runner %s", r.id)
+      self:grow()
+      return
+    end
+  end
+  self:grow_for_waiters()
+end
+
+-- A message for the backend (a process exit, a send_after): its handle_info decides,
+-- in a task (it may wait).
+function Pool:info(r, msg)
+  local host = r.host
+  if not host then return end
+  task.spawn(function()
+    local ok, alive, reason = pcall(host.call, host, "handle_info", msg)
+    if r.status == "down" then return end    -- already gone: only the backend cared
+    if ok and alive then return end
+    reason = tostring(ok and (reason or "the backend reported the runner down") or alive)
+    if r.status == "booting" then
+      r.failed = reason                      -- the boot fails with it
+      if r.awaiting and self.hub_ then self.hub_:fail(r.awaiting, reason) end
+    else
+      self:runner_down(r, reason)
+    end
+  end)
+end
+
+-- Boots for callers still waiting when no runner is up or booting for them.
+function Pool:grow_for_waiters()
+  if self.closed or #self.waiting == 0 then return end
+  if #self.runners + self.booting < self.opts.max
+     and self.booting * slots(self) <= #self.waiting then
+    self:grow()
+  end
+end
+
+-- A call ended on runner r: free its slot, wake its caller.
+function Pool:done(r, call_id, status, payload)
+  local f = r.calls[call_id]
+  if f == nil then return end               -- not ours, or answered already
+  r.calls[call_id] = nil
+  r.inflight = r.inflight - 1
+  if f then f:set(status, payload) end
+  if self.drained and busy_count(self) == 0 then self.drained:set() end
+  if self.opts.single_use and r.inflight == 0 and r.status == "up" then
+    self:shrink(r, "single use")
+    return
+  end
+  self:serve()
+  self:idle_watch(r)
+end
+
+-- Waits for a slot until the deadline; returns the runner.
+function Pool:checkout(deadline)
+  if self.closed then
+    errors.raise("shutdown", ("pool '%s' is shut down"):format(self.name), { pool = self.name })
+  end
+  local r = self:pick()
+  if r then
+    self:take(r)
+    return r
+  end
+  if #self.runners + self.booting < self.opts.max
+     and self.booting * slots(self) <= #self.waiting then
+    self:grow()
+  end
+  local w = task.future()
+  self.waiting[#self.waiting + 1] = w
+  local function leave_queue()
+    for i, x in ipairs(self.waiting) do
+      if x == w then table.remove(self.waiting, i) return end
+    end
+  end
+  local timer
+  if deadline < math.huge then
+    timer = loop:timer(math.max(0, deadline - task.now()), function()
+      local phase = self.booting > 0 and "boot" or "queue"
+      if w:set(false, errors.new("timeout", ("call on pool '%s' found no free runner "
+          .. "within its timeout"):format(self.name), { phase = phase, pool = self.name })) then
+        leave_queue()
+      end
+    end)
+  end
+  -- a caller cancelled while waiting leaves the queue, and gives back a slot it
+  -- was granted but never used
+  local used = false
+  local guard <close> = setmetatable({}, { __close = function()
+    if timer then timer:stop() end
+    if used then return end
+    if w:set(false, errors.new("shutdown", "cancelled while waiting")) then
+      leave_queue()
+    elseif w.values[1] == true then
+      local granted = w.values[2]
+      self:untake(granted)
+      self:serve()
+      self:idle_watch(granted)
+    end
+  end })
+  local ok, v = w:wait()
+  used = true
+  if not ok then error(v, 0) end
+  return v
+end
+
+local function decode_values(payload)
+  return core.decode(payload)
+end
+
+-- Turns a runner's answer into results, or raises.
+local function outcome(pool, status, payload)
+  if status == "r" then
+    local r = table.pack(decode_values(payload))
+    if not r[1] then
+      errors.raise("decode", ("pool '%s': a result could not be decoded: %s")
+        :format(pool.name, r[2]), { pool = pool.name })
+    end
+    return table.unpack(r, 2, r.n)
+  end
+  local ok, msg, tb, value = false, "not enough memory", "", nil
+  if payload then ok, msg, tb, value = decode_values(payload) end
+  if not ok then msg = "the runner's answer could not be decoded: " .. tostring(msg) end
+  if status == "e" then
+    errors.raise("remote", msg, { traceback = tb, value = value, pool = pool.name })
+  elseif status == "k" then
+    if msg == "timeout" then
+      errors.raise("timeout", ("call on pool '%s' ran past its timeout"):format(pool.name),
+        { phase = "run", pool = pool.name })
+    end
+    errors.raise("shutdown", ("call on pool '%s' was stopped (%s)"):format(pool.name, msg),
+      { pool = pool.name })
+  elseif status == "c" then
+    errors.raise("encode", msg, { pool = pool.name })
+  elseif status == "d" then
+    errors.raise("decode", msg, { pool = pool.name })
+  end
+  errors.raise("remote", "unknown answer from the runner", { pool = pool.name })
+end
+
+local function check_work(work, level)
+  if type(work) == "function" then return end
+  if type(work) == "table" then
+    if type(work[1]) ~= "string" or type(work[2]) ~= "string"
+       or (work[3] ~= nil and type(work[3]) ~= "table") then
+      invalid("flame.call: work must be a function or { module, function, args } "
+        .. "(two strings and an optional table)", level + 1)
+    end
+    return
+  end
+  invalid("flame.call: work must be a function or { module, function, args }, got "
+    .. type(work), level + 1)
+end
+
+-- One try of a call: a slot, the work sent, its answer (or why there is none).
+function Pool:attempt(bytes, deadline, link)
+  local asked = self.queue_waits and core.hrtime()
+  local r = self:checkout(deadline)
+  if asked then                              -- a benchmark asked for queue waits
+    self.queue_waits[#self.queue_waits + 1] = (core.hrtime() - asked) / 1e6
+  end
+  if self.closed or r.status ~= "up" then    -- stopped while the slot was on its way
+    self:untake(r)
+    errors.raise("shutdown", ("pool '%s' is shut down"):format(self.name), { pool = self.name })
+  end
+  next_call = next_call + 1
+  local id = next_call
+  local f = task.future()
+  r.calls[id] = f
+  self.calls = self.calls + 1
+  local busy = 0
+  for _, x in ipairs(self.runners) do busy = busy + x.inflight end
+  if busy > self.peak then self.peak = busy end
+  -- a caller that goes away (its task cancelled) takes linked work with it; before
+  -- the work was sent, it just gives the slot back
+  local guard <close> = setmetatable({}, { __close = function()
+    if f.done then return end
+    f:set("k", nil)
+    if not r.sent[id] then
+      r.calls[id] = nil
+      self:untake(r)
+      self:serve()
+      self:idle_watch(r)
+    elseif link and r.status ~= "down" then
+      pcall(r.term.kill, r.term, id, "cancelled")
+    end
+  end })
+  r.bytes[id] = bytes
+  local ok, e = pcall(r.host.call, r.host, "remote_spawn_monitor",
+    { id = id, link = link, timeout = math.max(1, deadline - task.now()) })
+  r.bytes[id] = nil
+  if ok and not r.sent[id] then
+    ok, e = false, r.send_error or "the backend did not send the call"
+  end
+  if not ok then
+    r.calls[id] = nil
+    self:untake(r)
+    local reason = ("runner %s could not take the call: %s"):format(r.id, tostring(e))
+    self:runner_down(r, reason)               -- a runner that cannot take calls is gone
+    errors.raise("runner_down", ("pool '%s': %s"):format(self.name, reason),
+      { pool = self.name, runner = r.id })
+  end
+  local timer
+  if deadline < math.huge then
+    timer = loop:timer(math.max(0, deadline - task.now()), function()
+      if f:set("k", nil, "timeout") and r.status ~= "down" then
+        pcall(r.term.kill, r.term, id, "timeout")
+      end
+    end)
+  end
+  local status, payload, why, detail = f:wait()
+  if timer then timer:stop() end
+  r.sent[id] = nil
+  return status, payload, why, detail, r
+end
+
+--- Runs work on a runner of the pool and returns its results (see flame.call).
+function Pool:call(work, opts, level)
+  level = level or 2
+  if getmetatable(self) ~= Pool then invalid("flame.call: a pool expected", level) end
+  check_work(work, level)
+  local o = check_options("flame.call", opts or {}, CALL_OPTIONS, level)
+  if self.closed then
+    errors.raise("shutdown", ("pool '%s' is shut down"):format(self.name), { pool = self.name })
+  end
+  local timeout = o.timeout or self.opts.timeout
+  local deadline = task.now() + timeout
+  local bytes, err = core.encode({ name = "work" }, work)
+  if not bytes then errors.raise("encode", err, { pool = self.name }) end
+
+  local status, payload, why, detail, r, killed
+  for _ = 1, 3 do
+    status, payload, why, detail, r = self:attempt(bytes, deadline, o.link ~= false)
+    -- a runner that was going away when the call reached it refused it unstarted:
+    -- the call goes to another runner, within the same deadline
+    killed = status == "k" and why == nil and payload and select(2, core.decode(payload))
+    if not (killed == "shutdown" and r.leaving) then break end
+  end
+  -- the runner's own deadline may fire a moment before ours: the same error
+  if killed == "timeout" then why = "timeout" end
+  if why == "down" then
+    errors.raise("runner_down", ("pool '%s': runner %s went away during the call: %s")
+      :format(self.name, r.id, tostring(detail)), { pool = self.name, runner = r.id })
+  end
+  if why == "timeout" then
+    errors.raise("timeout", ("call on pool '%s' ran past its timeout of %s ms")
+      :format(self.name, tostring(timeout)), { phase = "run", pool = self.name })
+  elseif why == "shutdown" then
+    errors.raise("shutdown", ("pool '%s' shut down before the call ended"):format(self.name),
+      { pool = self.name })
+  end
+  return outcome(self, status, payload)
+end
+
+--- Statistics: runners up, pending (booting), busy (calls running), waiting callers.
+function Pool:stats()
+  local busy, workers, peak_running = 0, 0, 0
+  for _, r in ipairs(self.runners) do
+    busy = busy + r.inflight
+    if r.term and r.term.stats then
+      local s = r.term:stats()
+      workers = workers + s.workers
+      peak_running = math.max(peak_running, s.peak)
+    end
+  end
+  return {
+    name = self.name, runners = #self.runners, pending = self.booting, busy = busy,
+    waiting = #self.waiting, max = self.opts.max, min = self.opts.min,
+    max_concurrency = self.opts.max_concurrency, calls = self.calls, peak_busy = self.peak,
+    workers = workers, peak_running = peak_running,
+  }
+end
+
+--- Stops the pool: queued callers get `shutdown`, running calls get up to
+-- shutdown_timeout to finish, then are killed; runners stop.
+function Pool:shutdown()
+  if self.stopping then return end
+  self.stopping = true
+  self.closed = true
+  pools[self.name] = nil
+  for _, w in ipairs(self.waiting) do
+    w:set(false, errors.new("shutdown", ("pool '%s' is shutting down"):format(self.name),
+      { pool = self.name }))
+  end
+  self.waiting = {}
+  -- whatever happens while draining (the caller cancelled, a wait refused), the
+  -- runners are stopped
+  local finish <close> = setmetatable({}, { __close = function()
+    local runners = self.runners
+    self.runners = {}
+    for _, r in ipairs(runners) do
+      for id in pairs(r.calls) do pcall(r.term.kill, r.term, id, "shutdown") end
+      self:stop_runner(r)
+    end
+    if self.hub_ then self.hub_:close() end
+    self.log.info("pool shut down")
+  end })
+  if busy_count(self) > 0 and self.opts.shutdown_timeout > 0 then
+    -- set when the last call ends (Pool:done) or at the timeout
+    self.drained = task.future()
+    local timer
+    if self.opts.shutdown_timeout < math.huge then
+      timer = loop:timer(self.opts.shutdown_timeout, function() self.drained:set() end)
+    end
+    self.drained:wait()
+    if timer then timer:stop() end
+  end
+end
+
+--- Names of pools not yet shut down (the specs check that none is left behind).
+function M.live()
+  local names = {}
+  for name in pairs(pools) do names[#names + 1] = name end
+  table.sort(names)
+  return names
+end
+
+M.Pool = Pool
+return M
