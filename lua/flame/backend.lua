@@ -74,7 +74,12 @@ local function bootstrap(spec)
   function env.spawn_monitor(term, work) return request("spawn_monitor", plain(term), work) end
   function env.send_after(ms, msg) return request("send_after", ms, plain(msg)) end
   env.proc = { spawn = function(o) return handle(request("proc_spawn", plain(o))) end }
-  env.http = { request = function(o) return request("http_request", plain(o)) end }
+  env.http = {
+    request = function(o) return request("http_request", plain(o)) end,
+    watch = function(o, tag) return request("http_watch", plain(o), tag) end,
+  }
+  function env.parent_info() return request("parent_info") end
+  function env.proc_alive(pid) return request("proc_alive", pid) end
   env.json = {
     encode = function(v) return request("json_encode", plain(v)) end,
     decode = function(s) return request("json_decode", s) end,

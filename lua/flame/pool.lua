@@ -151,6 +151,15 @@ local Pool = {}
 Pool.__index = Pool
 Pool.__name = "flame.pool"
 
+local parent_instance = parentmod.random_id(12)  -- this process, as a parent
+
+local function hostname()
+  local f = io.open("/proc/sys/kernel/hostname")
+  local h = f and f:read("l") or os.getenv("HOSTNAME") or "localhost"
+  if f then f:close() end
+  return h
+end
+
 local function flame_bin()
   local bin = os.getenv("FLAME_BIN")
   if bin and bin ~= "" then return bin end
@@ -188,7 +197,20 @@ local function backend_server(pool, runner)
   S.flame_bin = flame_bin
   S.sleep = task.sleep
   function S.exit() error("exit ends a runner (in system_shutdown), not the parent", 0) end
-  S.json_encode, S.json_decode = cjson.encode, cjson.decode
+  S.json_encode = cjson.encode
+  -- JSON null is cjson.null, a userdata that cannot cross into a backend state: nil
+  local function denull(v)
+    if v == cjson.null then return nil end
+    if type(v) == "table" then
+      for k, x in pairs(v) do v[k] = denull(x) end
+    end
+    return v
+  end
+  function S.json_decode(text)
+    local v, err = cjson.decode(text)
+    if v == nil then return nil, err end
+    return denull(v)
+  end
   function S.log(level, msg) pool.log[level]("%s", msg) end
 
   function S.parent_new(fields)
@@ -289,6 +311,33 @@ local function backend_server(pool, runner)
     local status, headers, body, err = f:wait()
     if not status then return nil, err end
     return status, headers, body
+  end
+
+  --- A request left running: its answer reaches handle_info as
+  -- { event = "http", tag = tag, status = n, body = s } or { ..., error = message }.
+  function S.http_watch(o, tag)
+    local opts = {}
+    for _, k in ipairs { "method", "url", "unix_socket", "headers", "body", "timeout",
+                         "ca", "cert", "key", "insecure" } do opts[k] = o[k] end
+    opts.on_done = function(status, headers, body, err)
+      pool:info(runner, { event = "http", tag = tag, status = status, body = body,
+                          error = err })
+    end
+    core.http_request(opts)
+    return true
+  end
+
+  function S.proc_alive(pid)
+    local f = io.open("/proc/" .. math.floor(tonumber(pid) or 0) .. "/stat")
+    if not f then return false end
+    local st = f:read("a")
+    f:close()
+    return st:match("^%d+ %b() (%a)") ~= "Z"
+  end
+
+  --- Who this parent is: { id (random, per process), pid, host }.
+  function S.parent_info()
+    return { id = parent_instance, pid = core.pid(), host = hostname() }
   end
 
   function S.proc_kill(id, sig, group)
