@@ -472,24 +472,28 @@ static int conn_queued(lua_State *L) {
   return 1;
 }
 
-static int conn_peer(lua_State *L) {
-  conn *c = conn_check(L);
-  struct sockaddr_storage sa;
-  int len = sizeof sa;
+/* [-0, +2, m] The ip and port of an address ("?" and 0 for other families). */
+static int push_addr(lua_State *L, const struct sockaddr_storage *sa) {
   char ip[64] = "?";
   int port = 0;
-  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&sa, &len) == 0) {
-    if (sa.ss_family == AF_INET) {
-      uv_ip4_name((struct sockaddr_in *)&sa, ip, sizeof ip);
-      port = ntohs(((struct sockaddr_in *)&sa)->sin_port);
-    } else if (sa.ss_family == AF_INET6) {
-      uv_ip6_name((struct sockaddr_in6 *)&sa, ip, sizeof ip);
-      port = ntohs(((struct sockaddr_in6 *)&sa)->sin6_port);
-    }
+  if (sa->ss_family == AF_INET) {
+    uv_ip4_name((const struct sockaddr_in *)sa, ip, sizeof ip);
+    port = ntohs(((const struct sockaddr_in *)sa)->sin_port);
+  } else if (sa->ss_family == AF_INET6) {
+    uv_ip6_name((const struct sockaddr_in6 *)sa, ip, sizeof ip);
+    port = ntohs(((const struct sockaddr_in6 *)sa)->sin6_port);
   }
   lua_pushstring(L, ip);
   lua_pushinteger(L, port);
   return 2;
+}
+
+static int conn_peer(lua_State *L) {
+  conn *c = conn_check(L);
+  struct sockaddr_storage sa;
+  int len = sizeof sa;
+  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&sa, &len) != 0) sa.ss_family = AF_UNSPEC;
+  return push_addr(L, &sa);
 }
 
 static int conn_gc(lua_State *L) {
@@ -608,18 +612,7 @@ static int listener_address(lua_State *L) {
   int len = sizeof sa;
   int rc = uv_tcp_getsockname(&l->tcp, (struct sockaddr *)&sa, &len);
   if (rc != 0) return luaL_error(L, "getsockname: %s", uv_strerror(rc));
-  char ip[64];
-  int port;
-  if (sa.ss_family == AF_INET6) {
-    uv_ip6_name((struct sockaddr_in6 *)&sa, ip, sizeof ip);
-    port = ntohs(((struct sockaddr_in6 *)&sa)->sin6_port);
-  } else {
-    uv_ip4_name((struct sockaddr_in *)&sa, ip, sizeof ip);
-    port = ntohs(((struct sockaddr_in *)&sa)->sin_port);
-  }
-  lua_pushstring(L, ip);
-  lua_pushinteger(L, port);
-  return 2;
+  return push_addr(L, &sa);
 }
 
 static int listener_close(lua_State *L) {

@@ -797,74 +797,23 @@ static int sbox_close(lua_State *L) {
   return 0;
 }
 
-/* A thread that pulls the kill switch when a deadline passes, unless told first
- * that the run ended. Lock order: the killer's lock, then the sandbox's. */
-typedef struct killer {
-  uv_thread_t thread;
-  uv_mutex_t lock;
-  uv_cond_t cond;
-  int ended, reason;
-  uint64_t deadline;          /* uv_hrtime() nanoseconds */
-  sandbox *s;
-} killer;
-
-static void killer_main(void *arg) {
-  killer *k = arg;
-  uv_mutex_lock(&k->lock);
-  while (!k->ended) {
-    uint64_t now = uv_hrtime();
-    if (now >= k->deadline) {
-      sandbox_kill(k->s, k->reason);
-      break;
-    }
-    uv_cond_timedwait(&k->cond, &k->lock, k->deadline - now);
-  }
-  uv_mutex_unlock(&k->lock);
-}
-
-static int killer_start(killer *k, sandbox *s, lua_Integer ms, int reason) {
-  k->s = s;
-  k->ended = 0;
-  k->reason = reason;
-  k->deadline = uv_hrtime() + (uint64_t)ms * 1000000u;
-  int rc = uv_mutex_init(&k->lock);
-  if (rc != 0) return rc;
-  if ((rc = uv_cond_init(&k->cond)) != 0) {
-    uv_mutex_destroy(&k->lock);
-    return rc;
-  }
-  if ((rc = uv_thread_create(&k->thread, killer_main, k)) != 0) {
-    uv_cond_destroy(&k->cond);
-    uv_mutex_destroy(&k->lock);
-  }
-  return rc;
-}
-
-static void killer_stop(killer *k) {
-  uv_mutex_lock(&k->lock);
-  k->ended = 1;
-  uv_cond_signal(&k->cond);
-  uv_mutex_unlock(&k->lock);
-  uv_thread_join(&k->thread);
-  uv_cond_destroy(&k->cond);
-  uv_mutex_destroy(&k->lock);
-}
-
-/* One watchdog thread for the whole process guards the steps of backend states:
- * a step registers its deadline, and unregisters when it ends; a step still
- * registered at its deadline is killed. Cheaper than a thread per step (a backend
- * callback runs for every call). Lock order: the watchdog's lock, then a sandbox's.
- * The thread lives as long as the process. */
+/* One watchdog thread for the whole process pulls the kill switch of runs with a
+ * deadline (sb:call's timeout, the steps of backend states): a run registers its
+ * deadline and unregisters when it ends; one still registered at its deadline is
+ * killed with its reason. Cheaper than a thread per run (a backend callback runs
+ * for every call). Lock order: the watchdog's lock, then a sandbox's. The thread
+ * lives as long as the process. */
 typedef struct watch {
   struct watch *prev, *next;
   sandbox *s;
   uint64_t deadline;
+  int reason;
 } watch;
 
 static uv_once_t watchdog_once = UV_ONCE_INIT;
 static uv_mutex_t watchdog_lock;
 static uv_cond_t watchdog_cond;
-static watch watchdog_list = { &watchdog_list, &watchdog_list, NULL, 0 };
+static watch watchdog_list = { &watchdog_list, &watchdog_list, NULL, 0, 0 };
 static int watchdog_ok;
 
 static void watchdog_main(void *arg) {
@@ -874,7 +823,7 @@ static void watchdog_main(void *arg) {
     uint64_t now = uv_hrtime(), next = 0;
     for (watch *w = watchdog_list.next; w != &watchdog_list; w = w->next) {
       if (w->deadline <= now) {
-        if (w->s) sandbox_kill(w->s, SANDBOX_KILL_TIMEOUT);
+        if (w->s) sandbox_kill(w->s, w->reason);
         w->s = NULL;                         /* fired once; the step unlinks it */
       } else if (next == 0 || w->deadline < next) {
         next = w->deadline;
@@ -894,10 +843,11 @@ static void watchdog_start(void) {
 }
 
 /* 0, or -1 when no watchdog could be started (the step then runs unguarded). */
-static int watch_begin(watch *w, sandbox *s, lua_Integer ms) {
+static int watch_begin(watch *w, sandbox *s, lua_Integer ms, int reason) {
   uv_once(&watchdog_once, watchdog_start);
   if (!watchdog_ok) return -1;
   w->s = s;
+  w->reason = reason;
   w->deadline = uv_hrtime() + (uint64_t)ms * 1000000u;
   uv_mutex_lock(&watchdog_lock);
   w->next = watchdog_list.next;
@@ -960,13 +910,13 @@ static int sbox_call(lua_State *L) {
     return 3;
   }
   sandbox_rearm(b->s);
-  killer k;
-  int krc = ms >= 0 ? killer_start(&k, b->s, ms, reason) : 0;
-  int rc = krc == 0 ? sandbox_run(b->s, (const char *)work->data, work->len, out) : 0;
-  if (ms >= 0 && krc == 0) killer_stop(&k);
+  watch w;
+  int guarded = ms >= 0 && watch_begin(&w, b->s, ms, reason) == 0;
+  int rc = ms < 0 || guarded ? sandbox_run(b->s, (const char *)work->data, work->len, out) : 0;
+  if (guarded) watch_end(&w);
   b->busy = 0;
   buf_free(work);
-  if (krc != 0) return luaL_error(L, "sandbox: cannot start a thread: %s", uv_strerror(krc));
+  if (ms >= 0 && !guarded) return luaL_error(L, "sandbox: cannot start the watchdog thread");
   if (rc != 0) return luaL_error(L, "sandbox: not enough memory for the results");
   static const struct { int status; const char *kind; } kinds[] = {
     { SANDBOX_ERROR, "remote" }, { SANDBOX_KILLED, "killed" },
@@ -1084,7 +1034,7 @@ static int sbox_step(lua_State *L, int start) {
   }
   lua_settop(S, 0);
   watch w;
-  int guarded = watch_begin(&w, s, ms) == 0;
+  int guarded = watch_begin(&w, s, ms, SANDBOX_KILL_TIMEOUT) == 0;
   uv_mutex_lock(&s->lock);
   s->running = st.co;
   uv_mutex_unlock(&s->lock);

@@ -838,9 +838,7 @@ function Pool:attempt(bytes, deadline, link)
   local f = task.future()
   r.calls[id] = f
   self.calls = self.calls + 1
-  local busy = 0
-  for _, x in ipairs(self.runners) do busy = busy + x.inflight end
-  if busy > self.peak then self.peak = busy end
+  self.peak = math.max(self.peak, busy_count(self))
   -- a caller that goes away (its task cancelled) takes linked work with it; before
   -- the work was sent, it just gives the slot back
   local guard <close> = setmetatable({}, { __close = function()

@@ -45,7 +45,7 @@ end
 function Term:close(reason)
   if self.closed then return end
   self.closed = true
-  if self.hb then self.hb:stop() end
+  if self.hb then self.hb.stop() end
   self.conn:close(reason or "closed by the parent")
 end
 
@@ -242,31 +242,11 @@ function Hub:accept(conn)
   end
 end
 
--- Heartbeats count ticks without a message, not milliseconds: when this loop was
--- busy (a 64 MB result to decode), the late tick runs before the waiting messages
--- are read, and must not count the stall against the runner.
 function Hub:heartbeat(term)
-  local interval, misses = self.opts.heartbeat_interval, self.opts.heartbeat_misses
-  term.heard, term.missed = term.msgs, 0
-  local function tick()
-    term.hb = loop:timer(interval, function()
-      term.hb = nil
-      if term.closed then return end
-      term.conn:send(wire.PING, 0, "")
-      if term.msgs == term.heard then
-        term.missed = term.missed + 1
-        if term.missed >= misses then
-          term:lost(("no heartbeat from the runner for %d intervals of %d ms")
-            :format(term.missed, interval))
-          return
-        end
-      else
-        term.heard, term.missed = term.msgs, 0
-      end
-      tick()
-    end)
-  end
-  tick()
+  term.hb = wire.heartbeat(loop, term, self.opts.heartbeat_interval,
+    self.opts.heartbeat_misses, "runner",
+    function() term.conn:send(wire.PING, 0, "") end,
+    function(why) term:lost(why) end)
 end
 
 function Hub:close()

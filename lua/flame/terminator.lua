@@ -193,25 +193,14 @@ function T:lost(reason)
   end
 end
 
--- Counts ticks without a message from the parent (see flame.remote's heartbeat).
 function T:heartbeat()
-  local interval, misses = self.settings.heartbeat_interval, self.settings.heartbeat_misses
-  self.hb = loop:timer(interval, function()
-    if self.stage == "done" then return end
-    if self.conn then
+  self.hb = wire.heartbeat(loop, self, self.settings.heartbeat_interval,
+    self.settings.heartbeat_misses, "parent",
+    function()
+      if not self.conn then return false end
       self.conn:send(wire.PING, 0, "")
-      if self.msgs == self.heard then
-        self.missed = (self.missed or 0) + 1
-        if self.missed >= misses then
-          self:lost(("no heartbeat from the parent for %d intervals of %d ms")
-            :format(self.missed, interval))
-        end
-      else
-        self.heard, self.missed = self.msgs, 0
-      end
-    end
-    self:heartbeat()
-  end)
+    end,
+    function(why) self:lost(why) end)
 end
 
 -- Waits for the next message of `type` during the handshake, up to ms.
@@ -308,7 +297,7 @@ function T:run()
   local ok, err = self:connect()
   if not ok then
     self.stage = "done"
-    if self.hb then self.hb:stop() end
+    if self.hb then self.hb.stop() end
     log("%s", err)
     return 1
   end
@@ -316,7 +305,7 @@ function T:run()
   local reason = self.stopped:wait()
   self.stage = "done"
   self:idle_stop()
-  if self.hb then self.hb:stop() end
+  if self.hb then self.hb.stop() end
   for id in pairs(self.calls) do self.exec:kill(id, "shutdown") end
   if self.conn then                          -- last results and messages go out first
     local closed = task.future()
