@@ -950,7 +950,8 @@ static int sbox_call(lua_State *L) {
  * by the host: functions allowed) over the sandbox's globals and runs it as a
  * coroutine; sb:resume(id, bytes [, ms]) resumes it with decoded values. Both return
  * id, status, out: status "yield" or "done" with the values encoded (functions
- * refused), "error" with message and traceback, or "killed" when it ran past ms
+ * refused), "error" with the message and the traceback (two values), or "killed"
+ * when it ran past ms
  * (default 10 s) without yielding. A killed or ended coroutine is forgotten. */
 static const char COS_KEY[] = "flame.sandbox.cos";
 
@@ -1067,8 +1068,17 @@ static int sbox_step(lua_State *L, int start) {
     status = "error";
     ok = 0;
     const char *msg = lua_tostring(st.co, -1);
-    luaL_traceback(S, st.co, msg ? msg : "(error object is not a string)", 0);
-    codec_encode_cstring(out, lua_tostring(S, -1));
+    /* the message and the traceback apart: the host decides what its user sees */
+    lua_settop(S, 0);
+    lua_pushstring(S, msg ? msg : "(error object is not a string)");
+    luaL_traceback(S, st.co, NULL, 0);
+    codec_opts o;
+    codec_opts_init(&o);
+    out->len = 0;
+    if (codec_encode(S, 2, &o, out) != 0) {
+      out->len = 0;
+      codec_encode_cstring(out, msg ? msg : "(error object is not a string)");
+    }
   }
   lua_settop(S, 0);
   if (!ok || rs == LUA_OK) {                 /* ended: forget it */

@@ -18,6 +18,7 @@ local function sh(cmd)
 end
 
 local engine, engine2, why_not
+local second_engine
 local root = assert(io.popen("pwd")):read("l")
 
 local function start_engine(dir)
@@ -69,11 +70,60 @@ describe("docker backend #docker", function()
   teardown(function()
     sh("cd " .. H.q(root) .. " && scripts/dockerd stop " .. H.q(root .. "/.dockerd"))
     sh("cd " .. H.q(root) .. " && scripts/dockerd stop " .. H.q(root .. "/.dockerd2"))
+    sh("cd " .. H.q(root) .. " && scripts/registry stop " .. H.q(root .. "/.registry"))
   end)
 
   local function need_engine()
     if why_not then pending(why_not) return false end
     return true
+  end
+
+  -- The second engine also serves its API with TLS on 127.0.0.1 (clients verified),
+  -- its certificates in .dockerd2/tls.
+  local tls_port, tls_dir
+  function second_engine()
+    if not need_engine() then return false end
+    if not engine2 then
+      local ok, port = sh([[python3 -c 'import socket; s = socket.socket(); ]]
+        .. [[s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])']])
+      assert(ok, port)
+      tls_port = port:gsub("%s+$", "")
+      local out
+      ok, out = sh("cd " .. H.q(root) .. " && scripts/dockerd start "
+        .. H.q(root .. "/.dockerd2") .. " --tls " .. tls_port)
+      assert(ok, "the second engine could not start: " .. out)
+      engine2 = out:gsub("%s+$", "")
+      tls_dir = root .. "/.dockerd2/tls"
+      if not docker(engine2, "image inspect " .. IMAGE .. " >/dev/null 2>&1") then
+        assert(sh("cd " .. H.q(root) .. " && DOCKER_HOST=" .. H.q(engine2)
+          .. " scripts/runner-image " .. IMAGE))
+      end
+    end
+    return true
+  end
+
+  local registry
+  local function need_registry()
+    if not need_engine() then return false end
+    if not registry then
+      local ok, out = sh("cd " .. H.q(root) .. " && scripts/registry start "
+        .. H.q(root .. "/.registry"))
+      assert(ok, "the registry could not start: " .. out)
+      registry = out:gsub("%s+$", "")
+    end
+    return true
+  end
+
+  -- Log lines of a pool, kept for the test to read.
+  local function capture(p)
+    local lines = {}
+    for _, level in ipairs { "debug", "info", "warn", "error" } do
+      p.log[level] = function(fmt, ...)
+        local ok, msg = pcall(string.format, fmt, ...)
+        lines[#lines + 1] = level .. ": " .. (ok and msg or fmt)
+      end
+    end
+    return lines
   end
 
   after_each(function()
@@ -158,14 +208,7 @@ describe("docker backend #docker", function()
   end
 
   it("spreads runners over two engines", function()
-    if not need_engine() then return end
-    engine2 = start_engine(root .. "/.dockerd2")
-    if not engine2 then pending("a second engine could not start") return end
-    local ok = docker(engine2, "image inspect " .. IMAGE .. " >/dev/null 2>&1")
-    if not ok then
-      assert(sh("cd " .. H.q(root) .. " && DOCKER_HOST=" .. H.q(engine2)
-        .. " scripts/runner-image " .. IMAGE))
-    end
+    if not second_engine() then return end
     local p = pool("dk-hosts", { max = 2, max_concurrency = 1,
                                  backend_opts = { hosts = { engine, engine2 } } })
     local ts = {}
@@ -222,4 +265,170 @@ describe("docker backend #docker", function()
     assert.is_true(wait_no_containers(engine, "dk-orphans", 8000), "containers outlived their parent")
     H.rmdir(dir)
   end)
+
+  it("pulls a missing image with pull = \"missing\", its progress in the log", function()
+    if not need_registry() then return end
+    local ref = registry .. "/flame-runner:pull"
+    assert(docker(engine, "tag " .. IMAGE .. " " .. ref))
+    local ok, out = docker(engine, "push " .. ref)
+    assert(ok, out)
+    assert(docker(engine, "rmi " .. ref))
+    assert.is_false((docker(engine, "image inspect " .. ref)))
+    local p = pool("dk-pull", { backend_opts = { image = ref, pull = "missing" } })
+    local lines = capture(p)
+    assert.are.equal(6, flame.call(p, function() return 2 * 3 end))
+    local log = table.concat(lines, "\n")
+    assert.matches("pulling " .. ref, log, 1, true)
+    assert.matches("pull " .. ref .. ": Status: Downloaded newer image for " .. ref, log, 1, true)
+    assert.matches("pulled " .. ref:gsub("%p", "%%%0") .. " on %S+ in %d+ ms", log)
+    assert.is_true((docker(engine, "image inspect " .. ref)))
+  end)
+
+  it("pull = \"always\" pulls an image already there; \"missing\" does not", function()
+    if not need_registry() then return end
+    local ref = registry .. "/flame-runner:always"
+    assert(docker(engine, "tag " .. IMAGE .. " " .. ref))
+    assert(docker(engine, "push " .. ref))
+    local p = pool("dk-always", { backend_opts = { image = ref, pull = "always" } })
+    local lines = capture(p)
+    flame.call(p, function() end)
+    assert.matches("pulling " .. ref, table.concat(lines, "\n"), 1, true)
+    local p2 = pool("dk-missing", { backend_opts = { image = ref, pull = "missing" } })
+    local lines2 = capture(p2)
+    flame.call(p2, function() end)
+    assert.is_nil(table.concat(lines2, "\n"):find("pulling", 1, true))
+  end)
+
+  it("fails the boot with the registry's reason when a pull fails", function()
+    if not need_registry() then return end
+    local ref = registry .. "/flame-nothing:1"
+    local p = pool("dk-pullfail", { backend_opts = { image = ref, pull = "missing" } })
+    local ok, err = pcall(flame.call, p, function() end)
+    assert.is_false(ok)
+    assert.are.equal("boot", err.kind)
+    assert.matches('cannot pull image "' .. ref .. '"', err.message, 1, true)
+    assert.matches("manifest unknown", err.message, 1, true)
+    assert.is_true(wait_no_containers(engine, "dk-pullfail", 5000))
+  end)
+
+  it("speaks TLS to an engine with client certificates", function()
+    if not second_engine() then return end
+    local p = pool("dk-tls", { backend_opts = {
+      host = "tcp://127.0.0.1:" .. tls_port,
+      tls = { ca = tls_dir .. "/ca.pem", cert = tls_dir .. "/cert.pem", key = tls_dir .. "/key.pem" },
+    } })
+    assert.are.equal("docker", flame.call(p, function() return require("flame").parent().backend end))
+    assert.are.equal(1, #containers(engine2, "dk-tls"))
+    assert.are.equal(0, #containers(engine, "dk-tls"))
+    p:shutdown()
+    assert.is_true(wait_no_containers(engine2, "dk-tls", 5000))
+  end)
+
+  it("takes DOCKER_HOST, DOCKER_CERT_PATH and DOCKER_TLS_VERIFY from the environment", function()
+    if not second_engine() then return end
+    local dir = H.tmpdir()
+    local script = dir .. "/env.lua"
+    local f = assert(io.open(script, "w"))
+    f:write(([[
+      local p = flame.pool { name = "dk-env", backend = "docker",
+                             backend_opts = { image = %q } }
+      print(flame.call(p, function() return "inside " .. require("flame").parent().backend end))
+      p:shutdown()
+    ]]):format(IMAGE))
+    f:close()
+    local rc, out = H.run("DOCKER_HOST=tcp://127.0.0.1:" .. tls_port .. " DOCKER_CERT_PATH="
+      .. H.q(tls_dir) .. " DOCKER_TLS_VERIFY=1 flame " .. H.q(script))
+    assert.are.equal(0, rc, out)
+    assert.matches("inside docker", out, 1, true)
+    -- without the certificates the engine refuses the connection
+    rc, out = H.run("DOCKER_HOST=tcp://127.0.0.1:" .. tls_port .. " DOCKER_CERT_PATH="
+      .. H.q(dir) .. " DOCKER_TLS_VERIFY=1 flame " .. H.q(script))
+    assert.are_not.equal(0, rc)
+    assert.matches("TLS with the engine at tcp://127.0.0.1:" .. tls_port .. " failed", out, 1, true)
+    H.rmdir(dir)
+  end)
+
+  local tls_failures = {
+    { "no client certificate", function() return { ca = tls_dir .. "/ca.pem" } end },
+    { "a server certificate the CA did not sign",
+      function() return { ca = tls_dir .. "/cert.pem", cert = tls_dir .. "/cert.pem",
+                          key = tls_dir .. "/key.pem" } end },
+  }
+  for _, case in ipairs(tls_failures) do
+    it("fails the boot with the TLS reason: " .. case[1], function()
+      if not second_engine() then return end
+      local name = "dk-tlsfail-" .. case[1]:gsub("%W", ""):sub(1, 20)
+      local p = pool(name, { backend_opts = { host = "tcp://127.0.0.1:" .. tls_port,
+                                              tls = case[2]() } })
+      local ok, err = pcall(flame.call, p, function() end)
+      assert.is_false(ok)
+      assert.are.equal("boot", err.kind)
+      assert.matches("TLS with the engine at tcp://127.0.0.1:" .. tls_port .. " failed",
+        err.message, 1, true)
+      assert.are.equal(0, #containers(engine2, name))
+    end)
+  end
+
+  -- A fake engine: versions other than Debian's engine's cannot run here.
+  local versions = {
+    { "an older engine: down to its version", "1.35", "1.12", "/v1.35/containers/create" },
+    { "a newer engine that refuses 1.41: up to its minimum", "1.47", "1.44",
+      "/v1.44/containers/create" },
+    { "an engine too old for flame: a clear error", "1.24", "1.12",
+      "speaks API 1.24; flame needs 1.30 or newer" },
+  }
+  for _, case in ipairs(versions) do
+    it("negotiates the API version with " .. case[1], function()
+      local dir = H.tmpdir()
+      local sock = dir .. "/fake.sock"
+      local pp = io.popen("python3 spec/support/fake_engine.py " .. H.q(sock) .. " "
+        .. case[2] .. " " .. case[3] .. " > " .. H.q(dir .. "/requests") .. " 2>&1 & echo $!")
+      local pid = pp:read("l")
+      pp:close()
+      local deadline = task.now() + 5000
+      while task.now() < deadline do
+        local f = io.open(dir .. "/requests")
+        local ready = f and f:read("a"):find("ready")
+        if f then f:close() end
+        if ready then break end
+        flame.sleep(50)
+      end
+      local p = H.pool { name = "dk-version", backend = "docker",
+                         backend_opts = { image = IMAGE, host = "unix://" .. sock } }
+      local ok, err = pcall(flame.call, p, function() end)
+      os.execute("kill " .. pid)
+      local seen = io.open(dir .. "/requests"):read("a")
+      H.rmdir(dir)
+      assert.is_false(ok)
+      assert.are.equal("boot", err.kind)
+      if case[4]:find("^/v") then
+        assert.matches("POST " .. case[4], seen, 1, true)
+        assert.matches("fake engine: no containers here", err.message, 1, true)
+      else
+        assert.matches(case[4], err.message, 1, true)
+        assert.is_nil(seen:find("POST", 1, true))
+      end
+    end)
+  end
+
+  local bad_options = {
+    { { imgae = IMAGE }, "unknown option 'imgae'" },
+    { { pull = "sometimes" }, "option 'pull' must be \"never\", \"missing\" or \"always\"" },
+    { { memory = "1g" }, "option 'memory' must be a number (got string)" },
+    { { host = "ftp://x" }, 'cannot use host "ftp://x"' },
+    { { hosts = {} }, "option 'hosts' must be a list" },
+    { { tls = "yes" }, "option 'tls' must be a table or boolean" },
+  }
+  for _, case in ipairs(bad_options) do
+    it("refuses bad options with what is wrong: " .. case[2], function()
+      local o = { image = IMAGE, host = "unix:///nonexistent.sock" }
+      for k, v in pairs(case[1]) do o[k] = v end
+      if o.imgae then o.image = nil end
+      local p = H.pool { name = "dk-badopt", backend = "docker", backend_opts = o }
+      local ok, err = pcall(flame.call, p, function() end)
+      assert.is_false(ok)
+      assert.are.equal("boot", err.kind)
+      assert.matches(case[2], err.message, 1, true)
+    end)
+  end
 end)

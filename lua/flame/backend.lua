@@ -46,7 +46,10 @@ local function bootstrap(spec)
   local function handle(h, ...)
     if type(h) ~= "table" or not h.__flame_handle then return h, ... end
     local id = h.__flame_handle
-    if h.kind == "process" then
+    if h.kind == "http_stream" then
+      function h.read() return request("stream_read", id) end
+      function h.close() return request("stream_close", id) end
+    elseif h.kind == "process" then
       function h.pid() return h.process_id end
       function h.kill(_, sig, group) return request("proc_kill", id, sig, group) end
       function h.exited() return request("proc_exited", id) end
@@ -62,7 +65,7 @@ local function bootstrap(spec)
     return out
   end
   for _, name in ipairs { "config", "random_id", "parent_new", "parent_encode", "getenv",
-                          "flame_bin", "sleep", "exit" } do
+                          "flame_bin", "sleep", "exit", "now" } do
     env[name] = function(a) return request(name, plain(a)) end
   end
   function env.await_remote_up(p, timeout)
@@ -77,6 +80,7 @@ local function bootstrap(spec)
   env.http = {
     request = function(o) return request("http_request", plain(o)) end,
     watch = function(o, tag) return request("http_watch", plain(o), tag) end,
+    stream = function(o) return handle(request("http_stream", plain(o))) end,
   }
   function env.parent_info() return request("parent_info") end
   function env.proc_alive(pid) return request("proc_alive", pid) end
@@ -179,8 +183,12 @@ function Host:run(fn, ...)
     error(("a backend callback computed for more than %d ms without waiting, and was "
       .. "stopped"):format(STEP_LIMIT), 0)
   end
-  local _, msg = core.decode(out)
-  error(msg or out, 0)
+  -- an error the backend raised on purpose (error(msg, 0): no position) is its
+  -- message; anything else is a bug in it, and its traceback helps
+  local _, msg, tb = core.decode(out)
+  msg = msg or out
+  if tb and msg:match("^[^\n]-:%d+: ") then msg = msg .. "\n" .. tb end
+  error(msg, 0)
 end
 
 --- Calls a callback by name through the dispatcher.

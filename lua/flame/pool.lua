@@ -196,6 +196,7 @@ local function backend_server(pool, runner)
   S.getenv = os.getenv
   S.flame_bin = flame_bin
   S.sleep = task.sleep
+  S.now = task.now
   function S.exit() error("exit ends a runner (in system_shutdown), not the parent", 0) end
   S.json_encode = cjson.encode
   -- JSON null is cjson.null, a userdata that cannot cross into a backend state: nil
@@ -297,17 +298,36 @@ local function backend_server(pool, runner)
     return keep(proc, "process", { process_id = proc:pid() })
   end
 
-  --- An HTTP request (core/http.c): status, headers, body, or nil and a message.
-  function S.http_request(o)
+  -- The request options a backend may give (its functions never cross).
+  local function http_opts(o, what)
     if type(o) ~= "table" or type(o.url) ~= "string" then
-      error("http.request: a table with a url expected", 0)
+      error(what .. ": a table with a url expected", 0)
     end
-    local f = task.future()
     local opts = {}
     for _, k in ipairs { "method", "url", "unix_socket", "headers", "body", "timeout",
                          "ca", "cert", "key", "insecure" } do opts[k] = o[k] end
-    opts.on_done = function(...) f:set(...) end
-    core.http_request(opts)
+    return opts
+  end
+
+  -- Requests still running for this runner (watches, streams): cancelled when its
+  -- backend state closes, so nothing outlives the runner.
+  local live = {}
+  runner.http_live = live
+  local function start(opts, on_done)
+    local req
+    opts.on_done = function(...)
+      if req then live[req] = nil end
+      on_done(...)
+    end
+    req = core.http_request(opts)
+    live[req] = true
+    return req
+  end
+
+  --- An HTTP request (core/http.c): status, headers, body, or nil and a message.
+  function S.http_request(o)
+    local f = task.future()
+    start(http_opts(o, "http.request"), function(...) f:set(...) end)
     local status, headers, body, err = f:wait()
     if not status then return nil, err end
     return status, headers, body
@@ -316,14 +336,60 @@ local function backend_server(pool, runner)
   --- A request left running: its answer reaches handle_info as
   -- { event = "http", tag = tag, status = n, body = s } or { ..., error = message }.
   function S.http_watch(o, tag)
-    local opts = {}
-    for _, k in ipairs { "method", "url", "unix_socket", "headers", "body", "timeout",
-                         "ca", "cert", "key", "insecure" } do opts[k] = o[k] end
-    opts.on_done = function(status, headers, body, err)
-      pool:info(runner, { event = "http", tag = tag, status = status, body = body,
-                          error = err })
+    start(http_opts(o, "http.watch"), function(status, _, body, err)
+      if runner.http_live then
+        pool:info(runner, { event = "http", tag = tag, status = status, body = body,
+                            error = err })
+      end
+    end)
+    return true
+  end
+
+  --- A response read as it arrives (a pull's progress, an event stream): a handle
+  -- the backend reads chunk by chunk with stream_read.
+  function S.http_stream(o)
+    local st = { chunks = {}, head = 1 }
+    local function wake()
+      local w = st.waiter
+      st.waiter = nil
+      if w then w:set(true) end
     end
-    core.http_request(opts)
+    local opts = http_opts(o, "http.stream")
+    opts.on_data = function(chunk)
+      st.chunks[#st.chunks + 1] = chunk
+      wake()
+    end
+    st.req = start(opts, function(status, _, body, err)
+      st.done, st.status, st.err = true, status, err
+      if body and body ~= "" then st.chunks[#st.chunks + 1] = body end
+      wake()
+    end)
+    return keep(st, "http_stream")
+  end
+
+  -- The next chunk; at the end nil, the status (or nil) and the error (or nil).
+  function S.stream_read(id)
+    local st = handles[id]
+    if type(st) ~= "table" or not st.chunks then error("http stream: not a stream", 0) end
+    while st.head > #st.chunks and not st.done do
+      if st.waiter then error("http stream: already being read", 0) end
+      st.waiter = task.future()
+      st.waiter:wait()
+    end
+    if st.head <= #st.chunks then
+      local c = st.chunks[st.head]
+      st.chunks[st.head] = nil
+      st.head = st.head + 1
+      return c
+    end
+    return nil, st.status, st.err
+  end
+
+  function S.stream_close(id)
+    local st = handles[id]
+    if type(st) ~= "table" or not st.chunks then return false end
+    handles[id] = nil
+    if not st.done then st.req:cancel() end
     return true
   end
 
@@ -632,7 +698,12 @@ function Pool:release(r, reason)
     -- process exit, its own reap timer); then it is closed
     local st = self.opts.shutdown_timeout
     local linger = (st == math.huge and 5000 or st + 1000) + 5000  -- after its reap timer
-    loop:timer(linger, function() host:close() end)
+    loop:timer(linger, function()
+      host:close()
+      local live = r.http_live
+      r.http_live = nil                         -- watches report no more
+      for req in pairs(live or {}) do req:cancel() end
+    end)
   end)
 end
 
