@@ -142,25 +142,35 @@ local function negotiate(flame, state)
   return true
 end
 
--- The text of the API's multiplexed log stream (8-byte frame headers, then text),
--- its last lines.
-local function frames(raw)
-  local out, i = {}, 1
-  while i + 7 <= #raw do
-    local size = string.unpack(">I4", raw, i + 4)
-    out[#out + 1] = raw:sub(i + 8, i + 7 + size)
+-- The API's multiplexed log stream: 8-byte frame headers (stream 1 stdout, 2
+-- stderr; a big-endian length), then text. Calls line(stream, text) for each line
+-- of each whole frame in buf; returns what is left of a frame cut short.
+local function frames(buf, line)
+  local i = 1
+  while i + 7 <= #buf do
+    local kind, size = buf:byte(i), string.unpack(">I4", buf, i + 4)
+    if i + 7 + size > #buf then break end
+    for l in buf:sub(i + 8, i + 7 + size):gmatch("[^\n]+") do line(kind, l) end
     i = i + 8 + size
   end
-  local text = table.concat(out):gsub("%s+$", "")
+  return buf:sub(i)
+end
+
+-- The last lines a container printed, for the reason of a failure.
+local TAIL = 20
+local function tail_text(lines)
+  local text = table.concat(lines, "\n")
   if #text > 2000 then text = "..." .. text:sub(-2000) end
   return text
 end
 
 local function logs(flame, state, id)
   local status, _, raw = api(flame, state, "GET",
-    "/containers/" .. id .. "/logs?stdout=1&stderr=1&tail=20")
+    "/containers/" .. id .. "/logs?stdout=1&stderr=1&tail=" .. TAIL)
   if status ~= 200 or not raw then return "" end
-  return frames(raw)
+  local lines = {}
+  frames(raw, function(_, l) lines[#lines + 1] = l end)
+  return tail_text(lines)
 end
 
 local function remove(flame, state, id)
@@ -335,18 +345,28 @@ local function create(flame, state)
   })
 end
 
--- The container's end reaches handle_info the moment it happens, with what it
--- printed (read as it goes: an auto-removed container leaves no logs to fetch later).
+-- The container's end reaches handle_info the moment it happens (a wait), and its
+-- output as it comes (an attach: lines in the pool's log, the last ones kept for
+-- the reason of its end). Both are registered with the engine before the container
+-- starts, so neither misses a container that exits at once.
 local function watch(flame, state, id)
   local e = endpoint(state)
   local base = e.base .. "/v" .. state.api .. "/containers/" .. id
-  local function opts(method, path)
+  local function opts(method, path, chunks)
     return { method = method, url = base .. path, unix_socket = e.unix_socket, ca = e.ca,
              cert = e.cert, key = e.key, insecure = e.insecure,
-             body = method == "POST" and "" or nil }
+             body = method == "POST" and "" or nil, await_response = true, chunks = chunks }
   end
-  flame.http.watch(opts("POST", "/wait?condition=next-exit"), "wait")
-  flame.http.watch(opts("GET", "/logs?follow=1&stdout=1&stderr=1"), "logs")
+  local status, err = flame.http.watch(opts("POST", "/wait?condition=next-exit"), "wait")
+  if status == 200 then
+    -- attached, not a followed log: a log follow on a container not yet started
+    -- ends at once, an attach waits for its output (as `docker run` does)
+    status, err = flame.http.watch(opts("POST", "/attach?stream=1&logs=1&stdout=1&stderr=1",
+      true), "logs")
+  end
+  if status == 200 then return true end
+  return nil, ("docker: cannot watch container %s: %s"):format(id:sub(1, 12),
+    status and ("status " .. status) or unreachable(state, err))
 end
 
 --- Creates and starts the container, and waits for its runner to connect.
@@ -375,7 +395,12 @@ function B.remote_boot(state, flame)
   end
   local id = data.Id
   state.container = id
-  watch(flame, state, id)
+  state.log_pending, state.tail = "", {}
+  ok, why = watch(flame, state, id)
+  if not ok then
+    remove(flame, state, id)
+    return nil, why
+  end
   status, data, raw = api(flame, state, "POST", "/containers/" .. id .. "/start")
   if status ~= 204 and status ~= 304 then
     remove(flame, state, id)
@@ -418,8 +443,19 @@ function B.handle_info(msg, state, flame)
     if state.output then return ended(state) end
     flame.send_after(300, { event = "report" })  -- the output is on its way
     return state
-  elseif msg.event == "http" and msg.tag == "logs" then
-    state.output = msg.body and frames(msg.body) or ""
+  elseif msg.event == "http" and msg.tag == "logs" and msg.data then
+    local lines = {}
+    state.log_pending = frames(state.log_pending .. msg.data, function(kind, l)
+      lines[#lines + 1] = { kind, l }
+      state.tail[#state.tail + 1] = #l > 500 and l:sub(1, 500) .. "..." or l
+      if #state.tail > TAIL then table.remove(state.tail, 1) end
+    end)
+    for _, l in ipairs(lines) do       -- after the state is up to date: logging waits
+      flame.log[l[1] == 2 and "warn" or "info"]("[%s] %s", state.runner_id, l[2])
+    end
+    return state
+  elseif msg.event == "http" and msg.tag == "logs" then  -- the stream ended
+    state.output = tail_text(state.tail)
     if state.exit_code then return ended(state) end
     return state
   elseif msg.event == "report" and state.exit_code then

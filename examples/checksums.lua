@@ -1,7 +1,9 @@
 -- Parallel checksums: the expensive part of a program (here, CRC-32 of generated
 -- files, in pure Lua) runs as flame calls on a pool, concurrently, while the rest of
 -- the program stays as it was. Each call reports which worker ran it.
--- Run: flame examples/checksums.lua [files] [KiB each]
+-- Run: flame examples/checksums.lua [files] [KiB each] [backend]
+-- (backend: local (default), process, or docker with the image FLAME_IMAGE or
+-- flame-runner:latest on DOCKER_HOST's engine: docs/docker.md)
 local flame = require "flame"
 local core = require "flame.core"
 
@@ -32,12 +34,17 @@ for f = 1, nfiles do
   files[f] = { name = ("file-%02d.bin"):format(f), data = table.concat(parts) }
 end
 
-local pool = flame.pool { name = "checksums", max = 1, max_concurrency = 4,
-                          timeout = 60000 }
+local backend = arg and arg[3] or "local"
+local pool = flame.pool {
+  name = "checksums", max = backend == "local" and 1 or 2, max_concurrency = 4,
+  timeout = 60000, backend = backend,
+  backend_opts = backend == "docker"
+    and { image = os.getenv("FLAME_IMAGE") or "flame-runner:latest" } or nil,
+}
 local function now_ms() return core.hrtime() / 1e6 end
 
-print(("checksumming %d files of %d KiB on pool %q (max_concurrency 4)"):format(
-  nfiles, kib, pool.name))
+print(("checksumming %d files of %d KiB on pool %q (%s backend, max_concurrency 4)")
+  :format(nfiles, kib, pool.name, backend))
 local t0 = now_ms()
 local tasks = {}
 for i, file in ipairs(files) do

@@ -71,6 +71,22 @@ describe("http", function()
     assert.is_true(#chunks >= 2, "the chunks came all at once")
   end)
 
+  it("says when the response has begun, once, before its body", function()
+    local events = {}
+    local status = get { url = "http://localhost/stream", unix_socket = usock,
+      on_head = function(st) events[#events + 1] = "head " .. st end,
+      on_data = function() if events[#events] ~= "data" then events[#events + 1] = "data" end end }
+    assert.are.equal(200, status)
+    assert.are.same({ "head 200", "data" }, events)
+    -- a 404 has begun too; a request that never reached a server has not
+    local heads = {}
+    get { url = "http://localhost/missing", unix_socket = usock,
+          on_head = function(st) heads[#heads + 1] = st end }
+    get { url = "http://localhost/hello", unix_socket = dir .. "/nothing.sock",
+          on_head = function(st) heads[#heads + 1] = st end }
+    assert.are.same({ 404 }, heads)
+  end)
+
   it("times out, and says so", function()
     local status, _, _, err = get { url = "http://localhost/slow", unix_socket = usock,
                                     timeout = 200 }
@@ -94,6 +110,31 @@ describe("http", function()
     local status, _, _, err = f:wait()
     assert.is_nil(status)
     assert.are.equal("cancelled", err)
+  end)
+
+  it("cancels from inside on_data", function()
+    local chunks, r = 0, nil
+    local f = task.future()
+    r = core.http_request { url = "http://localhost/stream", unix_socket = usock,
+      on_data = function() chunks = chunks + 1 r:cancel() end,
+      on_done = function(...) f:set(...) end }
+    local status, _, _, err = f:wait()
+    assert.is_nil(status)
+    assert.are.equal("cancelled", err)
+    assert.are.equal(1, chunks)
+    local s2, _, body = get { url = "http://localhost/hello", unix_socket = usock }
+    assert.are.equal(200, s2)                       -- the instance goes on working
+    assert.are.equal("hello", body)
+  end)
+
+  it("names an option curl refuses", function()
+    local long = string.rep("x", 8000001)           -- over curl's limit for strings
+    local ok, err = pcall(core.http_request, { url = "http://localhost/", unix_socket = long,
+                                               on_done = function() end })
+    assert.is_false(ok)
+    assert.matches("http: cannot set CURLOPT_UNIX_SOCKET_PATH: ", err, 1, true)
+    local status = get { url = "http://localhost/hello", unix_socket = usock }
+    assert.are.equal(200, status)
   end)
 
   it("is there for backends as flame.http.request", function()

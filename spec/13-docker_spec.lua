@@ -147,6 +147,15 @@ describe("docker backend #docker", function()
     assert.are.equal("remote", err.kind)
     assert.are.equal("inside", err.message)
     assert.are.equal(1, #containers(engine, "dk-calls"))
+    -- what the runner prints reaches the pool's log, with the runner's id
+    local lines = capture(p)
+    flame.call(p, function() io.stderr:write("hello from the work\n") end)
+    local deadline = task.now() + 3000
+    while not table.concat(lines, "\n"):find("[dk-calls-1] hello from the work", 1, true)
+          and task.now() < deadline do
+      flame.sleep(20)
+    end
+    assert.matches("warn: [dk-calls-1] hello from the work", table.concat(lines, "\n"), 1, true)
     p:shutdown()
     assert.is_true(wait_no_containers(engine, "dk-calls", 5000))
   end)
@@ -188,9 +197,9 @@ describe("docker backend #docker", function()
     { "a missing image", { image = "flame-missing:0" }, 'image "flame-missing:0" not found' },
     { "an unreachable engine", { host = "unix:///nonexistent/docker.sock" },
       "engine at unix:///nonexistent/docker.sock is unreachable" },
-    -- its output comes with the reason when the log stream attached in time
+    -- the log stream is attached before the start: its output comes with the reason
     { "a command that exits at once", { cmd = { "sh", "-c", "echo bad start >&2; exit 3" } },
-      "exited with code 3" },
+      "exited with code 3; the container said: bad start" },
     { "a runner that never connects", { cmd = { "sleep", "30" } },
       "did not connect within the boot timeout" },
   }

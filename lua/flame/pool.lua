@@ -306,6 +306,9 @@ local function backend_server(pool, runner)
     local opts = {}
     for _, k in ipairs { "method", "url", "unix_socket", "headers", "body", "timeout",
                          "ca", "cert", "key", "insecure" } do opts[k] = o[k] end
+    if opts.headers ~= nil and type(opts.headers) ~= "table" then
+      error(what .. ": headers must be a table of name = value", 0)
+    end
     return opts
   end
 
@@ -334,14 +337,25 @@ local function backend_server(pool, runner)
   end
 
   --- A request left running: its answer reaches handle_info as
-  -- { event = "http", tag = tag, status = n, body = s } or { ..., error = message }.
+  -- { event = "http", tag = tag, status = n, body = s } or { ..., error = message };
+  -- with o.chunks, each piece of the body as it comes ({ ..., data = s }) and the
+  -- end with an empty body. With o.await_response it returns once the server has
+  -- begun answering (the status), or nil and why it failed first.
   function S.http_watch(o, tag)
-    start(http_opts(o, "http.watch"), function(status, _, body, err)
-      if runner.http_live then
-        pool:info(runner, { event = "http", tag = tag, status = status, body = body,
-                            error = err })
-      end
+    local opts = http_opts(o, "http.watch")
+    local f = o.await_response and task.future() or nil
+    local function tell(msg)
+      if runner.http_live then pool:info(runner, msg) end
+    end
+    if o.chunks then
+      opts.on_data = function(chunk) tell { event = "http", tag = tag, data = chunk } end
+    end
+    if f then opts.on_head = function(status) f:set(status) end end
+    start(opts, function(status, _, body, err)
+      if f then f:set(nil, err or ("status " .. tostring(status))) end  -- no-op once set
+      tell { event = "http", tag = tag, status = status, body = body, error = err }
     end)
+    if f then return f:wait() end
     return true
   end
 
