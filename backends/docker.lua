@@ -409,9 +409,12 @@ function B.remote_boot(state, flame)
   local term
   term, why = flame.await_remote_up(state.parent, state.boot_timeout)
   if not term then
-    local tail = logs(flame, state, id)
+    local tail = tail_text(state.tail)
+    if tail == "" then tail = logs(flame, state, id) end
     remove(flame, state, id)
-    if tail ~= "" then why = why .. "; the container said: " .. tail end
+    if tail ~= "" and not why:find("the container said", 1, true) then
+      why = why .. "; the container said: " .. tail
+    end
     return nil, "docker: " .. why
   end
   state.terminator = term

@@ -189,8 +189,48 @@ describe("docker backend #docker", function()
     local ok, err = pcall(t.await, t)
     assert.is_false(ok)
     assert.are.equal("runner_down", err.kind)
+    -- the engine's wait told (with the exit code), not missed heartbeats
+    assert.matches("exited with code 137", err.message, 1, true)
     assert.is_true(task.now() - t0 < 10000)
     assert.is_true(wait_no_containers(engine, "dk-kill", 8000))
+  end)
+
+  it("gives the container its env, labels, limits, user, workdir and volumes", function()
+    if not need_engine() then return end
+    local dir = H.tmpdir()
+    local f = assert(io.open(dir .. "/file", "w"))
+    f:write("from the host")
+    f:close()
+    local p = pool("dk-opts", { backend_opts = {
+      env = { GREETING = "hi" }, labels = { team = "render" }, memory = 256 * 1024 * 1024,
+      cpus = 0.5, user = "0:0", workdir = "/tmp", volumes = { dir .. ":/data:ro" },
+      mounts = { { source = dir, target = "/data2", read_only = true } },
+      extra_hosts = { "flame-test-name:127.0.0.9" },
+    } })
+    local greeting, file, file2, hosts, cwd = flame.call(p, function()
+      local function read(path)
+        local h = io.open(path)
+        if not h then return nil end
+        local s = h:read("a")
+        h:close()
+        return s
+      end
+      return os.getenv("GREETING"), read("/data/file"), read("/data2/file"), read("/etc/hosts"),
+        io.popen("pwd"):read("l")
+    end)
+    assert.are.equal("hi", greeting)
+    assert.are.equal("from the host", file)
+    assert.are.equal("from the host", file2)
+    assert.matches("127.0.0.9%s+flame%-test%-name", hosts)
+    assert.are.equal("/tmp", cwd)
+    local id = containers(engine, "dk-opts")[1]
+    local ok, out = docker(engine, "inspect --format '{{.HostConfig.Memory}} "
+      .. "{{.HostConfig.NanoCpus}} {{.Config.User}} {{index .Config.Labels \"team\"}} "
+      .. "{{index .Config.Labels \"flame.runner\"}}' " .. id)
+    assert(ok, out)
+    assert.are.equal("268435456 500000000 0:0 render dk-opts-1", (out:gsub("%s+$", "")))
+    p:shutdown()
+    H.rmdir(dir)
   end)
 
   local failures = {
