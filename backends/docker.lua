@@ -112,14 +112,16 @@ end
 -- up to the oldest it still accepts (an engine newer than ours may refuse 1.41).
 local function negotiate(flame, state)
   if state.api_version then
-    if not version(state.api_version) then
-      return nil, ("docker backend: option 'api_version' must look like \"1.41\" (got %q)")
-        :format(state.api_version)
+    local v = version(state.api_version)
+    if not v or older(v, API_NEED) then
+      return nil, ("docker backend: option 'api_version' must be a version like \"1.41\", "
+        .. "%s or newer (got %q)"):format(vstr(API_NEED), state.api_version)
     end
     state.api = state.api_version
     return true
   end
-  local status, err, raw = flame.http.request(request(state, "GET", "/version", nil, 10000, flame))
+  local status, err, raw = flame.http.request(request(state, "GET", "/version", nil,
+    math.min(10000, state.left()), flame))
   if not status then return nil, unreachable(state, err) end
   local d = status == 200 and raw and raw:sub(1, 1) == "{" and flame.json.decode(raw) or nil
   if type(d) ~= "table" then
@@ -150,7 +152,10 @@ local function frames(buf, line)
   while i + 7 <= #buf do
     local kind, size = buf:byte(i), string.unpack(">I4", buf, i + 4)
     if i + 7 + size > #buf then break end
-    for l in buf:sub(i + 8, i + 7 + size):gmatch("[^\n]+") do line(kind, l) end
+    for l in buf:sub(i + 8, i + 7 + size):gmatch("[^\n]+") do
+      l = l:gsub("\r$", "")
+      if l ~= "" then line(kind, l) end
+    end
     i = i + 8 + size
   end
   return buf:sub(i)
@@ -193,8 +198,12 @@ local function sweep(flame, state, me)
   for _, c in ipairs(list) do
     local l = c.Labels or {}
     local pid = tonumber(l["flame.parent_pid"])
+    -- only a parent this process can see is judged: same host, same boot, same pid
+    -- namespace (parents in other containers share the host's name on its network);
+    -- its pid gone, or taken by a process that started at another time
     if l["flame.parent"] ~= me.id and l["flame.parent_host"] == me.host and pid
-       and not flame.proc_alive(pid) then
+       and l["flame.parent_boot"] == (me.boot or "") and l["flame.parent_pidns"] == (me.pidns or "")
+       and not flame.proc_alive(pid, l["flame.parent_started"]) then
       flame.log.info("docker: removing container %s left by a parent that died",
         c.Id:sub(1, 12))
       remove(flame, state, c.Id)
@@ -220,7 +229,7 @@ local function pull(flame, state)
   local t0 = flame.now()
   flame.log.info("docker: pulling %s on %s", state.image, state.host)
   local s = flame.http.stream(request(state, "POST", ("/v%s/images/create?fromImage=%s&tag=%s")
-    :format(state.api, urlencode(name), urlencode(tag)), nil, nil, flame))
+    :format(state.api, urlencode(name), urlencode(tag)), nil, state.left(), flame))
   local pending, seen, failure, body = "", {}, nil, {}
   local function line(l)
     if l == "" then return end
@@ -241,7 +250,13 @@ local function pull(flame, state)
     local chunk, status, err = s.read()
     if not chunk then
       line(pending)
-      if not status then return nil, unreachable(state, err) end
+      if not status and #body == 0 and not failure and not next(seen) then
+        return nil, unreachable(state, err)
+      end
+      if not status then
+        return nil, ("docker: the pull of %q on %s broke off: %s (the boot_timeout may be "
+          .. "too short for it)"):format(state.image, state.host, tostring(err))
+      end
       if status ~= 200 or failure then
         local why = failure or table.concat(body, " ")
         return nil, ("docker: cannot pull image %q on %s: %s (check the name and that the "
@@ -285,6 +300,17 @@ local function check_options(state)
   if state.hosts ~= nil and #state.hosts == 0 then
     error("docker backend: option 'hosts' must be a list of engine addresses", 0)
   end
+  for k, v in pairs(state.env or {}) do
+    if type(k) ~= "string" or (type(v) ~= "string" and type(v) ~= "number") then
+      error(("docker backend: option 'env' must map names to values, like { LEVEL = \"2\" } "
+        .. "(got %s = %s)"):format(tostring(k), tostring(v)), 0)
+    end
+  end
+  for _, h in ipairs(state.hosts or {}) do
+    if type(h) == "table" and h.tls ~= nil and type(h.tls) ~= "table" and type(h.tls) ~= "boolean" then
+      error("docker backend: the tls of a 'hosts' entry must be a table or a boolean", 0)
+    end
+  end
 end
 
 --- A new runner: options checked, the engine chosen, FLAME_PARENT and labels made.
@@ -319,7 +345,8 @@ function B.init(opts, flame)
   state.labels = flame.merge(state.labels, {
     ["flame.pool"] = state.pool, ["flame.runner"] = state.runner_id,
     ["flame.parent"] = me.id, ["flame.parent_pid"] = tostring(me.pid),
-    ["flame.parent_host"] = me.host,
+    ["flame.parent_host"] = me.host, ["flame.parent_started"] = me.started or "",
+    ["flame.parent_boot"] = me.boot or "", ["flame.parent_pidns"] = me.pidns or "",
   })
   return state
 end
@@ -342,7 +369,18 @@ local function create(flame, state)
       NanoCpus = state.cpus and math.floor(state.cpus * 1e9),
       ExtraHosts = state.extra_hosts, Binds = state.volumes, Mounts = mounts,
     },
-  })
+  }, state.left())
+end
+
+-- The containers of this runner, however far their creation got (a create that timed
+-- out here may still have happened on the engine): removed.
+local function remove_mine(flame, state)
+  local filters = flame.json.encode { label = { "flame.runner=" .. state.runner_id,
+                                                "flame.parent=" .. state.me.id } }
+  local status, list = api(flame, state, "GET", "/containers/json?all=1&filters="
+    .. urlencode(filters), nil, 10000)
+  if status ~= 200 or type(list) ~= "table" then return end
+  for _, c in ipairs(list) do remove(flame, state, c.Id) end
 end
 
 -- The container's end reaches handle_info the moment it happens (a wait), and its
@@ -355,7 +393,8 @@ local function watch(flame, state, id)
   local function opts(method, path, chunks)
     return { method = method, url = base .. path, unix_socket = e.unix_socket, ca = e.ca,
              cert = e.cert, key = e.key, insecure = e.insecure,
-             body = method == "POST" and "" or nil, await_response = true, chunks = chunks }
+             body = method == "POST" and "" or nil, await_response = state.left(),
+             chunks = chunks }
   end
   local status, err = flame.http.watch(opts("POST", "/wait?condition=next-exit"), "wait")
   if status == 200 then
@@ -371,6 +410,9 @@ end
 
 --- Creates and starts the container, and waits for its runner to connect.
 function B.remote_boot(state, flame)
+  -- one deadline for the whole boot, pull included: each step gets what is left
+  local deadline = flame.now() + (state.boot_timeout or 30000)
+  function state.left() return math.max(1, deadline - flame.now()) end
   local ok, why = negotiate(flame, state)
   if not ok then return nil, why end
   sweep(flame, state, state.me)
@@ -384,8 +426,11 @@ function B.remote_boot(state, flame)
     if not ok then return nil, why end
     status, data, raw = create(flame, state)
   end
-  if not status then return nil, data end
-  if status == 404 then
+  if not status then
+    remove_mine(flame, state)
+    return nil, data
+  end
+  if status == 404 and tostring(message(data, raw)):find("No such image", 1, true) then
     return nil, ("docker: image %q not found on %s (build it with scripts/runner-image, "
       .. "pull it, set pull = \"missing\", or set backend_opts.image)")
       :format(state.image, state.host)
@@ -404,11 +449,15 @@ function B.remote_boot(state, flame)
   status, data, raw = api(flame, state, "POST", "/containers/" .. id .. "/start")
   if status ~= 204 and status ~= 304 then
     remove(flame, state, id)
-    return nil, "docker: cannot start the container: " .. (status and message(data, raw) or data)
+    return nil, status and ("docker: cannot start the container: " .. message(data, raw)) or data
   end
   local term
-  term, why = flame.await_remote_up(state.parent, state.boot_timeout)
+  term, why = flame.await_remote_up(state.parent, state.left())
   if not term then
+    if why:find("did not connect within", 1, true) then
+      why = ("the runner did not connect within the boot timeout of %s ms"):format(
+        tostring(state.boot_timeout or 30000))
+    end
     local tail = tail_text(state.tail)
     if tail == "" then tail = logs(flame, state, id) end
     remove(flame, state, id)

@@ -1,7 +1,13 @@
 /*
  * binding.c - luaopen_flame_core: the C core as the Lua module flame.core. Each
  * concern adds its functions to one table; the Lua half (lua/flame/init.lua) wraps it.
+ * Loaded as a shared module, it stays mapped until the process ends: its threads
+ * (executor workers, the sandbox watchdog) may still run when lua_close unloads C
+ * modules, and their code must not vanish under them.
  */
+#define _GNU_SOURCE                 /* dladdr, RTLD_NODELETE */
+#include <dlfcn.h>
+
 #include <lua.h>
 #include <lauxlib.h>
 
@@ -58,9 +64,25 @@ static void ignore_sigpipe(void) {
 
 static uv_once_t sigpipe_once = UV_ONCE_INIT;
 
+/* Marks this library "never unload" (RTLD_NODELETE on a handle to itself). Linked
+ * into the flame executable there is no library to pin, and dladdr names the
+ * executable: dlopen with RTLD_NOLOAD then finds it loaded and changes nothing. If
+ * it fails, the process still works; only threads alive at lua_close are at risk,
+ * as they were before. */
+static void pin_library(void) {
+  Dl_info info;
+  if (dladdr((void *)&luaopen_flame_core, &info) == 0 || info.dli_fname == NULL) return;
+  void *self = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+  if (self == NULL) return;
+  /* the reference dlopen took is kept on purpose: the library is never closed */
+}
+
+static uv_once_t pin_once = UV_ONCE_INIT;
+
 int luaopen_flame_core(lua_State *L) {
   luaL_checkversion(L);
   uv_once(&sigpipe_once, ignore_sigpipe);
+  uv_once(&pin_once, pin_library);
   lua_newtable(L);
   flame_codec_open(L);
   flame_sandbox_open(L);

@@ -369,7 +369,8 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud) {
   if (r->head_ref != LUA_NOREF && L && (len == 2 || len == 1) && (p[0] == '\r' || p[0] == '\n')) {
     long status = 0;
     if (curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status) != CURLE_OK) status = 0;
-    if (status >= 100 && status < 200) return len;
+    /* 1xx, or a proxy's answer to CONNECT (no status of the server's yet): not it */
+    if (status < 200) return len;
     int ref = r->head_ref;
     r->head_ref = LUA_NOREF;
     if (!lua_checkstack(L, 3)) {

@@ -87,6 +87,29 @@ describe("http", function()
     assert.are.same({ 404 }, heads)
   end)
 
+  it("lets a backend read a response as it comes, every chunk in order", function()
+    -- a backend whose boot reads /stream with http.stream and fails with what it read
+    local backend = {
+      init = function(opts) return opts end,
+      remote_boot = function(state, env)
+        local s = env.http.stream { url = "http://localhost/stream", unix_socket = state.sock }
+        local got = {}
+        while true do
+          local chunk, status = s.read()
+          if not chunk then got[#got + 1] = "end " .. tostring(status) break end
+          got[#got + 1] = chunk
+        end
+        return nil, table.concat(got, ",")
+      end,
+    }
+    local p = H.pool { name = "http-stream", backend = backend, backend_opts = { sock = usock } }
+    local ok, err = pcall(flame.call, p, function() end)
+    assert.is_false(ok)
+    assert.matches("failed to boot: (.*)$", err.message)
+    local read = err.message:match("failed to boot: (.*)$"):gsub(",", "")
+    assert.are.equal("part0part1part2end 200", read)
+  end)
+
   it("times out, and says so", function()
     local status, _, _, err = get { url = "http://localhost/slow", unix_socket = usock,
                                     timeout = 200 }

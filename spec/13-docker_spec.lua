@@ -241,7 +241,9 @@ describe("docker backend #docker", function()
     { "a command that exits at once", { cmd = { "sh", "-c", "echo bad start >&2; exit 3" } },
       "exited with code 3; the container said: bad start" },
     { "a runner that never connects", { cmd = { "sleep", "30" } },
-      "did not connect within the boot timeout" },
+      "did not connect within the boot timeout of 1500 ms" },
+    { "a network the engine does not have", { network = "flame-no-such-net" },
+      "network flame-no-such-net not found" },
   }
   for _, case in ipairs(failures) do
     it("fails the boot with the reason, leaving no container: " .. case[1], function()
@@ -272,20 +274,43 @@ describe("docker backend #docker", function()
     assert.is_true(wait_no_containers(engine2, "dk-hosts", 5000))
   end)
 
-  it("sweeps away a container left by a parent of the pool that died", function()
+  it("sweeps away containers left by parents of the pool that died, and only those", function()
     if not need_engine() then return end
-    -- a container labelled as a runner of this pool whose parent (a pid that
-    -- cannot exist) is gone
-    local ok, out = docker(engine, "create --label flame.pool=dk-sweep --label "
-      .. "flame.parent=gone --label flame.parent_pid=999999999 --label flame.parent_host="
-      .. H.q(io.open("/proc/sys/kernel/hostname"):read("l")) .. " " .. IMAGE .. " sleep 60")
-    assert(ok, out)
-    assert.are.equal(1, #containers(engine, "dk-sweep"))
+    local function line(cmd)
+      local p = io.popen(cmd)
+      local l = p:read("l")
+      p:close()
+      return l
+    end
+    local host = line("cat /proc/sys/kernel/hostname")
+    local boot = line("cat /proc/sys/kernel/random/boot_id")
+    local pidns = line("readlink /proc/self/ns/pid")
+    local function left_by(pid, started, ns)
+      local ok, out = docker(engine, "create --label flame.pool=dk-sweep --label "
+        .. "flame.parent=gone --label flame.parent_pid=" .. pid .. " --label flame.parent_host="
+        .. H.q(host) .. " --label flame.parent_boot=" .. H.q(boot) .. " --label flame.parent_pidns="
+        .. H.q(ns or pidns) .. " --label flame.parent_started=" .. H.q(started) .. " "
+        .. IMAGE .. " sleep 60")
+      assert(ok, out)
+      return out:match("%x+")
+    end
+    local dead = left_by(999999999, "1")                 -- a pid that cannot exist
+    local reused = left_by(core.pid(), "1")              -- a live pid, started at another time
+    local stat = io.open("/proc/" .. core.pid() .. "/stat"):read("a")
+    local started = stat:match("^%d+ %b() %a (.*)$"):match(("%S+%s+"):rep(18) .. "(%S+)")
+    local alive = left_by(core.pid(), started)           -- this very process: alive
+    local elsewhere = left_by(999999999, "1", "pid:[1]") -- a parent in another pid namespace
+    assert.are.equal(4, #containers(engine, "dk-sweep"))
     local p = pool("dk-sweep")
     flame.call(p, function() end)
-    local left = containers(engine, "dk-sweep")
-    assert.are.equal(1, #left)                 -- only the new runner's container
-    assert.is_nil(out:find(left[1], 1, true))
+    local left = table.concat(containers(engine, "dk-sweep"), " ")
+    assert.is_nil(left:find(dead:sub(1, 12), 1, true))
+    assert.is_nil(left:find(reused:sub(1, 12), 1, true))
+    assert.matches(alive:sub(1, 12), left, 1, true)
+    assert.matches(elsewhere:sub(1, 12), left, 1, true)
+    assert.are.equal(3, #containers(engine, "dk-sweep"))  -- with the new runner's
+    p:shutdown()
+    docker(engine, "rm -f " .. alive .. " " .. elsewhere)
   end)
 
   it("removes the containers when the parent is killed with SIGKILL", function()

@@ -83,7 +83,7 @@ local function bootstrap(spec)
     stream = function(o) return handle(request("http_stream", plain(o))) end,
   }
   function env.parent_info() return request("parent_info") end
-  function env.proc_alive(pid) return request("proc_alive", pid) end
+  function env.proc_alive(pid, started) return request("proc_alive", pid, started) end
   env.json = {
     encode = function(v) return request("json_encode", plain(v)) end,
     decode = function(s) return request("json_decode", s) end,

@@ -176,6 +176,40 @@ local function flame_bin()
   return "flame"
 end
 
+-- /proc/PID/stat: the process's state letter and start time (clock ticks since
+-- boot), or nil when there is no such process.
+local function proc_stat(pid)
+  local f = io.open("/proc/" .. math.floor(tonumber(pid) or 0) .. "/stat")
+  if not f then return nil end
+  local st = f:read("a")
+  f:close()
+  local state, rest = st:match("^%d+ %b() (%a) (.*)$")
+  if not state then return nil end
+  local fields = {}
+  for v in rest:gmatch("%S+") do fields[#fields + 1] = v end
+  return { state = state, started = fields[19] }   -- field 22 of the whole line
+end
+
+local function read_line(path)
+  local f = io.open(path)
+  if not f then return nil end
+  local l = f:read("l")
+  f:close()
+  return l
+end
+
+local function boot_id() return read_line("/proc/sys/kernel/random/boot_id") end
+
+local pidns                        -- this process's pid namespace, read once
+local function pid_namespace()
+  if pidns == nil then
+    local p = io.popen("readlink /proc/" .. core.pid() .. "/ns/pid 2>/dev/null")
+    pidns = p and p:read("l") or false
+    if p then p:close() end
+  end
+  return pidns or nil
+end
+
 -- The backend environment's requests from a runner's backend state, served here
 -- (docs/backends.md has what each does). Objects the backend holds (processes,
 -- terminators) stay here; it gets handles.
@@ -243,6 +277,7 @@ local function backend_server(pool, runner)
     if type(p) ~= "table" or type(p.ref) ~= "string" then
       error("await_remote_up: a parent record from parent_new expected", 0)
     end
+    if runner.failed then return nil, runner.failed end  -- handle_info told already
     runner.awaiting = p.ref
     local term, err = hub:await(p, timeout or pool.opts.boot_timeout)
     runner.awaiting = nil
@@ -340,7 +375,8 @@ local function backend_server(pool, runner)
   -- { event = "http", tag = tag, status = n, body = s } or { ..., error = message };
   -- with o.chunks, each piece of the body as it comes ({ ..., data = s }) and the
   -- end with an empty body. With o.await_response it returns once the server has
-  -- begun answering (the status), or nil and why it failed first.
+  -- begun answering (the status), or nil and why it failed first; a number there is
+  -- how long to wait (else 30 s), after which the request is cancelled.
   function S.http_watch(o, tag)
     local opts = http_opts(o, "http.watch")
     local f = o.await_response and task.future() or nil
@@ -351,31 +387,41 @@ local function backend_server(pool, runner)
       opts.on_data = function(chunk) tell { event = "http", tag = tag, data = chunk } end
     end
     if f then opts.on_head = function(status) f:set(status) end end
-    start(opts, function(status, _, body, err)
+    local req = start(opts, function(status, _, body, err)
       if f then f:set(nil, err or ("status " .. tostring(status))) end  -- no-op once set
       tell { event = "http", tag = tag, status = status, body = body, error = err }
     end)
-    if f then return f:wait() end
-    return true
+    if not f then return true end
+    local ms = type(o.await_response) == "number" and o.await_response or 30000
+    local timer = loop:timer(math.max(1, math.min(ms, 2^31 - 1)), function()
+      if f:set(nil, ("no answer within %.0f ms"):format(ms)) then req:cancel() end
+    end)
+    local status, err = f:wait()
+    timer:stop()
+    return status, err
   end
 
   --- A response read as it arrives (a pull's progress, an event stream): a handle
   -- the backend reads chunk by chunk with stream_read.
   function S.http_stream(o)
-    local st = { chunks = {}, head = 1 }
+    local st = { chunks = {}, head = 1, tail = 0 }
     local function wake()
       local w = st.waiter
       st.waiter = nil
       if w then w:set(true) end
     end
     local opts = http_opts(o, "http.stream")
+    local function push(chunk)            -- read from head, written at tail: a queue
+      st.tail = st.tail + 1
+      st.chunks[st.tail] = chunk
+    end
     opts.on_data = function(chunk)
-      st.chunks[#st.chunks + 1] = chunk
+      push(chunk)
       wake()
     end
     st.req = start(opts, function(status, _, body, err)
       st.done, st.status, st.err = true, status, err
-      if body and body ~= "" then st.chunks[#st.chunks + 1] = body end
+      if body and body ~= "" then push(body) end
       wake()
     end)
     return keep(st, "http_stream")
@@ -385,12 +431,12 @@ local function backend_server(pool, runner)
   function S.stream_read(id)
     local st = handles[id]
     if type(st) ~= "table" or not st.chunks then error("http stream: not a stream", 0) end
-    while st.head > #st.chunks and not st.done do
+    while st.head > st.tail and not st.done do
       if st.waiter then error("http stream: already being read", 0) end
       st.waiter = task.future()
       st.waiter:wait()
     end
-    if st.head <= #st.chunks then
+    if st.head <= st.tail then
       local c = st.chunks[st.head]
       st.chunks[st.head] = nil
       st.head = st.head + 1
@@ -407,17 +453,21 @@ local function backend_server(pool, runner)
     return true
   end
 
-  function S.proc_alive(pid)
-    local f = io.open("/proc/" .. math.floor(tonumber(pid) or 0) .. "/stat")
-    if not f then return false end
-    local st = f:read("a")
-    f:close()
-    return st:match("^%d+ %b() (%a)") ~= "Z"
+  -- Whether process pid runs on this host; with `started` (its start time, as in
+  -- parent_info), whether it is still that process and not a later one with its pid.
+  function S.proc_alive(pid, started)
+    local st = proc_stat(pid)
+    if not st or st.state == "Z" then return false end
+    return started == nil or tostring(started) == st.started
   end
 
-  --- Who this parent is: { id (random, per process), pid, host }.
+  --- Who this parent is: { id (random, per process), pid, host, and what tells this
+  -- process from any other with its pid: started (its start time since boot), boot
+  -- (the kernel's boot id), pidns (its pid namespace) }.
   function S.parent_info()
-    return { id = parent_instance, pid = core.pid(), host = hostname() }
+    local st = proc_stat(core.pid())
+    return { id = parent_instance, pid = core.pid(), host = hostname(),
+             started = st and st.started, boot = boot_id(), pidns = pid_namespace() }
   end
 
   function S.proc_kill(id, sig, group)
@@ -601,15 +651,17 @@ function Pool:grow()
     }
     for k, v in pairs(self.opts.backend_opts or {}) do settings[k] = v end
     local host, err = backend.new(self.opts.backend, backend_server(self, runner))
-    local term
+    local term, made, inited
     local ok = host ~= nil
     if ok then
       runner.host = host
       ok, err = pcall(host.call, host, "init", settings)
+      inited = ok
       if ok then
         local ok2, h, why = pcall(host.call, host, "remote_boot")
         ok, err = ok2, ok2 and why or h
         term = ok2 and type(h) == "table" and runner.handles[h.__flame_handle] or nil
+        made = term
         if ok2 and h and not (term and term.submit) then
           ok, err, term = false, "remote_boot returned something that is not a terminator", nil
         end
@@ -644,7 +696,11 @@ function Pool:grow()
       if self.hub_ then
         for _, ref in ipairs(runner.parents) do self.hub_:forget(ref) end
       end
-      if host then host:close() end
+      if made and made.close then made:close() end  -- connected, but the boot failed
+      -- the backend releases what it made (a container, a process group) as after
+      -- any runner; its requests still running are cancelled when its state closes
+      if host and inited then self:release(runner, "boot failed: " .. reason)
+      elseif host then host:close() end
       self:grow_for_waiters()
       return
     end
