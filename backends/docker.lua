@@ -388,13 +388,11 @@ end
 -- the reason of its end). Both are registered with the engine before the container
 -- starts, so neither misses a container that exits at once.
 local function watch(flame, state, id)
-  local e = endpoint(state)
-  local base = e.base .. "/v" .. state.api .. "/containers/" .. id
   local function opts(method, path, chunks)
-    return { method = method, url = base .. path, unix_socket = e.unix_socket, ca = e.ca,
-             cert = e.cert, key = e.key, insecure = e.insecure,
-             body = method == "POST" and "" or nil, await_response = state.left(),
-             chunks = chunks }
+    local o = request(state, method, "/v" .. state.api .. "/containers/" .. id .. path, nil,
+      nil, flame)
+    o.await_response, o.chunks = state.left(), chunks
+    return o
   end
   local status, err = flame.http.watch(opts("POST", "/wait?condition=next-exit"), "wait")
   if status == 200 then

@@ -6,14 +6,13 @@
 -- `docker run --rm IMAGE true` on the same engine (the docker CLI's own start-up
 -- included). Calls: p50/p99 and calls/s on warm container runners.
 local flame = require "flame"
-local core = require "flame.core"
 
 local image = assert(arg[1], "usage: flame bench/docker.lua IMAGE [seconds]")
 local seconds = tonumber(arg[2]) or 2
 local BOOTS = 20
 
-local function ms() return core.hrtime() / 1e6 end
-local function percentile(sorted, p) return sorted[math.max(1, math.ceil(#sorted * p))] end
+local B = require "bench.common"
+local ms, percentile = B.ms, B.percentile
 local function opts(name, extra)
   local o = { name = name, backend = "docker", timeout = 60000,
               backend_opts = { image = image } }
@@ -52,41 +51,6 @@ boot_row("flame runner: grow start to REMOTE_UP", flame_boots)
 boot_row("docker run --rm IMAGE true (CLI, same engine)", docker_runs)
 
 -- calls on warm runners
-local big = ("x"):rep(1 << 20)
-local works = {
-  { "trivial closure", function() return 1 end },
-  { "closure capturing 1 MB", function() return #big end },
-}
-local function row(pool, name, fn, callers)
-  local lat, ts = {}, {}
-  local t0 = ms()
-  local stop_at = t0 + seconds * 1000
-  for c = 1, callers do
-    ts[c] = flame.spawn(function()
-      while ms() < stop_at do
-        local a = ms()
-        flame.call(pool, fn)
-        lat[#lat + 1] = ms() - a
-      end
-    end)
-  end
-  for c = 1, callers do ts[c]:await() end
-  local elapsed = (ms() - t0) / 1000
-  table.sort(lat)
-  print(("%-24s %8d %8d %10.3f %10.3f %12.0f"):format(name, callers, #pool.runners,
-    percentile(lat, 0.5), percentile(lat, 0.99), #lat / elapsed))
-end
-local one = flame.pool(opts("bench-one", { max = 1, max_concurrency = 100 }))
-local four = flame.pool(opts("bench-four", { min = 4, max = 4, max_concurrency = 25 }))
-flame.call(one, function() end)
-while #four.runners < 4 do flame.sleep(10) end
 print()
 print(("calls on warm container runners, %g s a row"):format(seconds))
-print(("%-24s %8s %8s %10s %10s %12s"):format("work", "callers", "runners", "p50 ms",
-  "p99 ms", "calls/s"))
-for _, w in ipairs(works) do
-  row(one, w[1], w[2], 1)
-  row(four, w[1], w[2], 100)
-end
-one:shutdown()
-four:shutdown()
+B.call_table(opts, seconds)

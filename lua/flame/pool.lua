@@ -153,12 +153,14 @@ Pool.__name = "flame.pool"
 
 local parent_instance = parentmod.random_id(12)  -- this process, as a parent
 
-local function hostname()
-  local f = io.open("/proc/sys/kernel/hostname")
-  local h = f and f:read("l") or os.getenv("HOSTNAME") or "localhost"
-  if f then f:close() end
-  return h
+local function read_line(path)
+  local f = io.open(path)
+  if not f then return nil end
+  local l = f:read("l")
+  f:close()
+  return l
 end
+
 
 local function flame_bin()
   local bin = os.getenv("FLAME_BIN")
@@ -190,24 +192,24 @@ local function proc_stat(pid)
   return { state = state, started = fields[19] }   -- field 22 of the whole line
 end
 
-local function read_line(path)
-  local f = io.open(path)
-  if not f then return nil end
-  local l = f:read("l")
-  f:close()
-  return l
-end
-
-local function boot_id() return read_line("/proc/sys/kernel/random/boot_id") end
-
-local pidns                        -- this process's pid namespace, read once
-local function pid_namespace()
-  if pidns == nil then
+-- Who this process is as a parent: { id (random, per process), pid, host, and what
+-- tells it from any other process with its pid: started (its start time since
+-- boot), boot (the kernel's boot id), pidns (its pid namespace) }. Read once.
+local identity
+local function parent_identity()
+  if not identity then
+    local st = proc_stat(core.pid())
     local p = io.popen("readlink /proc/" .. core.pid() .. "/ns/pid 2>/dev/null")
-    pidns = p and p:read("l") or false
+    local pidns = p and p:read("l")
     if p then p:close() end
+    identity = {
+      id = parent_instance, pid = core.pid(),
+      host = read_line("/proc/sys/kernel/hostname") or os.getenv("HOSTNAME") or "localhost",
+      started = st and st.started, boot = read_line("/proc/sys/kernel/random/boot_id"),
+      pidns = pidns,
+    }
   end
-  return pidns or nil
+  return identity
 end
 
 -- The backend environment's requests from a runner's backend state, served here
@@ -461,14 +463,8 @@ local function backend_server(pool, runner)
     return started == nil or tostring(started) == st.started
   end
 
-  --- Who this parent is: { id (random, per process), pid, host, and what tells this
-  -- process from any other with its pid: started (its start time since boot), boot
-  -- (the kernel's boot id), pidns (its pid namespace) }.
-  function S.parent_info()
-    local st = proc_stat(core.pid())
-    return { id = parent_instance, pid = core.pid(), host = hostname(),
-             started = st and st.started, boot = boot_id(), pidns = pid_namespace() }
-  end
+  --- Who this parent is (parent_identity above).
+  S.parent_info = parent_identity
 
   function S.proc_kill(id, sig, group)
     local proc = handles[id]
