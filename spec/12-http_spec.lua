@@ -110,6 +110,21 @@ describe("http", function()
     assert.are.equal("part0part1part2end 200", read)
   end)
 
+  it("gives up waiting for a watched response to begin, and cancels it", function()
+    local backend = {
+      init = function(opts) return opts end,
+      remote_boot = function(state, env)
+        local status, err = env.http.watch({ url = "http://localhost/slow",
+          unix_socket = state.sock, await_response = 200 }, "slow")
+        return nil, tostring(status) .. " " .. tostring(err)
+      end,
+    }
+    local p = H.pool { name = "http-await", backend = backend, backend_opts = { sock = usock } }
+    local ok, err = pcall(flame.call, p, function() end)
+    assert.is_false(ok)
+    assert.matches("failed to boot: nil no answer within 200 ms", err.message, 1, true)
+  end)
+
   it("times out, and says so", function()
     local status, _, _, err = get { url = "http://localhost/slow", unix_socket = usock,
                                     timeout = 200 }

@@ -492,6 +492,10 @@ describe("docker backend #docker", function()
     { { host = "ftp://x" }, 'cannot use host "ftp://x"' },
     { { hosts = {} }, "option 'hosts' must be a list" },
     { { tls = "yes" }, "option 'tls' must be a table or boolean" },
+    { { api_version = "1.24" }, "option 'api_version' must be a version like \"1.41\", 1.30 or newer" },
+    { { env = { "LEVEL=2" } }, "option 'env' must map names to values" },
+    { { hosts = { { host = "unix:///x.sock", tls = "yes" } } },
+      "the tls of a 'hosts' entry must be a table or a boolean" },
   }
   for _, case in ipairs(bad_options) do
     it("refuses bad options with what is wrong: " .. case[2], function()
