@@ -1,18 +1,12 @@
 /*
- * executor.c - runs encoded work on worker threads, each owning one sandbox.
- *
- * Contract:
- * - exec:submit(id, bytes) queues a job; a worker (made lazily, up to `workers`)
- *   decodes it into its sandbox (a fresh _ENV per job over the profile's libraries;
- *   loaded modules stay), runs it, and encodes the outcome (sandbox_run's format).
- * - Every submitted job completes exactly once: on_done(id, status, payload) is
- *   called on the loop thread, status being one of sandbox.h's letters. A job killed
- *   while queued completes as killed too; a job dropped by close does not complete.
- * - exec:kill(id, reason) reaches the job wherever it is: queued, or running (the
- *   sandbox's kill switch); a kill for a job that has ended does nothing.
- * - exec:close() kills running work ("shutdown"), joins the workers, and frees
- *   everything once the loop has closed the async handle.
- *
+ * executor.c - worker threads running encoded work in sandboxes (contract in
+ * executor.h), and the Lua object over it (core.executor) that the local backend's
+ * runners use:
+ *   core.executor{ workers = n, profile = "application"|"restricted",
+ *                  memory_limit = bytes, requires = "m1,m2", info = bytes,
+ *                  on_done = function(id, status, payload) }
+ *   exec:submit(id, bytes), exec:kill(id, reason) -> "queued"|"running"|nil,
+ *   exec:stats(), exec:close()
  * Threads and locks: the loop thread submits, kills and closes; workers run jobs.
  * Lock order: executor.lock, then a sandbox's lock (sandbox_kill, sandbox_rearm).
  */
@@ -26,6 +20,7 @@
 #include "flame.h"
 #include "buf.h"
 #include "codec.h"
+#include "executor.h"
 #include "loop.h"
 #include "sandbox.h"
 
@@ -33,7 +28,9 @@
 
 typedef struct job {
   struct job *next;
-  lua_Integer id;
+  int64_t id;
+  int kind;                   /* EXECUTOR_WORK or EXECUTOR_CHECK */
+  int truthy;                 /* CHECK: the first result was true */
   buf work;                   /* codec bytes in */
   buf out;                    /* status byte and codec bytes out */
 } job;
@@ -45,30 +42,39 @@ typedef struct worker {
   job *current;               /* guarded by ex->lock */
 } worker;
 
-typedef struct executor {
-  flame_handle base;          /* first: the loop closes async through it */
+struct executor {
+  flame_handle base;          /* first: a Lua loop's close walk frees through it */
   uv_async_t async;
-  flame_loop *lp;
-  uv_mutex_t lock;            /* guards everything below it */
+  uv_mutex_t lock;            /* guards everything down to cfg */
   uv_cond_t cond;
   job *pending, *pending_tail;
   job *done, *done_tail;
   worker *workers;
   int nworkers, maxworkers, idle, running, peak;
   int stopping;
-  sandbox_config cfg;
-  char *requires;             /* owned copies of cfg.requires and cfg.info */
+  sandbox_config cfg;         /* read-only once made */
+  char *requires;             /* owned copies of cfg.requires, cfg.info, cfg.path */
   char *info;
-  int done_ref;               /* on_done in the registry (loop thread only) */
-  int closed;                 /* loop thread only */
-  int inflight;               /* loop thread only: submitted, not yet delivered; the
-                                 async handle keeps the loop alive only while > 0 */
-} executor;
+  char *path;
+  executor_done_fn done_fn;   /* loop thread only, from here on */
+  void *done_ud;
+  int closed;
+  int inflight;               /* submitted, not yet delivered; the async handle keeps
+                                 the loop alive only while > 0 */
+};
 
 static void job_free(job *j) {
   buf_free(&j->work);
   buf_free(&j->out);
   free(j);
+}
+
+static void jobs_free(job *j) {
+  while (j) {
+    job *next = j->next;
+    job_free(j);
+    j = next;
+  }
 }
 
 static void push(job **head, job **tail, job *j) {
@@ -86,6 +92,20 @@ static void complete_plain(executor *ex, job *j, int status, const char *text) {
       || codec_encode_cstring(&j->out, text) != 0)
     j->out.len = 0;           /* reported as "not enough memory" on the loop side */
   push(&ex->done, &ex->done_tail, j);
+}
+
+/* An idle check's verdict: is the first of its results true? Decoded in the
+ * worker's own state, functions refused. */
+static int first_is_true(sandbox *sb, const buf *out) {
+  if (out->len < 1 || out->data[0] != SANDBOX_RESULT) return 0;
+  lua_State *L = sandbox_state(sb);
+  codec_opts o;
+  codec_opts_init(&o);
+  o.functions = 0;
+  int n = codec_decode(L, (const char *)out->data + 1, out->len - 1, &o);
+  int truthy = n > 0 && lua_toboolean(L, -n);
+  lua_settop(L, 0);
+  return truthy;
 }
 
 static void worker_main(void *arg) {
@@ -117,6 +137,7 @@ static void worker_main(void *arg) {
     int rc = sandbox_run(w->sb, (const char *)j->work.data, j->work.len, &j->out);
     if (rc != 0) j->out.len = 0;
     buf_free(&j->work);
+    if (j->kind == EXECUTOR_CHECK) j->truthy = first_is_true(w->sb, &j->out);
 
     uv_mutex_lock(&ex->lock);
     ex->running--;
@@ -129,55 +150,39 @@ static void worker_main(void *arg) {
   w->sb = NULL;
 }
 
-/* Loop thread: hands finished jobs to on_done, in the order they finished. */
+/* Loop thread: hands finished jobs to done, in the order they finished. */
 static void on_async(uv_async_t *h) {
   executor *ex = h->data;
   uv_mutex_lock(&ex->lock);
   job *j = ex->done;
   ex->done = ex->done_tail = NULL;
   uv_mutex_unlock(&ex->lock);
-  lua_State *L = ex->lp->L;
   while (j) {
     job *next = j->next;
     if (--ex->inflight == 0) uv_unref((uv_handle_t *)&ex->async);
-    if (L && !ex->closed && lua_checkstack(L, 6)) {
-      lua_rawgeti(L, LUA_REGISTRYINDEX, ex->done_ref);
-      lua_pushinteger(L, j->id);
-      if (j->out.len == 0) {
-        lua_pushliteral(L, "e");
-        lua_pushnil(L);
-      } else {
-        lua_pushlstring(L, (const char *)j->out.data, 1);
-        lua_pushlstring(L, (const char *)j->out.data + 1, j->out.len - 1);
-      }
-      job_free(j);
-      flame_pcall_report(L, 3, "an executor callback");
-    } else {
-      job_free(j);
-    }
+    if (!ex->closed) ex->done_fn(ex->done_ud, j->id, &j->out, j->truthy);
+    job_free(j);
     j = next;
   }
 }
 
 static void executor_free(uv_handle_t *h) {
   executor *ex = h->data;
-  job *j = ex->done;
-  while (j) {
-    job *next = j->next;
-    job_free(j);
-    j = next;
-  }
+  jobs_free(ex->done);
   uv_cond_destroy(&ex->cond);
   uv_mutex_destroy(&ex->lock);
   free(ex->workers);
   free(ex->requires);
   free(ex->info);
+  free(ex->path);
   free(ex);
 }
 
-/* Stops the workers and joins them; the executor is freed when the loop closes
- * the async handle. Loop thread. */
-static void executor_shutdown(lua_State *L, executor *ex) {
+uv_handle_t *executor_handle(executor *ex) {
+  return (uv_handle_t *)&ex->async;
+}
+
+void executor_close(executor *ex, int loop_alive) {
   if (ex->closed) return;
   ex->closed = 1;
   uv_mutex_lock(&ex->lock);
@@ -187,43 +192,23 @@ static void executor_shutdown(lua_State *L, executor *ex) {
   uv_cond_broadcast(&ex->cond);
   uv_mutex_unlock(&ex->lock);
   for (int i = 0; i < ex->nworkers; i++) uv_thread_join(&ex->workers[i].thread);
-  job *j = ex->pending;
-  while (j) {
-    job *next = j->next;
-    job_free(j);
-    j = next;
-  }
+  jobs_free(ex->pending);
   ex->pending = ex->pending_tail = NULL;
-  if (L) luaL_unref(L, LUA_REGISTRYINDEX, ex->done_ref);
-  ex->done_ref = LUA_NOREF;
-  if (!ex->lp->closed) uv_close((uv_handle_t *)&ex->async, executor_free);
+  if (loop_alive) uv_close((uv_handle_t *)&ex->async, executor_free);
 }
 
-static executor **exec_ud(lua_State *L) {
-  return luaL_checkudata(L, 1, EXECUTOR_MT);
-}
-
-static executor *exec_check(lua_State *L) {
-  executor *ex = *exec_ud(L);
-  if (ex == NULL || ex->closed) luaL_error(L, "executor is closed");
-  return ex;
-}
-
-/* exec:submit(id, bytes) */
-static int exec_submit(lua_State *L) {
-  executor *ex = exec_check(L);
-  lua_Integer id = luaL_checkinteger(L, 2);
-  size_t len;
-  const char *bytes = luaL_checklstring(L, 3, &len);
+int executor_submit(executor *ex, int64_t id, buf *work, int kind, const char **err) {
   job *j = calloc(1, sizeof *j);
-  if (j == NULL || buf_append(&j->work, bytes, len) != 0) {
-    free(j);
-    return luaL_error(L, "not enough memory");
+  if (j == NULL) {
+    buf_free(work);
+    *err = "not enough memory";
+    return -1;
   }
+  j->work = *work;                         /* the bytes are the job's now */
+  buf_init(work);
   j->id = id;
-  if (ex->inflight++ == 0) uv_ref((uv_handle_t *)&ex->async);
+  j->kind = kind;
   uv_mutex_lock(&ex->lock);
-  push(&ex->pending, &ex->pending_tail, j);
   int need = ex->idle == 0 && ex->nworkers < ex->maxworkers;
   int rc = 0;
   if (need) {
@@ -233,10 +218,160 @@ static int exec_submit(lua_State *L) {
     rc = uv_thread_create(&w->thread, worker_main, w);
     if (rc == 0) ex->nworkers++;
   }
+  if (rc != 0 && ex->nworkers == 0) {      /* no worker at all: the job cannot run */
+    uv_mutex_unlock(&ex->lock);
+    job_free(j);
+    *err = "cannot start a worker thread";
+    return -1;
+  }
+  push(&ex->pending, &ex->pending_tail, j);
   if (ex->idle > 0) uv_cond_signal(&ex->cond);
   uv_mutex_unlock(&ex->lock);
-  if (rc != 0 && ex->nworkers == 0)       /* no worker at all: the job cannot run */
-    return luaL_error(L, "executor: cannot start a worker thread: %s", uv_strerror(rc));
+  if (ex->inflight++ == 0) uv_ref((uv_handle_t *)&ex->async);
+  return 0;
+}
+
+int executor_kill(executor *ex, int64_t id, int reason) {
+  int where = 0;
+  uv_mutex_lock(&ex->lock);
+  for (job **p = &ex->pending, *prev = NULL; *p; prev = *p, p = &(*p)->next) {
+    if ((*p)->id == id) {
+      job *j = *p;
+      *p = j->next;
+      if (ex->pending_tail == j) ex->pending_tail = prev;
+      complete_plain(ex, j, SANDBOX_KILLED, sandbox_kill_name(reason));
+      uv_async_send(&ex->async);
+      where = EXECUTOR_QUEUED;
+      break;
+    }
+  }
+  for (int i = 0; where == 0 && i < ex->nworkers; i++) {
+    if (ex->workers[i].current && ex->workers[i].current->id == id) {
+      sandbox_kill(ex->workers[i].sb, reason);
+      where = EXECUTOR_RUNNING;
+    }
+  }
+  uv_mutex_unlock(&ex->lock);
+  return where;
+}
+
+void executor_get_stats(executor *ex, executor_stats *st) {
+  uv_mutex_lock(&ex->lock);
+  int queued = 0;
+  for (job *j = ex->pending; j; j = j->next) queued++;
+  st->workers = ex->nworkers;
+  st->max_workers = ex->maxworkers;
+  st->idle = ex->idle;
+  st->running = ex->running;
+  st->peak = ex->peak;
+  st->queued = queued;
+  uv_mutex_unlock(&ex->lock);
+}
+
+static char *dup_bytes(const char *s, size_t n) {
+  char *d = malloc(n + 1);
+  if (d) {
+    memcpy(d, s, n);
+    d[n] = '\0';
+  }
+  return d;
+}
+
+executor *executor_new(uv_loop_t *loop, int workers, const sandbox_config *cfg,
+                       executor_done_fn done, void *ud, const char **err) {
+  sandbox *probe = sandbox_new(cfg, err);  /* settings a worker could not use fail here */
+  if (probe == NULL) return NULL;
+  sandbox_close(probe);
+  *err = "not enough memory";
+  if (workers < 1) workers = 1;
+  executor *ex = calloc(1, sizeof *ex);
+  if (ex == NULL) return NULL;
+  ex->workers = calloc((size_t)workers, sizeof *ex->workers);
+  ex->cfg = *cfg;
+  if (ex->workers == NULL
+      || (cfg->requires && (ex->requires = dup_bytes(cfg->requires, strlen(cfg->requires))) == NULL)
+      || (cfg->info && (ex->info = dup_bytes(cfg->info, cfg->info_len)) == NULL)
+      || (cfg->path && (ex->path = dup_bytes(cfg->path, strlen(cfg->path))) == NULL))
+    goto fail;
+  ex->cfg.requires = ex->requires;
+  ex->cfg.info = ex->info;
+  ex->cfg.path = ex->path;
+  ex->maxworkers = workers;
+  ex->done_fn = done;
+  ex->done_ud = ud;
+  ex->base.on_close = executor_free;
+  int rc = uv_mutex_init(&ex->lock);
+  if (rc != 0) goto fail_uv;
+  if ((rc = uv_cond_init(&ex->cond)) != 0) {
+    uv_mutex_destroy(&ex->lock);
+    goto fail_uv;
+  }
+  if ((rc = uv_async_init(loop, &ex->async, on_async)) != 0) {
+    uv_cond_destroy(&ex->cond);
+    uv_mutex_destroy(&ex->lock);
+    goto fail_uv;
+  }
+  ex->async.data = ex;
+  uv_unref((uv_handle_t *)&ex->async);      /* referenced while jobs are in flight */
+  return ex;
+fail_uv:
+  *err = "cannot make the executor's locks or wake-up handle";
+fail:
+  free(ex->workers);
+  free(ex->requires);
+  free(ex->info);
+  free(ex->path);
+  free(ex);
+  return NULL;
+}
+
+/* ------------------------------------------------------------------- Lua ---- */
+
+typedef struct lexec {
+  executor *ex;               /* NULL once closed */
+  flame_loop *lp;
+  int done_ref;               /* on_done in the registry */
+} lexec;
+
+static void lua_done(void *ud, int64_t id, buf *out, int truthy) {
+  (void)truthy;
+  lexec *le = ud;
+  lua_State *L = le->lp->L;
+  if (L == NULL || !lua_checkstack(L, 6)) return;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, le->done_ref);
+  lua_pushinteger(L, (lua_Integer)id);
+  if (out->len == 0) {
+    lua_pushliteral(L, "e");
+    lua_pushnil(L);
+  } else {
+    lua_pushlstring(L, (const char *)out->data, 1);
+    lua_pushlstring(L, (const char *)out->data + 1, out->len - 1);
+  }
+  flame_pcall_report(L, 3, "an executor callback");
+}
+
+static lexec *exec_ud(lua_State *L) {
+  return luaL_checkudata(L, 1, EXECUTOR_MT);
+}
+
+static executor *exec_check(lua_State *L) {
+  lexec *le = exec_ud(L);
+  if (le->ex == NULL) luaL_error(L, "executor is closed");
+  return le->ex;
+}
+
+/* exec:submit(id, bytes) */
+static int exec_submit(lua_State *L) {
+  executor *ex = exec_check(L);
+  lua_Integer id = luaL_checkinteger(L, 2);
+  size_t len;
+  const char *bytes = luaL_checklstring(L, 3, &len);
+  buf work;
+  buf_init(&work);
+  if (buf_append(&work, bytes, len) != 0) return luaL_error(L, "not enough memory");
+  const char *err;
+  if (executor_submit(ex, (int64_t)id, &work, EXECUTOR_WORK, &err) != 0)
+    return luaL_error(L, "executor: %s", err);
   return 0;
 }
 
@@ -246,62 +381,46 @@ static int exec_kill(lua_State *L) {
   executor *ex = exec_check(L);
   lua_Integer id = luaL_checkinteger(L, 2);
   int reason = luaL_checkoption(L, 3, "killed", names) + 1;
-  const char *where = NULL;
-  uv_mutex_lock(&ex->lock);
-  for (job **p = &ex->pending, *prev = NULL; *p; prev = *p, p = &(*p)->next) {
-    if ((*p)->id == id) {
-      job *j = *p;
-      *p = j->next;
-      if (ex->pending_tail == j) ex->pending_tail = prev;
-      complete_plain(ex, j, SANDBOX_KILLED, sandbox_kill_name(reason));
-      uv_async_send(&ex->async);
-      where = "queued";
-      break;
-    }
-  }
-  for (int i = 0; where == NULL && i < ex->nworkers; i++) {
-    if (ex->workers[i].current && ex->workers[i].current->id == id) {
-      sandbox_kill(ex->workers[i].sb, reason);
-      where = "running";
-    }
-  }
-  uv_mutex_unlock(&ex->lock);
-  if (where) lua_pushstring(L, where);
+  int where = executor_kill(ex, (int64_t)id, reason);
+  if (where == EXECUTOR_QUEUED) lua_pushliteral(L, "queued");
+  else if (where == EXECUTOR_RUNNING) lua_pushliteral(L, "running");
   else lua_pushnil(L);
   return 1;
 }
 
 static int exec_stats(lua_State *L) {
   executor *ex = exec_check(L);
-  uv_mutex_lock(&ex->lock);
-  int queued = 0;
-  for (job *j = ex->pending; j; j = j->next) queued++;
-  int workers = ex->nworkers, idle = ex->idle, running = ex->running, peak = ex->peak;
-  uv_mutex_unlock(&ex->lock);
+  executor_stats st;
+  executor_get_stats(ex, &st);
   lua_createtable(L, 0, 6);
-  lua_pushinteger(L, workers);
+  lua_pushinteger(L, st.workers);
   lua_setfield(L, -2, "workers");
-  lua_pushinteger(L, ex->maxworkers);
+  lua_pushinteger(L, st.max_workers);
   lua_setfield(L, -2, "max_workers");
-  lua_pushinteger(L, idle);
+  lua_pushinteger(L, st.idle);
   lua_setfield(L, -2, "idle");
-  lua_pushinteger(L, running);
+  lua_pushinteger(L, st.running);
   lua_setfield(L, -2, "running");
-  lua_pushinteger(L, peak);
+  lua_pushinteger(L, st.peak);
   lua_setfield(L, -2, "peak");
-  lua_pushinteger(L, queued);
+  lua_pushinteger(L, st.queued);
   lua_setfield(L, -2, "queued");
   return 1;
 }
 
 static int exec_close(lua_State *L) {
-  executor **ud = exec_ud(L);
-  if (*ud) executor_shutdown(L, *ud);
-  *ud = NULL;
+  lexec *le = exec_ud(L);
+  if (le->ex) {
+    executor_close(le->ex, !le->lp->closed);
+    luaL_unref(L, LUA_REGISTRYINDEX, le->done_ref);
+    le->done_ref = LUA_NOREF;
+  }
+  le->ex = NULL;
   return 0;
 }
 
 /* executor{ workers = n, profile = "application"|"restricted", memory_limit = bytes,
+ *           requires = "m1,m2", info = bytes,
  *           on_done = function(id, status, payload) } */
 static int l_executor(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -324,60 +443,17 @@ static int l_executor(lua_State *L) {
   lua_getfield(L, 1, "on_done");
   luaL_checktype(L, -1, LUA_TFUNCTION);
 
-  const char *err;
-  sandbox *probe = sandbox_new(&cfg, &err);  /* settings a worker could not use fail here */
-  if (probe == NULL) return luaL_error(L, "executor: %s", err);
-  sandbox_close(probe);
-
-  executor **ud = lua_newuserdatauv(L, sizeof *ud, 0);
-  *ud = NULL;
+  lexec *le = lua_newuserdatauv(L, sizeof *le, 0);
+  le->ex = NULL;
+  le->lp = lp;
+  le->done_ref = LUA_NOREF;
   luaL_setmetatable(L, EXECUTOR_MT);
-  executor *ex = calloc(1, sizeof *ex);
-  worker *ws = calloc((size_t)workers, sizeof *ws);
-  if (ex == NULL || ws == NULL) {
-    free(ex);
-    free(ws);
-    return luaL_error(L, "not enough memory");
-  }
-  ex->workers = ws;
-  ex->maxworkers = (int)workers;
-  ex->cfg = cfg;
-  if ((cfg.requires && (ex->requires = strdup(cfg.requires)) == NULL)
-      || (cfg.info && (ex->info = malloc(cfg.info_len)) == NULL)) {
-    free(ex->requires);
-    free(ws);
-    free(ex);
-    return luaL_error(L, "not enough memory");
-  }
-  ex->cfg.requires = ex->requires;
-  if (cfg.info) memcpy(ex->info, cfg.info, cfg.info_len);
-  ex->cfg.info = ex->info;
-  ex->lp = lp;
-  ex->base.on_close = executor_free;
-  int rc = uv_mutex_init(&ex->lock);
-  if (rc == 0) {
-    rc = uv_cond_init(&ex->cond);
-    if (rc != 0) uv_mutex_destroy(&ex->lock);
-  }
-  if (rc == 0) {
-    rc = uv_async_init(&lp->uv, &ex->async, on_async);
-    if (rc != 0) {
-      uv_cond_destroy(&ex->cond);
-      uv_mutex_destroy(&ex->lock);
-    }
-  }
-  if (rc != 0) {
-    free(ex->requires);
-    free(ex->info);
-    free(ws);
-    free(ex);
-    return luaL_error(L, "executor: %s", uv_strerror(rc));
-  }
-  ex->async.data = ex;
-  uv_unref((uv_handle_t *)&ex->async);      /* referenced while jobs are in flight */
+  const char *err;
+  executor *ex = executor_new(&lp->uv, (int)workers, &cfg, lua_done, le, &err);
+  if (ex == NULL) return luaL_error(L, "executor: %s", err);
   lua_pushvalue(L, -2);
-  ex->done_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  *ud = ex;
+  le->done_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  le->ex = ex;
   return 1;
 }
 

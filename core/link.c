@@ -1,41 +1,21 @@
 /*
- * link.c - framed messages over TCP between a parent and its runners.
- *
- * Contract:
- * - core.listen{host, port, on_connect} accepts connections; core.connect{host,
- *   port, on_connect} makes one. A connection delivers whole messages to
- *   on_message(type, id, payload) and its end, once, to on_close(reason).
- * - conn:send(type, id, payload) queues a message. Messages longer than one chunk
- *   (256 KiB) go out chunk by chunk, and a short message is sent before the next
- *   chunk of a long one: a 64 MB result never holds up a heartbeat or a small call.
- * - Wire: a frame is a 14-byte header (u32 chunk length, u8 type, u8 flags with
- *   bit 0 = last chunk, u64 id; little endian) and the chunk. A chunk over 256 KiB, a
- *   message over max_message, or more than 64 messages in reassembly at once is a
- *   protocol error: that connection closes (reason "protocol: ..."), nothing else.
- * - Errors of libuv calls close the connection with the libuv error name.
- * Handles: every uv handle here has a flame_handle first in its data, so the loop
- * can close what is left at exit.
+ * link.c - framed messages over TCP (contract in link.h, wire in docs/protocol.md).
+ * Writes: short messages (one chunk) wait in one queue, long ones in another; at most
+ * LINK_WRITES_MAX chunks are in flight, and the short queue is served first, so a
+ * heartbeat or a small call never waits behind a 64 MB result. Each chunk is written
+ * as two buffers, its header and its slice of the message: no copy on the way out.
+ * Reads land in a per-thread scratch buffer and are parsed before on_read returns.
  */
-#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <lua.h>
-#include <lauxlib.h>
-#include <uv.h>
-#include <openssl/evp.h>
-#include <openssl/hmac.h>
-
 #include "flame.h"
-#include "buf.h"
+#include "link.h"
 #include "loop.h"
 
-#define CONN_MT "flame.conn"
-#define LISTENER_MT "flame.listener"
-#define LINK_HEADER 14
-#define LINK_CHUNK (256 * 1024)
-#define LINK_PARTIALS_MAX 64
 #define LINK_WRITES_MAX 2           /* chunks in flight: small messages jump ahead */
+#define LINK_SCRATCH (64 * 1024)
 
 typedef struct outmsg {
   struct outmsg *next;
@@ -59,12 +39,12 @@ typedef struct partial {
   buf data;
 } partial;
 
-typedef struct conn {
-  flame_handle base;
+struct link_conn {
+  flame_handle base;                /* first: a Lua loop's close walk frees through it */
   uv_tcp_t tcp;
-  flame_loop *lp;
-  int msg_ref, close_ref;           /* Lua callbacks */
-  struct conn **owner;              /* the Lua handle pointing here, or NULL */
+  const link_handlers *h;
+  void *ud;
+  void (*on_connect)(link_conn *c, void *ud, int status);
   outmsg *small, *small_tail, *big, *big_tail;
   int writes;                       /* write requests in flight */
   size_t queued;                    /* bytes queued and not yet written */
@@ -77,18 +57,24 @@ typedef struct conn {
   partial *partials;
   int npartials, max_partials;
   size_t max_message;
-  int connecting;                   /* core.connect not yet answered */
   int closing, finishing;           /* finishing: close once the queue is written */
-  char reason[96];
-} conn;
+  char reason[LINK_REASON_MAX];
+};
 
-typedef struct listener {
+struct link_listener {
   flame_handle base;
   uv_tcp_t tcp;
-  flame_loop *lp;
-  int accept_ref;
-  struct listener **owner;
-} listener;
+  void (*on_accept)(link_listener *l, void *ud, link_conn *c);
+  void (*on_closed)(void *ud);
+  void *ud;
+};
+
+typedef struct creq {
+  uv_connect_t req;
+  link_conn *c;
+} creq;
+
+static _Thread_local char scratch[LINK_SCRATCH];
 
 static void put_u32(unsigned char *p, uint32_t v) {
   for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i));
@@ -116,18 +102,8 @@ static void msgs_free(outmsg *m) {
 }
 
 static void conn_free(uv_handle_t *h) {
-  conn *c = h->data;
-  lua_State *L = c->lp->L;
-  if (c->close_ref != LUA_NOREF && L && lua_checkstack(L, 3)) {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, c->close_ref);
-    lua_pushstring(L, c->reason[0] ? c->reason : "closed");
-    flame_pcall_report(L, 1, "a link's close callback");
-  }
-  if (L) {
-    luaL_unref(L, LUA_REGISTRYINDEX, c->msg_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, c->close_ref);
-  }
-  if (c->owner) *c->owner = NULL;
+  link_conn *c = h->data;
+  if (c->h && c->h->on_close) c->h->on_close(c, c->ud, c->reason[0] ? c->reason : "closed");
   msgs_free(c->small);
   msgs_free(c->big);
   for (partial *p = c->partials; p;) {
@@ -139,8 +115,7 @@ static void conn_free(uv_handle_t *h) {
   free(c);
 }
 
-/* Closes the connection once; the reason reaches on_close when libuv is done. */
-static void conn_close(conn *c, const char *reason) {
+void link_close(link_conn *c, const char *reason) {
   if (c->closing) return;
   c->closing = 1;
   if (reason && !c->reason[0]) snprintf(c->reason, sizeof c->reason, "%s", reason);
@@ -148,17 +123,17 @@ static void conn_close(conn *c, const char *reason) {
   uv_close((uv_handle_t *)&c->tcp, conn_free);
 }
 
-static void conn_fail(conn *c, const char *what, int err) {
-  char r[96];
+static void conn_fail(link_conn *c, const char *what, int err) {
+  char r[LINK_REASON_MAX];
   snprintf(r, sizeof r, "%s: %s", what, uv_err_name(err));
-  conn_close(c, r);
+  link_close(c, r);
 }
 
-static void pump(conn *c);
+static void pump(link_conn *c);
 
 static void on_write(uv_write_t *req, int status) {
   wreq *w = (wreq *)req;
-  conn *c = req->handle->data;
+  link_conn *c = req->handle->data;
   outmsg *m = w->msg;
   free(w);
   c->writes--;
@@ -175,14 +150,14 @@ static void on_write(uv_write_t *req, int status) {
 
 /* Starts chunk writes while fewer than LINK_WRITES_MAX are in flight: whole short
  * messages first, then the next chunk of the oldest long one. */
-static void pump(conn *c) {
+static void pump(link_conn *c) {
   while (!c->closing && c->writes < LINK_WRITES_MAX) {
     outmsg *m;
     int from_small = c->small != NULL;
     if (from_small) m = c->small;
     else if (c->big) m = c->big;
     else {
-      if (c->finishing && c->writes == 0) conn_close(c, NULL);
+      if (c->finishing && c->writes == 0) link_close(c, NULL);
       return;
     }
     size_t n = m->len - m->off;
@@ -190,7 +165,7 @@ static void pump(conn *c) {
     int last = m->off + n == m->len;
     wreq *w = malloc(sizeof *w);
     if (w == NULL) {
-      conn_close(c, "not enough memory");
+      link_close(c, "not enough memory");
       return;
     }
     put_u32(w->header, (uint32_t)n);
@@ -212,7 +187,7 @@ static void pump(conn *c) {
         if (!c->big) c->big_tail = NULL;
       }
     }
-    int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, bufs, 2, on_write);
+    int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, bufs, n ? 2 : 1, on_write);
     if (rc != 0) {
       m->pending--;
       free(w);
@@ -227,13 +202,60 @@ static void pump(conn *c) {
   }
 }
 
-static partial *partial_find(conn *c, unsigned char type, uint64_t id) {
+/* Queues a message whose bytes are already the connection's to free. */
+static int enqueue(link_conn *c, int type, uint64_t id, unsigned char *data, size_t len) {
+  outmsg *m = calloc(1, sizeof *m);
+  if (m == NULL) {
+    free(data);
+    return -2;
+  }
+  m->type = (unsigned char)type;
+  m->id = id;
+  m->data = data;
+  m->len = len;
+  outmsg **head = len <= LINK_CHUNK ? &c->small : &c->big;
+  outmsg **tail = len <= LINK_CHUNK ? &c->small_tail : &c->big_tail;
+  if (*tail) (*tail)->next = m;
+  else *head = m;
+  *tail = m;
+  c->queued += len;                 /* an empty message is one empty last chunk */
+  pump(c);
+  return 0;
+}
+
+int link_send(link_conn *c, int type, uint64_t id, const void *prefix, size_t plen,
+              const void *payload, size_t len) {
+  if (c->closing || c->finishing) return -1;
+  if (len > SIZE_MAX - plen) return -2;
+  size_t total = plen + len;
+  unsigned char *data = NULL;
+  if (total) {
+    if ((data = malloc(total)) == NULL) return -2;
+    if (plen) memcpy(data, prefix, plen);
+    if (len) memcpy(data + plen, payload, len);
+  }
+  return enqueue(c, type, id, data, total);
+}
+
+int link_send_buf(link_conn *c, int type, uint64_t id, buf *b) {
+  unsigned char *data = b->data;
+  size_t len = b->len;
+  b->data = NULL;
+  b->len = b->cap = 0;
+  if (c->closing || c->finishing) {
+    free(data);
+    return -1;
+  }
+  return enqueue(c, type, id, data, len);
+}
+
+static partial *partial_find(link_conn *c, unsigned char type, uint64_t id) {
   for (partial *p = c->partials; p; p = p->next)
     if (p->type == type && p->id == id) return p;
   return NULL;
 }
 
-static void partial_drop(conn *c, partial *p) {
+static void partial_drop(link_conn *c, partial *p) {
   for (partial **q = &c->partials; *q; q = &(*q)->next) {
     if (*q == p) {
       *q = p->next;
@@ -245,24 +267,15 @@ static void partial_drop(conn *c, partial *p) {
   free(p);
 }
 
-/* A whole message: to Lua. Returns 0 when the connection may go on. */
-static int deliver(conn *c, partial *p) {
-  lua_State *L = c->lp->L;
-  if (L && c->msg_ref != LUA_NOREF && lua_checkstack(L, 5)) {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, c->msg_ref);
-    lua_pushinteger(L, p->type);
-    lua_pushinteger(L, (lua_Integer)p->id);
-    lua_pushlstring(L, p->data.data ? (const char *)p->data.data : "", p->data.len);
-    partial_drop(c, p);
-    flame_pcall_report(L, 3, "a link's message callback");
-  } else {
-    partial_drop(c, p);
-  }
+/* A whole message, to its handler. Returns 0 when the connection may go on. */
+static int deliver(link_conn *c, partial *p) {
+  if (c->h && c->h->on_message) c->h->on_message(c, c->ud, p->type, p->id, &p->data);
+  partial_drop(c, p);
   return c->closing || c->finishing ? -1 : 0;
 }
 
 /* Parses bytes as they arrive; any violation closes this connection only. */
-static void parse(conn *c, const unsigned char *p, size_t n) {
+static void parse(link_conn *c, const unsigned char *p, size_t n) {
   while (n > 0 && !c->closing && !c->finishing) {
     if (c->head_have < LINK_HEADER) {
       size_t take = LINK_HEADER - c->head_have;
@@ -279,22 +292,22 @@ static void parse(conn *c, const unsigned char *p, size_t n) {
       c->id = get_u64(c->head + 6);
       c->chunk_have = 0;
       if (c->chunk_len > LINK_CHUNK) {
-        conn_close(c, "protocol: frame too large");
+        link_close(c, "protocol: frame too large");
         return;
       }
       if (c->flags & ~1u) {
-        conn_close(c, "protocol: bad frame flags");
+        link_close(c, "protocol: bad frame flags");
         return;
       }
       c->cur = partial_find(c, c->type, c->id);
       if (c->cur == NULL) {
         if (c->npartials >= c->max_partials) {
-          conn_close(c, "protocol: too many messages at once");
+          link_close(c, "protocol: too many messages at once");
           return;
         }
         c->cur = calloc(1, sizeof *c->cur);
         if (c->cur == NULL) {
-          conn_close(c, "not enough memory");
+          link_close(c, "not enough memory");
           return;
         }
         c->cur->type = c->type;
@@ -304,11 +317,11 @@ static void parse(conn *c, const unsigned char *p, size_t n) {
         c->npartials++;
       }
       if (c->cur->data.len + c->chunk_len > c->max_message) {
-        conn_close(c, "protocol: message too large");
+        link_close(c, "protocol: message too large");
         return;
       }
       if (buf_reserve(&c->cur->data, c->chunk_len) != 0) {
-        conn_close(c, "not enough memory");
+        link_close(c, "not enough memory");
         return;
       }
     }
@@ -327,17 +340,16 @@ static void parse(conn *c, const unsigned char *p, size_t n) {
   }
 }
 
-/* Reads land in one buffer per loop; parse copies out of it before returning. */
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b) {
+  (void)h;
   (void)suggested;
-  conn *c = h->data;
-  *b = uv_buf_init(c->lp->scratch, sizeof c->lp->scratch);
+  *b = uv_buf_init(scratch, sizeof scratch);
 }
 
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
-  conn *c = s->data;
+  link_conn *c = s->data;
   if (nread == UV_EOF) {
-    conn_close(c, "closed by peer");
+    link_close(c, "closed by peer");
     return;
   }
   if (nread < 0) {
@@ -347,182 +359,137 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
   parse(c, (const unsigned char *)b->base, (size_t)nread);
 }
 
-static conn **conn_ud(lua_State *L) {
-  return luaL_checkudata(L, 1, CONN_MT);
-}
-
-static conn *conn_check(lua_State *L) {
-  conn *c = *conn_ud(L);
-  if (c == NULL || c->closing) luaL_error(L, "link is closed");
-  return c;
-}
-
-/* [-0, +1, m] A new connection object for an initialised tcp handle. */
-static conn *conn_new(lua_State *L, flame_loop *lp) {
-  conn **ud = lua_newuserdatauv(L, sizeof *ud, 0);
-  *ud = NULL;
-  luaL_setmetatable(L, CONN_MT);
-  conn *c = calloc(1, sizeof *c);
-  if (c == NULL) luaL_error(L, "not enough memory");
+static link_conn *conn_alloc(uv_loop_t *loop, int *err) {
+  link_conn *c = calloc(1, sizeof *c);
+  if (c == NULL) {
+    *err = UV_ENOMEM;
+    return NULL;
+  }
   c->base.on_close = conn_free;
-  c->lp = lp;
-  c->msg_ref = c->close_ref = LUA_NOREF;
   c->max_message = (size_t)1 << 30;
   c->max_partials = LINK_PARTIALS_MAX;
+  int rc = uv_tcp_init(loop, &c->tcp);
+  if (rc != 0) {
+    free(c);
+    *err = rc;
+    return NULL;
+  }
   c->tcp.data = c;
-  c->owner = ud;
-  *ud = c;
   return c;
 }
 
-/* conn:start(on_message, on_close [, max_message]) */
-static int conn_start(lua_State *L) {
-  conn *c = conn_check(L);
-  if (c->connecting) return luaL_error(L, "link is still connecting: start it in on_connect");
-  luaL_checktype(L, 2, LUA_TFUNCTION);
-  luaL_checktype(L, 3, LUA_TFUNCTION);
-  lua_Integer max = luaL_optinteger(L, 4, (lua_Integer)c->max_message);
-  luaL_argcheck(L, max > 0, 4, "bytes > 0 expected");
-  c->max_message = (size_t)max;
-  lua_pushvalue(L, 2);
-  luaL_unref(L, LUA_REGISTRYINDEX, c->msg_ref);
-  c->msg_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pushvalue(L, 3);
-  luaL_unref(L, LUA_REGISTRYINDEX, c->close_ref);
-  c->close_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+void link_set_handlers(link_conn *c, const link_handlers *h, void *ud) {
+  c->h = h;
+  c->ud = ud;
+}
+
+int link_start(link_conn *c, const link_handlers *h, void *ud, size_t max_message) {
+  link_set_handlers(c, h, ud);
+  if (max_message) c->max_message = max_message;
+  if (c->closing) return -1;
   int rc = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
-  if (rc != 0 && rc != UV_EALREADY) conn_fail(c, "read", rc);
-  return 0;
-}
-
-/* conn:send(type, id, payload [, prefix]) -> true, or nil, "closed"
- * prefix goes before payload, saving a copy of a big payload in Lua. */
-static int conn_send(lua_State *L) {
-  conn *c = *conn_ud(L);
-  lua_Integer type = luaL_checkinteger(L, 2);
-  lua_Integer id = luaL_checkinteger(L, 3);
-  size_t plen, len;
-  const char *payload = luaL_optlstring(L, 4, "", &plen);
-  const char *prefix = luaL_optlstring(L, 5, "", &len);
-  luaL_argcheck(L, plen <= SIZE_MAX - len, 4, "too long");
-  size_t pre = len;
-  len += plen;
-  luaL_argcheck(L, type >= 0 && type <= 255, 2, "a type in [0, 255] expected");
-  if (c == NULL || c->closing || c->finishing) {
-    lua_pushnil(L);
-    lua_pushliteral(L, "closed");
-    return 2;
+  if (rc != 0 && rc != UV_EALREADY) {
+    conn_fail(c, "read", rc);
+    return -1;
   }
-  outmsg *m = calloc(1, sizeof *m);
-  unsigned char *data = len ? malloc(len) : NULL;
-  if (m == NULL || (len && data == NULL)) {
-    free(m);
-    free(data);
-    return luaL_error(L, "not enough memory");
-  }
-  if (pre) memcpy(data, prefix, pre);
-  if (plen) memcpy(data + pre, payload, plen);
-  m->type = (unsigned char)type;
-  m->id = (uint64_t)id;
-  m->data = data;
-  m->len = len;
-  outmsg **head = len <= LINK_CHUNK ? &c->small : &c->big;
-  outmsg **tail = len <= LINK_CHUNK ? &c->small_tail : &c->big_tail;
-  if (*tail) (*tail)->next = m;
-  else *head = m;
-  *tail = m;
-  c->queued += len;                 /* an empty message is one empty last chunk */
-  pump(c);
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
-/* conn:limits(max_message, max_partials): what a peer may make this side hold; a
- * parent keeps them small until the peer has authenticated. */
-static int conn_limits(lua_State *L) {
-  conn *c = conn_check(L);
-  lua_Integer max = luaL_checkinteger(L, 2), parts = luaL_checkinteger(L, 3);
-  luaL_argcheck(L, max > 0, 2, "bytes > 0 expected");
-  luaL_argcheck(L, parts >= 1 && parts <= LINK_PARTIALS_MAX, 3, "1 to 64 expected");
-  c->max_message = (size_t)max;
-  c->max_partials = (int)parts;
   return 0;
 }
 
-static int conn_lclose(lua_State *L) {
-  conn *c = *conn_ud(L);
-  if (c) conn_close(c, luaL_optstring(L, 2, "closed"));
-  return 0;
+void link_limits(link_conn *c, size_t max_message, int max_partials) {
+  c->max_message = max_message;
+  if (max_partials >= 1 && max_partials <= LINK_PARTIALS_MAX) c->max_partials = max_partials;
 }
 
-/* conn:finish(reason): close after what is queued has been written (a last word) */
-static int conn_finish(lua_State *L) {
-  conn *c = *conn_ud(L);
-  if (c == NULL || c->closing) return 0;
-  if (!c->reason[0]) snprintf(c->reason, sizeof c->reason, "%s", luaL_optstring(L, 2, "closed"));
+void link_finish(link_conn *c, const char *reason) {
+  if (c->closing || c->finishing) return;
+  if (!c->reason[0]) snprintf(c->reason, sizeof c->reason, "%s", reason ? reason : "closed");
   c->finishing = 1;
   uv_read_stop((uv_stream_t *)&c->tcp);
   pump(c);
-  return 0;
 }
 
-static int conn_queued(lua_State *L) {
-  conn *c = *conn_ud(L);
-  lua_pushinteger(L, c ? (lua_Integer)c->queued : 0);
-  return 1;
+int link_closing(const link_conn *c) {
+  return c->closing || c->finishing;
 }
 
-/* [-0, +2, m] The ip and port of an address ("?" and 0 for other families). */
-static int push_addr(lua_State *L, const struct sockaddr_storage *sa) {
-  char ip[64] = "?";
-  int port = 0;
+int link_closed(const link_conn *c) {
+  return c->closing;
+}
+
+void link_on_connect(link_conn *c, void (*cb)(link_conn *c, void *ud, int status), void *ud) {
+  c->on_connect = cb;
+  c->ud = ud;
+}
+
+size_t link_queued(const link_conn *c) {
+  return c->queued;
+}
+
+static void addr_name(const struct sockaddr_storage *sa, char *ip, size_t iplen, int *port) {
+  snprintf(ip, iplen, "?");
+  *port = 0;
   if (sa->ss_family == AF_INET) {
-    uv_ip4_name((const struct sockaddr_in *)sa, ip, sizeof ip);
-    port = ntohs(((const struct sockaddr_in *)sa)->sin_port);
+    uv_ip4_name((const struct sockaddr_in *)sa, ip, iplen);
+    *port = ntohs(((const struct sockaddr_in *)sa)->sin_port);
   } else if (sa->ss_family == AF_INET6) {
-    uv_ip6_name((const struct sockaddr_in6 *)sa, ip, sizeof ip);
-    port = ntohs(((const struct sockaddr_in6 *)sa)->sin6_port);
+    uv_ip6_name((const struct sockaddr_in6 *)sa, ip, iplen);
+    *port = ntohs(((const struct sockaddr_in6 *)sa)->sin6_port);
   }
-  lua_pushstring(L, ip);
-  lua_pushinteger(L, port);
-  return 2;
 }
 
-static int conn_peer(lua_State *L) {
-  conn *c = conn_check(L);
+void link_peer(link_conn *c, char *ip, size_t iplen, int *port) {
   struct sockaddr_storage sa;
   int len = sizeof sa;
   if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&sa, &len) != 0) sa.ss_family = AF_UNSPEC;
-  return push_addr(L, &sa);
+  addr_name(&sa, ip, iplen, port);
 }
 
-static int conn_gc(lua_State *L) {
-  conn **ud = conn_ud(L);
-  if (*ud) (*ud)->owner = NULL;     /* the connection lives on until closed */
-  return 0;
+/* --------------------------------------------------------------- connect ---- */
+
+static void on_connect(uv_connect_t *req, int status) {
+  creq *r = (creq *)req;
+  link_conn *c = r->c;
+  free(r);
+  if (status == 0) uv_tcp_nodelay(&c->tcp, 1);   /* best effort: latency, not safety */
+  void (*cb)(link_conn *, void *, int) = c->on_connect;
+  c->on_connect = NULL;
+  if (status != 0) conn_fail(c, "connect", status);
+  if (cb) cb(c, c->ud, status);
 }
 
-/* ------------------------------------------------------------- addresses ---- */
-
-static int parse_addr(lua_State *L, int t, struct sockaddr_storage *sa) {
-  lua_getfield(L, t, "host");
-  const char *host = luaL_optstring(L, -1, "127.0.0.1");
-  lua_getfield(L, t, "port");
-  lua_Integer port = luaL_optinteger(L, -1, 0);
-  if (port < 0 || port > 65535) return luaL_error(L, "bad port %I", (LUAI_UACINT)port);
-  if (uv_ip4_addr(host, (int)port, (struct sockaddr_in *)sa) != 0
-      && uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)sa) != 0)
-    return luaL_error(L, "bad address '%s' (an IPv4 or IPv6 address expected)", host);
-  lua_pop(L, 2);
-  return 0;
+link_conn *link_connect(uv_loop_t *loop, const struct sockaddr *addr,
+                        void (*cb)(link_conn *c, void *ud, int status), void *ud,
+                        int *err) {
+  creq *r = calloc(1, sizeof *r);
+  if (r == NULL) {
+    *err = UV_ENOMEM;
+    return NULL;
+  }
+  link_conn *c = conn_alloc(loop, err);
+  if (c == NULL) {
+    free(r);
+    return NULL;
+  }
+  r->c = c;
+  c->on_connect = cb;
+  c->ud = ud;
+  int rc = uv_tcp_connect(&r->req, &c->tcp, addr, on_connect);
+  if (rc != 0) {
+    free(r);
+    c->on_connect = NULL;
+    c->ud = NULL;
+    link_close(c, "connect failed");  /* no handlers: freed quietly */
+    *err = rc;
+    return NULL;
+  }
+  return c;
 }
 
 /* ------------------------------------------------------------- listeners ---- */
 
 static void listener_free(uv_handle_t *h) {
-  listener *l = h->data;
-  if (l->lp->L) luaL_unref(l->lp->L, LUA_REGISTRYINDEX, l->accept_ref);
-  if (l->owner) *l->owner = NULL;
+  link_listener *l = h->data;
+  if (l->on_closed) l->on_closed(l->ud);
   free(l);
 }
 
@@ -539,264 +506,98 @@ static void refuse_pending(uv_stream_t *s) {
     return;
   }
   t->data = NULL;
-  uv_accept(s, (uv_stream_t *)t);
+  if (uv_accept(s, (uv_stream_t *)t) != 0) { /* nothing to take: just close it */ }
   uv_close((uv_handle_t *)t, closed_free);
 }
 
 static void on_connection(uv_stream_t *s, int status) {
-  listener *l = s->data;
-  lua_State *L = l->lp->L;
+  link_listener *l = s->data;
   if (status < 0) return;
-  if (L == NULL || !lua_checkstack(L, 4)) {
+  int err = 0;
+  link_conn *c = conn_alloc(s->loop, &err);
+  if (c == NULL) {
     refuse_pending(s);
     return;
   }
-  lua_rawgeti(L, LUA_REGISTRYINDEX, l->accept_ref);
-  conn *c = conn_new(L, l->lp);
-  int rc = uv_tcp_init(&l->lp->uv, &c->tcp);
+  int rc = uv_accept(s, (uv_stream_t *)&c->tcp);
   if (rc != 0) {
-    *c->owner = NULL;
-    free(c);
-    lua_pop(L, 2);
-    return;
-  }
-  if ((rc = uv_accept(s, (uv_stream_t *)&c->tcp)) != 0) {
-    conn_fail(c, "accept", rc);
-    lua_pop(L, 2);
+    link_close(c, "accept failed");
     return;
   }
   uv_tcp_nodelay(&c->tcp, 1);
-  flame_pcall_report(L, 1, "a listener's accept callback");
+  l->on_accept(l, l->ud, c);
 }
 
-/* listen{ host = "127.0.0.1", port = 0, on_connect = fn(conn) } -> listener */
-static int l_listen(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTABLE);
-  flame_loop *lp = flame_loop_get(L);
-  struct sockaddr_storage sa;
-  parse_addr(L, 1, &sa);
-  lua_getfield(L, 1, "on_connect");
-  luaL_checktype(L, -1, LUA_TFUNCTION);
-  listener **ud = lua_newuserdatauv(L, sizeof *ud, 0);
-  *ud = NULL;
-  luaL_setmetatable(L, LISTENER_MT);
-  listener *l = calloc(1, sizeof *l);
-  if (l == NULL) return luaL_error(L, "not enough memory");
+link_listener *link_listen(uv_loop_t *loop, const struct sockaddr *addr,
+                           void (*on_accept)(link_listener *l, void *ud, link_conn *c),
+                           void *ud, int *err) {
+  link_listener *l = calloc(1, sizeof *l);
+  if (l == NULL) {
+    *err = UV_ENOMEM;
+    return NULL;
+  }
   l->base.on_close = listener_free;
-  l->lp = lp;
-  l->accept_ref = LUA_NOREF;
-  int rc = uv_tcp_init(&lp->uv, &l->tcp);
+  l->on_accept = on_accept;
+  l->ud = ud;
+  int rc = uv_tcp_init(loop, &l->tcp);
   if (rc != 0) {
     free(l);
-    return luaL_error(L, "listen: %s", uv_strerror(rc));
+    *err = rc;
+    return NULL;
   }
   l->tcp.data = l;
-  lua_pushvalue(L, -2);
-  l->accept_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  l->owner = ud;
-  *ud = l;
-  if ((rc = uv_tcp_bind(&l->tcp, (struct sockaddr *)&sa, 0)) != 0
+  if ((rc = uv_tcp_bind(&l->tcp, addr, 0)) != 0
       || (rc = uv_listen((uv_stream_t *)&l->tcp, 128, on_connection)) != 0) {
     uv_close((uv_handle_t *)&l->tcp, listener_free);
-    lua_pushnil(L);
-    lua_pushfstring(L, "cannot listen: %s", uv_strerror(rc));
-    return 2;
+    *err = rc;
+    return NULL;
   }
-  return 1;
+  return l;
 }
 
-static int listener_address(lua_State *L) {
-  listener *l = *(listener **)luaL_checkudata(L, 1, LISTENER_MT);
-  if (l == NULL) return luaL_error(L, "listener is closed");
+int link_listener_address(link_listener *l, char *ip, size_t iplen, int *port) {
   struct sockaddr_storage sa;
   int len = sizeof sa;
   int rc = uv_tcp_getsockname(&l->tcp, (struct sockaddr *)&sa, &len);
-  if (rc != 0) return luaL_error(L, "getsockname: %s", uv_strerror(rc));
-  return push_addr(L, &sa);
-}
-
-static int listener_close(lua_State *L) {
-  listener **ud = luaL_checkudata(L, 1, LISTENER_MT);
-  if (*ud && !uv_is_closing((uv_handle_t *)&(*ud)->tcp))
-    uv_close((uv_handle_t *)&(*ud)->tcp, listener_free);
+  if (rc != 0) return rc;
+  addr_name(&sa, ip, iplen, port);
   return 0;
 }
 
-static int listener_gc(lua_State *L) {
-  listener **ud = luaL_checkudata(L, 1, LISTENER_MT);
-  if (*ud) {
-    (*ud)->owner = NULL;            /* a dropped listener stops listening */
-    if (!uv_is_closing((uv_handle_t *)&(*ud)->tcp))
-      uv_close((uv_handle_t *)&(*ud)->tcp, listener_free);
-  }
-  return 0;
+void link_listener_close(link_listener *l, void (*on_closed)(void *ud)) {
+  l->on_closed = on_closed;
+  if (!uv_is_closing((uv_handle_t *)&l->tcp)) uv_close((uv_handle_t *)&l->tcp, listener_free);
 }
 
-/* --------------------------------------------------------------- connect ---- */
+/* ------------------------------------------------------------- addresses ---- */
 
-typedef struct creq {
-  uv_connect_t req;
-  conn *c;
-  int cb_ref;
-} creq;
-
-static void on_connect(uv_connect_t *req, int status) {
-  creq *r = (creq *)req;
-  conn *c = r->c;
-  lua_State *L = c->lp->L;
-  int cb = r->cb_ref;
-  free(r);
-  c->connecting = 0;
-  if (status == 0) uv_tcp_nodelay(&c->tcp, 1);
-  if (L == NULL || !lua_checkstack(L, 4)) {
-    conn_close(c, "connect: the loop is gone");
-    return;
-  }
-  lua_rawgeti(L, LUA_REGISTRYINDEX, cb);
-  luaL_unref(L, LUA_REGISTRYINDEX, cb);
-  if (status != 0) {
-    conn_fail(c, "connect", status);
-    lua_pushnil(L);
-    lua_pushfstring(L, "%s (%s)", uv_strerror(status), uv_err_name(status));
-  } else {
-    /* the Lua object made at connect time is pushed again through the registry */
-    lua_rawgeti(L, LUA_REGISTRYINDEX, c->msg_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, c->msg_ref);
-    c->msg_ref = LUA_NOREF;
-    lua_pushnil(L);
-  }
-  flame_pcall_report(L, 2, "a connect callback");
+int link_addr(const char *ip, int port, struct sockaddr_storage *sa) {
+  memset(sa, 0, sizeof *sa);
+  if (port < 0 || port > 65535) return -1;
+  if (uv_ip4_addr(ip, port, (struct sockaddr_in *)sa) == 0) return 0;
+  if (uv_ip6_addr(ip, port, (struct sockaddr_in6 *)sa) == 0) return 0;
+  return -1;
 }
 
-/* connect{ host, port, on_connect = fn(conn | nil, err) } */
-static int l_connect(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTABLE);
-  flame_loop *lp = flame_loop_get(L);
-  struct sockaddr_storage sa;
-  parse_addr(L, 1, &sa);
-  lua_getfield(L, 1, "on_connect");
-  luaL_checktype(L, -1, LUA_TFUNCTION);
-  creq *r = calloc(1, sizeof *r);
-  if (r == NULL) return luaL_error(L, "not enough memory");
-  conn *c = conn_new(L, lp);
-  int rc = uv_tcp_init(&lp->uv, &c->tcp);
-  if (rc != 0) {
-    free(r);
-    *c->owner = NULL;
-    free(c);
-    return luaL_error(L, "connect: %s", uv_strerror(rc));
+int link_parse_hostport(const char *s, struct sockaddr_storage *sa) {
+  const char *colon = strrchr(s, ':');
+  if (colon == NULL || colon == s || colon[1] == '\0') return -1;
+  char host[128];
+  const char *h = s;
+  size_t hlen = (size_t)(colon - s);
+  if (h[0] == '[') {                         /* [v6]:port */
+    if (hlen < 2 || h[hlen - 1] != ']') return -1;
+    h++;
+    hlen -= 2;
   }
-  r->c = c;
-  c->connecting = 1;
-  lua_pushvalue(L, -2);
-  r->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pushvalue(L, -1);               /* keep the object alive until on_connect */
-  c->msg_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  rc = uv_tcp_connect(&r->req, &c->tcp, (struct sockaddr *)&sa, on_connect);
-  if (rc != 0) {
-    luaL_unref(L, LUA_REGISTRYINDEX, r->cb_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, c->msg_ref);
-    c->msg_ref = LUA_NOREF;
-    free(r);
-    conn_fail(c, "connect", rc);
-    lua_pushnil(L);
-    lua_pushfstring(L, "%s (%s)", uv_strerror(rc), uv_err_name(rc));
-    return 2;
+  if (hlen == 0 || hlen >= sizeof host) return -1;
+  memcpy(host, h, hlen);
+  host[hlen] = '\0';
+  long port = 0;
+  for (const char *p = colon + 1; *p; p++) {
+    if (*p < '0' || *p > '9' || port > 65535) return -1;
+    port = port * 10 + (*p - '0');
   }
-  return 1;
-}
-
-/* ----------------------------------------------------------------- crypto ---- */
-
-/* hmac_sha256(key, data) -> 32 bytes */
-static int l_hmac(lua_State *L) {
-  size_t klen, dlen;
-  const char *key = luaL_checklstring(L, 1, &klen);
-  const char *data = luaL_checklstring(L, 2, &dlen);
-  unsigned char out[EVP_MAX_MD_SIZE];
-  unsigned int olen = 0;
-  if (HMAC(EVP_sha256(), key, (int)klen, (const unsigned char *)data, dlen, out, &olen)
-      == NULL)
-    return luaL_error(L, "hmac_sha256 failed");
-  lua_pushlstring(L, (const char *)out, olen);
-  return 1;
-}
-
-/* equal(a, b): comparison in constant time for equal lengths (proofs) */
-static int l_equal(lua_State *L) {
-  size_t la, lb;
-  const unsigned char *a = (const unsigned char *)luaL_checklstring(L, 1, &la);
-  const unsigned char *b = (const unsigned char *)luaL_checklstring(L, 2, &lb);
-  unsigned char d = la != lb;
-  for (size_t i = 0; i < la && i < lb; i++) d |= a[i] ^ b[i];
-  lua_pushboolean(L, d == 0);
-  return 1;
-}
-
-static int l_b64encode(lua_State *L) {
-  size_t len;
-  const char *s = luaL_checklstring(L, 1, &len);
-  luaL_argcheck(L, len < ((size_t)1 << 28), 1, "too long");
-  luaL_Buffer b;
-  char *out = luaL_buffinitsize(L, &b, 4 * ((len + 2) / 3) + 1);
-  int n = EVP_EncodeBlock((unsigned char *)out, (const unsigned char *)s, (int)len);
-  luaL_pushresultsize(&b, (size_t)n);
-  return 1;
-}
-
-/* b64decode(s) -> bytes | nil, message */
-static int l_b64decode(lua_State *L) {
-  size_t len;
-  const char *s = luaL_checklstring(L, 1, &len);
-  if (len % 4 != 0 || len >= ((size_t)1 << 28)) {
-    lua_pushnil(L);
-    lua_pushliteral(L, "not base64 (length is not a multiple of 4)");
-    return 2;
-  }
-  luaL_Buffer b;
-  char *out = luaL_buffinitsize(L, &b, len / 4 * 3 + 1);
-  int n = EVP_DecodeBlock((unsigned char *)out, (const unsigned char *)s, (int)len);
-  if (n < 0) {
-    lua_pushnil(L);
-    lua_pushliteral(L, "not base64");
-    return 2;
-  }
-  /* DecodeBlock counts padding as zero bytes: take them off */
-  if (len >= 1 && s[len - 1] == '=') n--;
-  if (len >= 2 && s[len - 2] == '=') n--;
-  luaL_pushresultsize(&b, (size_t)n);
-  return 1;
-}
-
-void flame_link_open(lua_State *L) {
-  static const luaL_Reg conn_methods[] = {
-    { "start", conn_start }, { "send", conn_send }, { "close", conn_lclose },
-    { "finish", conn_finish }, { "limits", conn_limits },
-    { "queued", conn_queued }, { "peer", conn_peer }, { NULL, NULL }
-  };
-  static const luaL_Reg listener_methods[] = {
-    { "address", listener_address }, { "close", listener_close }, { NULL, NULL }
-  };
-  static const luaL_Reg fns[] = {
-    { "listen", l_listen }, { "connect", l_connect }, { "hmac_sha256", l_hmac },
-    { "equal", l_equal }, { "b64encode", l_b64encode }, { "b64decode", l_b64decode },
-    { NULL, NULL }
-  };
-  if (luaL_newmetatable(L, CONN_MT)) {
-    luaL_newlib(L, conn_methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, conn_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_pop(L, 1);
-  if (luaL_newmetatable(L, LISTENER_MT)) {
-    luaL_newlib(L, listener_methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, listener_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_pop(L, 1);
-  luaL_setfuncs(L, fns, 0);
-  lua_pushinteger(L, LINK_CHUNK);
-  lua_setfield(L, -2, "LINK_CHUNK");
+  if (port > 65535) return -1;
+  return link_addr(host, (int)port, sa);
 }

@@ -1,0 +1,25 @@
+/*
+ * crypto.h - the few primitives of the link's handshake, over OpenSSL's libcrypto:
+ * HMAC-SHA256, a constant-time comparison, base64. Pure functions: any thread.
+ */
+#ifndef FLAME_CRYPTO_H
+#define FLAME_CRYPTO_H
+
+#include <stddef.h>
+
+#define CRYPTO_HMAC_LEN 32
+
+/* 0, or -1 when libcrypto failed. */
+int crypto_hmac_sha256(const void *key, size_t klen, const void *data, size_t dlen,
+                       unsigned char out[CRYPTO_HMAC_LEN]);
+/* 1 when a and b hold the same bytes; time depends on the lengths only. */
+int crypto_equal(const void *a, size_t la, const void *b, size_t lb);
+/* Base64 of len bytes into out (room for crypto_b64_size(len) bytes, NUL included):
+ * the length written, or -1 when len is too long. */
+size_t crypto_b64_size(size_t len);
+long crypto_b64encode(const void *in, size_t len, char *out);
+/* Decodes base64 into out (room for len / 4 * 3 bytes): the length, or -1 when s is
+ * not base64 (its length is not a multiple of 4, or a character is not of it). */
+long crypto_b64decode(const char *s, size_t len, unsigned char *out);
+
+#endif

@@ -1,0 +1,58 @@
+/*
+ * executor.h - runs encoded work on worker threads, each owning one sandbox.
+ *
+ * Contract:
+ * - executor_submit queues a job, taking the bytes of `work` (no copy); a worker
+ *   (made lazily, up to `workers`) decodes it into its sandbox (a fresh _ENV per job
+ *   over the profile's libraries; loaded modules stay), runs it, and encodes the
+ *   outcome (sandbox_run's format: a status byte, then codec data).
+ * - Every submitted job completes exactly once: done(ud, id, out, truthy) is called
+ *   on the loop's thread. out holds the status byte and codec data (empty when memory
+ *   ran out); done may take out->data. For an EXECUTOR_CHECK job, truthy tells
+ *   whether its first result is true (an idle check); for work it is 0. A job killed
+ *   while queued completes as killed too; a job dropped by close does not complete.
+ * - executor_kill reaches the job wherever it is: queued, or running (the sandbox's
+ *   kill switch); a kill for a job that has ended does nothing.
+ * - executor_close kills running work ("shutdown"), joins the workers, and frees
+ *   everything once the loop has closed the async handle (or at once when the
+ *   loop is gone).
+ * Threads and locks: the loop thread submits, kills and closes; workers run jobs.
+ * Lock order: executor.lock, then a sandbox's lock (sandbox_kill, sandbox_rearm).
+ */
+#ifndef FLAME_EXECUTOR_H
+#define FLAME_EXECUTOR_H
+
+#include <stdint.h>
+#include <uv.h>
+
+#include "buf.h"
+#include "sandbox.h"
+
+typedef struct executor executor;
+
+enum { EXECUTOR_WORK = 0, EXECUTOR_CHECK = 1 };
+enum { EXECUTOR_QUEUED = 1, EXECUTOR_RUNNING = 2 };
+
+typedef void (*executor_done_fn)(void *ud, int64_t id, buf *out, int truthy);
+
+typedef struct executor_stats {
+  int workers, max_workers, idle, running, peak, queued;
+} executor_stats;
+
+/* cfg is copied (its strings and info bytes too). NULL with *err set to a static
+ * message when the settings cannot make a sandbox or memory ran out. */
+executor *executor_new(uv_loop_t *loop, int workers, const sandbox_config *cfg,
+                       executor_done_fn done, void *ud, const char **err);
+/* 0, or -1 with *err set when no worker could be started at all (the job is then
+ * not queued and will not complete). Takes work's bytes either way. */
+int executor_submit(executor *ex, int64_t id, buf *work, int kind, const char **err);
+/* EXECUTOR_QUEUED, EXECUTOR_RUNNING, or 0 when the job has ended or is unknown. */
+int executor_kill(executor *ex, int64_t id, int reason);
+void executor_get_stats(executor *ex, executor_stats *st);
+/* loop_alive: 0 when the loop has already closed every handle (a Lua state's loop at
+ * exit), so the async handle is not closed twice. */
+void executor_close(executor *ex, int loop_alive);
+/* The handle libuv knows the executor by (the loop's close walk frees through it). */
+uv_handle_t *executor_handle(executor *ex);
+
+#endif
