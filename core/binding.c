@@ -49,19 +49,6 @@ static int l_exit(lua_State *L) {
   return 0;
 }
 
-/* Writing to a socket or pipe whose reader is gone raises SIGPIPE, whose default
- * action ends the process: a runner whose parent died would die on its next log
- * line instead of draining, and a parent would die on a lost runner's socket. With
- * SIGPIPE ignored such writes fail with EPIPE, which libuv reports. Once per
- * process; a program that has installed its own SIGPIPE handler keeps it. */
-static void ignore_sigpipe(void) {
-  struct sigaction sa;
-  if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) {
-    sa.sa_handler = SIG_IGN;
-    sigaction(SIGPIPE, &sa, NULL);
-  }
-}
-
 static uv_once_t sigpipe_once = UV_ONCE_INIT;
 
 /* Marks this library "never unload" (RTLD_NODELETE on a handle to itself). Linked
@@ -81,7 +68,7 @@ static uv_once_t pin_once = UV_ONCE_INIT;
 
 int luaopen_flame_core(lua_State *L) {
   luaL_checkversion(L);
-  uv_once(&sigpipe_once, ignore_sigpipe);
+  uv_once(&sigpipe_once, flame_ignore_sigpipe);
   uv_once(&pin_once, pin_library);
   lua_newtable(L);
   flame_codec_open(L);

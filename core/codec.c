@@ -543,6 +543,28 @@ int codec_encode_cstring(buf *out, const char *s) {
   return -1;
 }
 
+static int put_string(buf *out, const char *s) {
+  unsigned char head[1 + 10] = { T_STR };
+  size_t len = strlen(s), n = 1 + varint_put(head + 1, len);
+  return buf_append(out, head, n) == 0 && buf_append(out, s, len) == 0 ? 0 : -1;
+}
+
+int codec_encode_strings(buf *out, const char *const *kv, int n) {
+  size_t at = out->len;
+  int count = 0;
+  for (int i = 0; i < n; i++) count += kv[2 * i + 1] != NULL;
+  unsigned char head[5 + 1 + 10] = { CODEC_MAGIC0, CODEC_MAGIC1, CODEC_VERSION, 1, T_TABLE, 0 };
+  size_t hn = 6 + varint_put(head + 6, (uint64_t)count);   /* no array part, count pairs */
+  int rc = buf_append(out, head, hn);
+  for (int i = 0; rc == 0 && i < n; i++) {
+    if (kv[2 * i + 1] == NULL) continue;
+    rc = put_string(out, kv[2 * i]);
+    if (rc == 0) rc = put_string(out, kv[2 * i + 1]);
+  }
+  if (rc != 0) out->len = at;
+  return rc;
+}
+
 /* ---------------------------------------------------------------- decoder ---- */
 
 typedef struct dec {

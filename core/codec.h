@@ -50,6 +50,12 @@ int codec_decode(lua_State *L, const char *data, size_t len, const codec_opts *o
  * that must go out when the state is out of memory. 0, or -1 out of memory. */
 int codec_encode_cstring(buf *out, const char *s);
 
+/* [-0, +0, -] Appends the encoding of one table of string keys and string values
+ * without a Lua state (flame.parent() on a runner, made by its terminator in C):
+ * kv holds n pairs, key then value; a pair whose value is NULL is left out. 0, or
+ * -1 out of memory. */
+int codec_encode_strings(buf *out, const char *const *kv, int n);
+
 /* [-0, +0, m] Builds L's table of library names now (sandboxes do, before any
  * work could change their libraries). */
 void codec_names(lua_State *L);

@@ -9,6 +9,9 @@
 
 #define CRYPTO_HMAC_LEN 32
 
+/* Makes libcrypto load what its first HMAC needs (about 1 ms): a thread's body. */
+void crypto_warm(void *unused);
+
 /* 0, or -1 when libcrypto failed. */
 int crypto_hmac_sha256(const void *key, size_t klen, const void *data, size_t dlen,
                        unsigned char out[CRYPTO_HMAC_LEN]);

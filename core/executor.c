@@ -31,7 +31,8 @@ typedef struct job {
   int64_t id;
   int kind;                   /* EXECUTOR_WORK or EXECUTOR_CHECK */
   int truthy;                 /* CHECK: the first result was true */
-  buf work;                   /* codec bytes in */
+  buf work;                   /* codec bytes in, from offset skip */
+  size_t skip;
   buf out;                    /* status byte and codec bytes out */
 } job;
 
@@ -134,7 +135,8 @@ static void worker_main(void *arg) {
     if (++ex->running > ex->peak) ex->peak = ex->running;
     uv_mutex_unlock(&ex->lock);
 
-    int rc = sandbox_run(w->sb, (const char *)j->work.data, j->work.len, &j->out);
+    int rc = sandbox_run(w->sb, (const char *)j->work.data + j->skip, j->work.len - j->skip,
+                         &j->out);
     if (rc != 0) j->out.len = 0;
     buf_free(&j->work);
     if (j->kind == EXECUTOR_CHECK) j->truthy = first_is_true(w->sb, &j->out);
@@ -178,10 +180,6 @@ static void executor_free(uv_handle_t *h) {
   free(ex);
 }
 
-uv_handle_t *executor_handle(executor *ex) {
-  return (uv_handle_t *)&ex->async;
-}
-
 void executor_close(executor *ex, int loop_alive) {
   if (ex->closed) return;
   ex->closed = 1;
@@ -197,13 +195,25 @@ void executor_close(executor *ex, int loop_alive) {
   if (loop_alive) uv_close((uv_handle_t *)&ex->async, executor_free);
 }
 
-int executor_submit(executor *ex, int64_t id, buf *work, int kind, const char **err) {
+static int worker_start(executor *ex) {
+  worker *w = &ex->workers[ex->nworkers];
+  memset(w, 0, sizeof *w);
+  w->ex = ex;
+  int rc = uv_thread_create(&w->thread, worker_main, w);
+  if (rc == 0) ex->nworkers++;
+  return rc;
+}
+
+int executor_submit(executor *ex, int64_t id, buf *work, size_t skip, int kind,
+                    const char **err) {
   job *j = calloc(1, sizeof *j);
-  if (j == NULL) {
+  if (j == NULL || skip > work->len) {
+    *err = j ? "bad work offset" : "not enough memory";
     buf_free(work);
-    *err = "not enough memory";
+    free(j);
     return -1;
   }
+  j->skip = skip;
   j->work = *work;                         /* the bytes are the job's now */
   buf_init(work);
   j->id = id;
@@ -211,13 +221,7 @@ int executor_submit(executor *ex, int64_t id, buf *work, int kind, const char **
   uv_mutex_lock(&ex->lock);
   int need = ex->idle == 0 && ex->nworkers < ex->maxworkers;
   int rc = 0;
-  if (need) {
-    worker *w = &ex->workers[ex->nworkers];
-    memset(w, 0, sizeof *w);
-    w->ex = ex;
-    rc = uv_thread_create(&w->thread, worker_main, w);
-    if (rc == 0) ex->nworkers++;
-  }
+  if (need) rc = worker_start(ex);
   if (rc != 0 && ex->nworkers == 0) {      /* no worker at all: the job cannot run */
     uv_mutex_unlock(&ex->lock);
     job_free(j);
@@ -277,11 +281,13 @@ static char *dup_bytes(const char *s, size_t n) {
   return d;
 }
 
-executor *executor_new(uv_loop_t *loop, int workers, const sandbox_config *cfg,
+executor *executor_new(uv_loop_t *loop, int workers, const sandbox_config *cfg, int flags,
                        executor_done_fn done, void *ud, const char **err) {
-  sandbox *probe = sandbox_new(cfg, err);  /* settings a worker could not use fail here */
-  if (probe == NULL) return NULL;
-  sandbox_close(probe);
+  if (!(flags & EXECUTOR_PRESTART)) {
+    sandbox *probe = sandbox_new(cfg, err);  /* settings a worker could not use fail here */
+    if (probe == NULL) return NULL;
+    sandbox_close(probe);
+  }
   *err = "not enough memory";
   if (workers < 1) workers = 1;
   executor *ex = calloc(1, sizeof *ex);
@@ -313,6 +319,11 @@ executor *executor_new(uv_loop_t *loop, int workers, const sandbox_config *cfg,
   }
   ex->async.data = ex;
   uv_unref((uv_handle_t *)&ex->async);      /* referenced while jobs are in flight */
+  if (flags & EXECUTOR_PRESTART) {          /* no worker yet is no error: submit retries */
+    uv_mutex_lock(&ex->lock);
+    worker_start(ex);
+    uv_mutex_unlock(&ex->lock);
+  }
   return ex;
 fail_uv:
   *err = "cannot make the executor's locks or wake-up handle";
@@ -370,7 +381,7 @@ static int exec_submit(lua_State *L) {
   buf_init(&work);
   if (buf_append(&work, bytes, len) != 0) return luaL_error(L, "not enough memory");
   const char *err;
-  if (executor_submit(ex, (int64_t)id, &work, EXECUTOR_WORK, &err) != 0)
+  if (executor_submit(ex, (int64_t)id, &work, 0, EXECUTOR_WORK, &err) != 0)
     return luaL_error(L, "executor: %s", err);
   return 0;
 }
@@ -449,7 +460,7 @@ static int l_executor(lua_State *L) {
   le->done_ref = LUA_NOREF;
   luaL_setmetatable(L, EXECUTOR_MT);
   const char *err;
-  executor *ex = executor_new(&lp->uv, (int)workers, &cfg, lua_done, le, &err);
+  executor *ex = executor_new(&lp->uv, (int)workers, &cfg, 0, lua_done, le, &err);
   if (ex == NULL) return luaL_error(L, "executor: %s", err);
   lua_pushvalue(L, -2);
   le->done_ref = luaL_ref(L, LUA_REGISTRYINDEX);

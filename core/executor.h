@@ -39,20 +39,26 @@ typedef struct executor_stats {
   int workers, max_workers, idle, running, peak, queued;
 } executor_stats;
 
+/* Flags of executor_new: EXECUTOR_PRESTART starts the first worker (and its
+ * sandbox) now, instead of at the first job, and skips the probe below: settings a
+ * sandbox cannot be made with then fail each job with the reason. */
+enum { EXECUTOR_PRESTART = 1 };
+
 /* cfg is copied (its strings and info bytes too). NULL with *err set to a static
- * message when the settings cannot make a sandbox or memory ran out. */
-executor *executor_new(uv_loop_t *loop, int workers, const sandbox_config *cfg,
+ * message when the settings cannot make a sandbox (a probe sandbox is made and
+ * closed) or memory ran out. */
+executor *executor_new(uv_loop_t *loop, int workers, const sandbox_config *cfg, int flags,
                        executor_done_fn done, void *ud, const char **err);
-/* 0, or -1 with *err set when no worker could be started at all (the job is then
- * not queued and will not complete). Takes work's bytes either way. */
-int executor_submit(executor *ex, int64_t id, buf *work, int kind, const char **err);
+/* The work is work's bytes from offset skip on (a SPAWN's header stays in front,
+ * uncopied). 0, or -1 with *err set when no worker could be started at all (the job
+ * is then not queued and will not complete). Takes work's bytes either way. */
+int executor_submit(executor *ex, int64_t id, buf *work, size_t skip, int kind,
+                    const char **err);
 /* EXECUTOR_QUEUED, EXECUTOR_RUNNING, or 0 when the job has ended or is unknown. */
 int executor_kill(executor *ex, int64_t id, int reason);
 void executor_get_stats(executor *ex, executor_stats *st);
 /* loop_alive: 0 when the loop has already closed every handle (a Lua state's loop at
  * exit), so the async handle is not closed twice. */
 void executor_close(executor *ex, int loop_alive);
-/* The handle libuv knows the executor by (the loop's close walk frees through it). */
-uv_handle_t *executor_handle(executor *ex);
 
 #endif

@@ -23,6 +23,8 @@
 #define flame_unreachable() __builtin_unreachable()
 
 int luaopen_flame_core(lua_State *L);
+/* SIGPIPE ignored, unless the program has its own handler (binding.c). */
+void flame_ignore_sigpipe(void);
 void flame_codec_open(lua_State *L);
 void flame_sandbox_open(lua_State *L);
 void flame_loop_open(lua_State *L);

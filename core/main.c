@@ -3,10 +3,12 @@
  *   flame SCRIPT [ARGS...]   runs SCRIPT as a task, with the global `flame` =
  *                            require "flame", until every task it started ends
  *   flame -e CODE            runs CODE the same way
- *   flame runner [--require MOD]...   the runner entry: needs FLAME_PARENT
- * flame.core is linked in (package.preload), and the Lua modules are looked up on
- * LUA_PATH as lua5.4 does, then beside the executable (PREFIX/share/lua/5.4), so an
- * installed flame finds its own files without `luarocks path`.
+ *   flame runner [--require MOD]...   the runner (core/terminator.c, no Lua state
+ *                            on its thread): needs FLAME_PARENT
+ * Scripts load flame's modules as lua5.4 does (LUA_PATH, LUA_CPATH: flame.core is
+ * the module flame/core.so), then from beside the executable (PREFIX/share/lua/5.4,
+ * PREFIX/lib/lua/5.4), so an installed flame finds its own files without `luarocks
+ * path`. The runner links none of that: no Lua state on its main thread, no HTTP.
  * Exit status: 0 on success, 1 when the script raised, 2 on bad usage.
  */
 #include <stdio.h>
@@ -19,6 +21,7 @@
 #include <uv.h>
 
 #include "flame.h"
+#include "terminator.h"
 
 static const char USAGE[] =
   "usage: flame SCRIPT [ARGS...]     run a Lua script with flame loaded\n"
@@ -65,31 +68,12 @@ static void add_own_paths(lua_State *L) {
   lua_pop(L, 2);
 }
 
-/* flame runner [--require MODULE]...: the terminator (lua/flame/terminator.lua)
- * returns the exit status. */
-static int run_runner(lua_State *L, const args *a) {
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "flame.terminator");
-  lua_call(L, 1, 1);
-  lua_getfield(L, -1, "main");
-  for (int i = a->first + 1; i < a->argc; i++) lua_pushstring(L, a->argv[i]);
-  lua_call(L, a->argc - a->first - 1, 1);
-  if (!lua_isinteger(L, -1)) lua_pushinteger(L, 1);
-  return 1;
-}
-
 /* Protected main: [args*] -> exit status. */
 static int pmain(lua_State *L) {
   const args *a = lua_touserdata(L, 1);
   luaL_openlibs(L);
-  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
-  lua_pushcfunction(L, luaopen_flame_core);
-  lua_setfield(L, -2, "flame.core");
-  lua_pop(L, 1);
   add_own_paths(L);
   const char *first = a->argv[a->first];
-  if (strcmp(first, "runner") == 0) return run_runner(L, a);
-
   int is_code = strcmp(first, "-e") == 0;
   int script = a->first + is_code;          /* argv index of the script or code */
   if (script >= a->argc) {
@@ -143,6 +127,10 @@ int main(int argc, char **argv) {
   if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-v") == 0) {
     printf("flame %s (%s)\n", FLAME_VERSION, LUA_RELEASE);
     return 0;
+  }
+  if (strcmp(argv[1], "runner") == 0) {     /* no Lua state: the terminator is C */
+    flame_ignore_sigpipe();
+    return terminator_main(argc - 1, argv + 1);
   }
   lua_State *L = luaL_newstate();
   if (L == NULL) {

@@ -866,6 +866,15 @@ static void watch_end(watch *w) {
   uv_mutex_unlock(&watchdog_lock);
 }
 
+int sandbox_pcall_bounded(sandbox *s, int nargs, int nresults, int64_t ms) {
+  watch w;
+  int watched = ms >= 0 && watch_begin(&w, s, (lua_Integer)ms, SANDBOX_KILL_TIMEOUT) == 0;
+  sandbox_rearm(s);
+  int st = lua_pcall(s->L, nargs, nresults, 0);
+  if (watched) watch_end(&w);
+  return st;
+}
+
 static int kill_parse(lua_State *L, int t) {
   static const char *const names[] = { "timeout", "cancelled", "shutdown", "killed", NULL };
   lua_getfield(L, t, "reason");

@@ -27,6 +27,7 @@
 #define FLAME_SANDBOX_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <lua.h>
 #include "buf.h"
 
@@ -67,6 +68,11 @@ int sandbox_killed(sandbox *s);              /* the reason, or 0 */
 void sandbox_rearm(sandbox *s);
 const char *sandbox_kill_name(int reason);
 int sandbox_profile_parse(const char *name, sandbox_profile *p);
+
+/* lua_pcall in the sandbox's state, killed ("timeout") when it runs past ms
+ * milliseconds (ms < 0: no bound): for host code that drives a sandbox directly,
+ * like a runner's system_shutdown. Returns lua_pcall's status. */
+int sandbox_pcall_bounded(sandbox *s, int nargs, int nresults, int64_t ms);
 
 /* Decodes work into the state and runs it: a function and its arguments, or a
  * table {module, function, args} (require(module)[function](unpack(args))). Each run

@@ -1,0 +1,328 @@
+-- The runner (`flame runner`, core/terminator.c) against a parent played by the spec:
+-- a listener of our own on 127.0.0.1 speaks the link protocol by hand, so each
+-- step of the handshake, a KILL before its SPAWN, and the runner's end can be forced
+-- exactly. Real runner processes (under valgrind when FLAME_BIN says so); the pool
+-- specs (09, 10) check the same runner against the real parent.
+local flame = require "flame"
+local core = require "flame.core"
+local cjson = require "cjson"
+local wire = require "flame.wire"
+local H = require "spec.helper"
+
+local FLAME = os.getenv("FLAME_BIN") or "flame"
+
+local function b64json(doc) return core.b64encode(cjson.encode(doc)) end
+
+-- A FLAME_PARENT document that parses; cases change one thing in it.
+local function valid_doc()
+  return { v = 1, ref = "specrunner01", secret = core.b64encode(("s"):rep(32)),
+           addrs = { "127.0.0.1:9" }, backend = "process",
+           settings = { failsafe_timeout = 200 } }
+end
+
+describe("flame runner", function()
+  describe("refuses a FLAME_PARENT it cannot use, with status 2 and the reason", function()
+    local cases = {
+      { "a newer protocol", function(d) d.v = 2 end, "protocol version 2, this runner speaks 1" },
+      { "a version that is not a whole number", function(d) d.v = 1.5 end,
+        "it has no protocol version" },
+      { "no secret", function(d) d.secret = nil end, "it has no secret" },
+      { "a secret that is not base64", function(d) d.secret = "!!!!" end, "it has no secret" },
+      { "no address", function(d) d.addrs = {} end, "it has no parent address" },
+      { "an address without a port", function(d) d.addrs = { "127.0.0.1" } end,
+        "bad parent address 127.0.0.1" },
+      { "a host name for an address", function(d) d.addrs = { "parent.example:80" } end,
+        "bad parent address parent.example:80 (an IP address and a port expected)" },
+      { "no backend", function(d) d.backend = nil end, "it names no backend" },
+      { "settings that are not an object", function(d) d.settings = "fast" end,
+        "it has no runner settings" },
+      { "a heartbeat interval of 0", function(d) d.settings.heartbeat_interval = 0 end,
+        "setting heartbeat_interval is 0, below 1" },
+      { "a count that is not a number", function(d) d.settings.max_concurrency = "many" end,
+        "setting max_concurrency is not a whole number" },
+      { "a profile runners do not have", function(d) d.settings.sandbox = { profile = "backend" } end,
+        'setting sandbox.profile is not "application" or "restricted"' },
+    }
+    for _, case in ipairs(cases) do
+      it(case[1], function()
+        local doc = valid_doc()
+        case[2](doc)
+        local rc, out = H.run("FLAME_PARENT=" .. b64json(doc) .. " " .. FLAME .. " runner")
+        assert.are.equal(2, rc, out)
+        assert.matches("flame runner: FLAME_PARENT is malformed: " .. case[3], out, 1, true)
+      end)
+    end
+
+    it("a JSON array", function()
+      local rc, out = H.run("FLAME_PARENT=" .. core.b64encode("[1,2]") .. " " .. FLAME .. " runner")
+      assert.are.equal(2, rc)
+      assert.matches("it is not a JSON object", out, 1, true)
+    end)
+  end)
+
+  -- The parent, played by hand: listens, starts one runner with a FLAME_PARENT
+  -- naming it, and records what the runner sends. opts.challenge(hello) returns the
+  -- CHALLENGE to answer with (default: an honest one); opts.on(msg) sees each message.
+  local function fake_parent(opts)
+    opts = opts or {}
+    local P = { got = {}, secret = core.random_bytes(32), ref = "specfake" .. math.random(1e6),
+                output = {} }
+    P.nonce = core.random_bytes(16)
+    P.listener = assert(core.listen { host = "127.0.0.1", port = 0, on_connect = function(c)
+      P.conn = c
+      c:start(function(t, id, payload)
+        P.got[#P.got + 1] = { type = t, id = id, payload = payload }
+        if t == wire.HELLO and opts.hello then
+          opts.hello(P, cjson.decode(payload))
+        elseif t == wire.HELLO then
+          local hello = cjson.decode(payload)
+          local rn = core.b64decode(hello.nonce)
+          local proof = opts.wrong_proof and ("x"):rep(32)
+            or wire.proof(core.hmac_sha256, P.secret, "parent", rn, P.ref)
+          c:send(wire.CHALLENGE, 0, cjson.encode { nonce = core.b64encode(P.nonce),
+                                                   proof = core.b64encode(proof) })
+          if opts.after_challenge then opts.after_challenge(P) end
+        elseif t == wire.PROOF then
+          local want = wire.proof(core.hmac_sha256, P.secret, "runner", P.nonce, P.ref)
+          P.proved = core.equal(core.b64decode(cjson.decode(payload).proof), want)
+        elseif t == wire.REMOTE_UP then
+          P.up = cjson.decode(payload)
+        end
+        if opts.on then opts.on(P, t, id, payload) end
+      end, function(reason) P.closed = reason end)
+    end })
+    local host, port = P.listener:address()
+    local settings = { failsafe_timeout = H.patience, heartbeat_interval = 1000,
+                       heartbeat_misses = 60, idle_shutdown_after = -1, shutdown_timeout = 5000 }
+    for k, v in pairs(opts.settings or {}) do settings[k] = v end
+    local doc = { v = 1, ref = P.ref, secret = core.b64encode(P.secret),
+                  addrs = { host .. ":" .. port }, backend = opts.backend or "process",
+                  settings = settings }
+    local env = { FLAME_PARENT = b64json(doc) }
+    for k, v in pairs(opts.env or {}) do env[k] = v end
+    local exe = FLAME
+    if not exe:find("/") then                  -- core.spawn takes a path
+      local p = io.popen("command -v " .. exe)
+      exe = p:read("l")
+      p:close()
+    end
+    P.proc = assert(core.spawn { path = exe, args = { "runner" }, env = env,
+      on_output = function(_, line) P.output[#P.output + 1] = line end,
+      on_exit = function(code, signal) P.exit = { code = code, signal = signal } end })
+    function P.text() return table.concat(P.output, "\n") end
+    function P.wait(cond, what)
+      assert(H.wait_for(cond), "timed out waiting for " .. what .. "; the runner said:\n" .. P.text())
+    end
+    function P.message(type, id)
+      for _, m in ipairs(P.got) do
+        if m.type == type and (id == nil or m.id == id) then return m end
+      end
+    end
+    function P.stop()
+      if not P.exit then P.proc:kill("SIGKILL") end
+      P.wait(function() return P.exit ~= nil end, "the runner to exit")
+      P.listener:close()
+    end
+    return P
+  end
+
+  local function spawn_bytes(fn, timeout)
+    return wire.spawn_payload(timeout, true, assert(core.encode(nil, fn)))
+  end
+
+  local function result(m)
+    local ok, v = core.decode(m.payload:sub(2))
+    assert(ok, v)
+    return m.payload:sub(1, 1), v
+  end
+
+  it("runs nothing for a parent that cannot prove it holds the secret", function()
+    local dir = H.tmpdir()
+    local marker = dir .. "/ran"
+    local P = fake_parent { wrong_proof = true, after_challenge = function(P)
+      P.conn:send(wire.SPAWN, 1, spawn_bytes(function() io.open(marker, "w"):close() end))
+    end }
+    P.wait(function() return P.exit ~= nil end, "the runner to exit")
+    assert.are.equal(1, P.exit.code, P.text())
+    assert.matches("the parent failed to prove it holds the runner's secret: refusing it",
+      P.text(), 1, true)
+    local close = P.message(wire.CLOSE)
+    assert.is_table(close, "the runner said why before it closed")
+    assert.are.equal("the parent failed to prove the secret", close.payload)
+    assert.is_nil(P.message(wire.PROOF))
+    assert.is_false(H.exists(marker))
+    P.stop()
+    H.rmdir(dir)
+  end)
+
+  it("runs nothing sent before the handshake has ended", function()
+    local dir = H.tmpdir()
+    local marker = dir .. "/ran"
+    local P = fake_parent { hello = function(P)
+      P.conn:send(wire.SPAWN, 1, spawn_bytes(function() io.open(marker, "w"):close() end))
+    end }
+    P.wait(function() return P.exit ~= nil end, "the runner to exit")
+    assert.are.equal(1, P.exit.code)
+    assert.matches("protocol: unexpected SPAWN during the handshake", P.text(), 1, true)
+    assert.is_false(H.exists(marker))
+    P.stop()
+    H.rmdir(dir)
+  end)
+
+  it("proves itself, reports up with its pid, and runs calls", function()
+    local P = fake_parent()
+    P.wait(function() return P.up ~= nil end, "REMOTE_UP")
+    assert.is_true(P.proved)
+    assert.are.equal(P.proc:pid(), math.tointeger(P.up.pid))
+    P.conn:send(wire.SPAWN, 7, spawn_bytes(function() return require("flame").parent().backend end))
+    P.wait(function() return P.message(wire.RESULT, 7) end, "the result")
+    local status, backend = result(P.message(wire.RESULT, 7))
+    assert.are.equal("r", status)
+    assert.are.equal("process", backend)
+    P.conn:send(wire.SHUTDOWN, 0, "")
+    P.wait(function() return P.exit ~= nil end, "the runner to exit")
+    assert.are.equal(0, P.exit.code)
+    assert.matches("stopping (shutdown)", P.text(), 1, true)
+    P.stop()
+  end)
+
+  describe("a KILL that overtakes its SPAWN", function()
+    -- FLAME_TEST_HOLD_SPAWN=1 (docs/protocol.md): the runner handles each SPAWN after
+    -- the message that follows it, as when a small KILL passes the chunks of a big
+    -- SPAWN on the wire
+    local function runner_with_marker()
+      local dir = H.tmpdir()
+      local marker = dir .. "/started"
+      local P = fake_parent { env = { FLAME_TEST_HOLD_SPAWN = "1" } }
+      P.wait(function() return P.up ~= nil end, "REMOTE_UP")
+      local work = spawn_bytes(function()
+        io.open(marker, "w"):close()
+        while true do end
+      end)
+      return P, work, marker, dir
+    end
+
+    local function serves_on(P)
+      P.conn:send(wire.SPAWN, 2, spawn_bytes(function() return 42 end))
+      P.conn:send(wire.PING, 0, "")
+      P.wait(function() return P.message(wire.RESULT, 2) end, "the next result")
+      local s2, v2 = result(P.message(wire.RESULT, 2))
+      assert.are.equal("r", s2)
+      assert.are.equal(42, v2)
+    end
+
+    it("is remembered: the work never starts, and the runner goes on", function()
+      local P, work, marker, dir = runner_with_marker()
+      P.conn:send(wire.SPAWN, 1, work)
+      P.conn:send(wire.KILL, 1, "cancelled")
+      P.wait(function() return P.message(wire.RESULT, 1) end, "the killed call's result")
+      local status, why = result(P.message(wire.RESULT, 1))
+      assert.are.equal("k", status)
+      assert.are.equal("cancelled", why)
+      assert.is_false(H.exists(marker))
+      serves_on(P)
+      P.stop()
+      H.rmdir(dir)
+    end)
+
+    it("while a held SPAWN followed by another message runs, and its KILL kills it", function()
+      local P, work, marker, dir = runner_with_marker()
+      P.conn:send(wire.SPAWN, 1, work)
+      P.conn:send(wire.PING, 0, "")
+      P.wait(function() return H.exists(marker) end, "the work to start")
+      P.conn:send(wire.KILL, 1, "cancelled")
+      P.wait(function() return P.message(wire.RESULT, 1) end, "the killed call's result")
+      local status, why = result(P.message(wire.RESULT, 1))
+      assert.are.equal("k", status)
+      assert.are.equal("cancelled", why)
+      serves_on(P)
+      P.stop()
+      H.rmdir(dir)
+    end)
+  end)
+
+  it("answers heartbeats while every worker computes for three heartbeat windows", function()
+    local link = { heartbeat_interval = 200, heartbeat_misses = 3 }
+    local p = H.pool { name = "busy", backend = "process", max = 1, max_concurrency = 2,
+                       link = link }
+    local function pid()
+      local f = io.open("/proc/self/stat")
+      local s = f:read("a")
+      f:close()
+      return tonumber(s:match("^(%d+)"))
+    end
+    local before = flame.call(p, pid)
+    local window = link.heartbeat_interval * link.heartbeat_misses / 1000
+    local function spin()
+      local t0 = os.clock()                   -- CPU time: the worker really computes
+      while os.clock() - t0 < 3 * window do end
+      return pid()
+    end
+    local a = flame.spawn(function() return flame.call(p, spin) end)
+    local b = flame.spawn(function() return flame.call(p, spin) end)
+    assert.are.equal(before, a:await())
+    assert.are.equal(before, b:await())
+    assert.are.equal(before, flame.call(p, pid))
+    assert.are.equal(1, p:stats().runners)
+  end)
+
+  describe("system_shutdown", function()
+    local function with_backend(source, f)
+      local dir = H.tmpdir()
+      local file = assert(io.open(dir .. "/flame_spec_backend.lua", "w"))
+      file:write(source)
+      file:close()
+      local P = fake_parent { backend = "flame_spec_backend",
+                              env = { LUA_PATH_5_4 = dir .. "/?.lua;;" } }
+      P.wait(function() return P.up ~= nil end, "REMOTE_UP")
+      P.conn:send(wire.SHUTDOWN, 0, "")
+      P.wait(function() return P.exit ~= nil end, "the runner to exit")
+      f(P)
+      P.stop()
+      H.rmdir(dir)
+    end
+
+    it("of a backend of the runner's own runs in a sandboxed backend state", function()
+      with_backend([[
+        local B = {}
+        function B.system_shutdown(flame)
+          flame.log.info("custom system_shutdown: io is %s, os.execute is %s", type(io),
+            type(os.execute))
+          flame.exit(7)
+        end
+        return B
+      ]], function(P)
+        assert.are.equal(7, P.exit.code, P.text())
+        assert.matches("custom system_shutdown: io is nil, os.execute is nil", P.text(), 1, true)
+      end)
+    end)
+
+    it("that computes forever is stopped, and the runner ends", function()
+      with_backend([[
+        return { system_shutdown = function() while true do end end }
+      ]], function(P)
+        assert.are.equal(0, P.exit.code)
+        assert.matches("system_shutdown failed: .*killed %(timeout%)", P.text())
+      end)
+    end)
+
+    it("of a built-in backend ends the process without loading Lua", function()
+      local P = fake_parent { env = { LUA_PATH_5_4 = "/nonexistent/?.lua" } }
+      P.wait(function() return P.up ~= nil end, "REMOTE_UP")
+      P.conn:send(wire.SHUTDOWN, 0, "")
+      P.wait(function() return P.exit ~= nil end, "the runner to exit")
+      assert.are.equal(0, P.exit.code)
+      assert.not_matches("system_shutdown", P.text())
+      P.stop()
+    end)
+  end)
+
+  it("gives up when the parent never answers its HELLO, within the heartbeat window", function()
+    local P = fake_parent { hello = function() end,
+                            settings = { heartbeat_interval = 100, heartbeat_misses = 3 } }
+    P.wait(function() return P.exit ~= nil end, "the runner to exit")
+    assert.are.equal(1, P.exit.code)
+    assert.matches("timed out waiting for CHALLENGE", P.text(), 1, true)
+    P.stop()
+  end)
+end)
