@@ -107,7 +107,10 @@ describe("flame runner", function()
       p:close()
     end
     P.proc = assert(core.spawn { path = exe, args = { "runner" }, env = env,
-      on_output = function(_, line) P.output[#P.output + 1] = line end,
+      on_output = function(_, line)         -- kept, and shown: sanitizer reports too
+        P.output[#P.output + 1] = line
+        io.stderr:write("runner: ", line, "\n")
+      end,
       on_exit = function(code, signal) P.exit = { code = code, signal = signal } end })
     function P.text() return table.concat(P.output, "\n") end
     function P.wait(cond, what)

@@ -18,6 +18,46 @@ end
 --- True under valgrind or the sanitizers, where slow loops are made shorter.
 H.slow = os.getenv("FLAME_VALGRIND") ~= nil
 
+--- How long a spec waits for an event before it gives up and fails: generous, so
+-- that no spec depends on how fast anything boots or runs (a wait that succeeds
+-- returns as soon as the event is seen).
+H.patience = 60000
+
+--- Waits (driving the loop) until cond() is true; polls every 10 ms for up to ms
+-- (default H.patience). Returns true, or false when the time ran out: specs wait for
+-- the event they need this way, never for a fixed time.
+function H.wait_for(cond, ms)
+  local flame = require "flame"
+  local task = require "flame.task"
+  local deadline = task.now() + (ms or H.patience)
+  while not cond() do
+    if task.now() >= deadline then return cond() and true or false end
+    flame.sleep(10)
+  end
+  return true
+end
+
+--- True when a file exists at path.
+function H.exists(path)
+  local f = io.open(path)
+  if f then f:close() return true end
+  return false
+end
+
+--- Creates an empty file at path (a marker, or a gate opened for H.gate).
+function H.touch(path)
+  assert(io.open(path, "w")):close()
+end
+
+--- For work on a runner: blocks in one subprocess until a file exists at path, so a
+-- call holds its slot until the test opens the gate with H.touch(path). Removing the
+-- file's directory opens it too, and it gives up after about a minute. Sent with the
+-- work as an upvalue; it uses only the runner's globals.
+function H.gate(path)
+  os.execute(("i=0; while [ ! -e '%s' ] && [ -d '%s' ] && [ $i -lt 6000 ]; do "
+    .. "sleep 0.01; i=$((i+1)); done"):format(path, path:match("^(.*)/") or "."))
+end
+
 --- Pools made through H.pool are shut down after each test; a test that leaves any
 -- pool (made any way) running fails.
 local made = {}
