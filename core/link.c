@@ -579,25 +579,40 @@ int link_addr(const char *ip, int port, struct sockaddr_storage *sa) {
   return -1;
 }
 
-int link_parse_hostport(const char *s, struct sockaddr_storage *sa) {
+int link_split_hostport(const char *s, char *host, size_t hostlen, int *port) {
   const char *colon = strrchr(s, ':');
   if (colon == NULL || colon == s || colon[1] == '\0') return -1;
-  char host[128];
   const char *h = s;
   size_t hlen = (size_t)(colon - s);
-  if (h[0] == '[') {                         /* [v6]:port */
+  int bracketed = h[0] == '[';
+  if (bracketed) {                           /* [v6]:port */
     if (hlen < 2 || h[hlen - 1] != ']') return -1;
     h++;
     hlen -= 2;
   }
-  if (hlen == 0 || hlen >= sizeof host) return -1;
+  if (hlen == 0 || hlen >= hostlen) return -1;
   memcpy(host, h, hlen);
   host[hlen] = '\0';
-  long port = 0;
-  for (const char *p = colon + 1; *p; p++) {
-    if (*p < '0' || *p > '9' || port > 65535) return -1;
-    port = port * 10 + (*p - '0');
+  long p = 0;
+  for (const char *c = colon + 1; *c; c++) {
+    if (*c < '0' || *c > '9' || p > 65535) return -1;
+    p = p * 10 + (*c - '0');
   }
-  if (port > 65535) return -1;
-  return link_addr(host, (int)port, sa);
+  if (p > 65535) return -1;
+  *port = (int)p;
+  struct sockaddr_storage sa;
+  if (link_addr(host, 0, &sa) == 0) return 0;   /* an IP address */
+  if (bracketed) return -1;
+  for (const char *c = host; *c; c++)            /* or a host name */
+    if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9')
+          || *c == '-' || *c == '.'))
+      return -1;
+  return 0;
+}
+
+int link_parse_hostport(const char *s, struct sockaddr_storage *sa) {
+  char host[256];
+  int port;
+  if (link_split_hostport(s, host, sizeof host, &port) != 0) return -1;
+  return link_addr(host, port, sa);
 }

@@ -84,7 +84,11 @@ int link_listener_address(link_listener *l, char *ip, size_t iplen, int *port);
 /* Stops listening; on_closed(ud) is called once the handle is gone. */
 void link_listener_close(link_listener *l, void (*on_closed)(void *ud));
 
-/* "host:port" or "[v6]:port" into a socket address: 0, or -1 when malformed. */
+/* "host:port" or "[v6]:port" split: 0 with host (NUL-terminated) and port, or -1
+ * when malformed. A host is an IP address or a name of letters, digits, '-', '.'. */
+int link_split_hostport(const char *s, char *host, size_t hostlen, int *port);
+/* "ip:port" or "[v6]:port" into a socket address: 0, or -1 when malformed or when
+ * the host is a name (resolve those with uv_getaddrinfo). */
 int link_parse_hostport(const char *s, struct sockaddr_storage *sa);
 /* An ip and port into a socket address: 0, or -1 when the ip is not an address. */
 int link_addr(const char *ip, int port, struct sockaddr_storage *sa);

@@ -49,9 +49,11 @@ static int setting(check *c, const cJSON *settings, const char *name, int64_t de
   const cJSON *item = cJSON_GetObjectItemCaseSensitive(settings, name);
   *out = def;
   if (item == NULL || cJSON_IsNull(item)) return 0;
-  int64_t v;
-  if (integer_of(item, &v) != 0)
-    return fail(c, "setting %s is not a whole number", name);
+  /* the parent's options are Lua numbers: a fraction of a millisecond rounds up */
+  if (!cJSON_IsNumber(item) || !isfinite(item->valuedouble)
+      || item->valuedouble < -9.0e15 || item->valuedouble > 9.0e15)
+    return fail(c, "setting %s is not a number", name);
+  int64_t v = (int64_t)ceil(item->valuedouble);
   if (v == -1 && forever_ok) {
     *out = PARENT_FOREVER;
     return 0;
@@ -71,8 +73,18 @@ static int decode_settings(check *c, const cJSON *s, parent_settings *ps) {
       || setting(c, s, "heartbeat_misses", 3, 1, 0, &ps->heartbeat_misses)
       || setting(c, s, "max_message", (int64_t)1 << 30, 1, 0, &ps->max_message))
     return -1;
-  if (ps->max_concurrency > 4096)
-    return fail(c, "setting max_concurrency is %lld, above 4096", (long long)ps->max_concurrency);
+  /* upper bounds keep heartbeat_interval x heartbeat_misses, the handshake's window,
+   * far from overflow */
+  static const struct { const char *name; int64_t max; } caps[] = {
+    { "max_concurrency", 4096 }, { "heartbeat_interval", 86400000 },
+    { "heartbeat_misses", 1000000 }
+  };
+  const int64_t *vals[] = { &ps->max_concurrency, &ps->heartbeat_interval,
+                            &ps->heartbeat_misses };
+  for (int i = 0; i < 3; i++)
+    if (*vals[i] > caps[i].max)
+      return fail(c, "setting %s is %lld, above %lld", caps[i].name, (long long)*vals[i],
+                  (long long)caps[i].max);
   ps->profile = SANDBOX_APPLICATION;
   ps->memory_limit = 0;
   const cJSON *sb = cJSON_GetObjectItemCaseSensitive(s, "sandbox");
@@ -111,12 +123,13 @@ static int decode_doc(check *c, const cJSON *doc, parent *p) {
     return fail(c, "it has no parent address");
   const cJSON *a;
   cJSON_ArrayForEach(a, addrs) {
-    struct sockaddr_storage sa;
+    char host[256];
+    int port;
     if (!cJSON_IsString(a))
       return fail(c, "bad parent address (a \"host:port\" string expected)");
-    if (link_parse_hostport(a->valuestring, &sa) != 0)
-      return fail(c, "bad parent address %.100s (an IP address and a port expected)",
-                  a->valuestring);
+    if (link_split_hostport(a->valuestring, host, sizeof host, &port) != 0)
+      return fail(c, "bad parent address %.100s (a host name or IP address, and a port, "
+                  "expected)", a->valuestring);
     if (p->naddrs == PARENT_ADDRS_MAX)
       return fail(c, "more than %d parent addresses", PARENT_ADDRS_MAX);
     if ((p->addrs[p->naddrs] = strdup(a->valuestring)) == NULL) return fail(c, "out of memory");

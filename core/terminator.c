@@ -5,13 +5,14 @@
  * Contract (what docs/protocol.md and docs/backends.md promise of a runner):
  * - FLAME_PARENT is decoded and checked first (parent.c); a malformed, foreign or
  *   too new value exits 2 with a message saying what is wrong.
- * - It connects to the parent's addresses in turn, with backoff (50 ms doubling to
- *   1 s), until the failsafe timeout; then proves it holds the runner's secret and
+ * - It connects to the parent's addresses in turn (IP addresses, or names looked up
+ *   with getaddrinfo), with backoff (50 ms doubling to 1 s), until the failsafe
+ *   timeout; then proves it holds the runner's secret and
  *   makes the parent prove it too (HELLO, CHALLENGE, PROOF), and reports REMOTE_UP.
  *   A parent that cannot prove the secret is refused: nothing runs, exit 1.
  * - SPAWN runs work on the executor with its deadline (killed there, "timeout");
- *   KILL kills it wherever it is, also when it overtakes its SPAWN (remembered, up
- *   to 1024); RESULT goes back with the executor's bytes, uncopied. CONFIG carries
+ *   KILL kills it wherever it is, also when it overtakes its SPAWN (the last 1024
+ *   such KILLs are remembered); RESULT goes back with the executor's bytes, uncopied. CONFIG carries
  *   the pool's idle check, run on the executor like work and killed after 5 s.
  * - Idle for idle_shutdown_after (and the idle check agrees): REMOTE_SHUTDOWN
  *   "idle", then stop. SHUTDOWN: drain, then stop. Parent lost (link closed, CLOSE,
@@ -81,6 +82,13 @@ typedef struct early_kill {
   int reason;
 } early_kill;
 
+/* A name lookup: its own allocation, freed by its callback, so one that timed out
+ * can finish in the thread pool while the next attempt goes on. */
+typedef struct lookup {
+  uv_getaddrinfo_t req;
+  struct term *t;
+} lookup;
+
 typedef struct term {
   uv_loop_t loop;
   parent p;
@@ -98,6 +106,7 @@ typedef struct term {
   int addr;                              /* next address to try in this round */
   char last_err[LINK_REASON_MAX + 64];
   uv_timer_t connect_timer, retry_timer;
+  struct lookup *lookup;                 /* a host name being resolved, or NULL */
   /* handshake */
   unsigned char nonce[NONCE_LEN];
   uv_timer_t handshake_timer;
@@ -108,8 +117,8 @@ typedef struct term {
   /* calls */
   call *calls[CALL_BUCKETS];
   int ncalls;
-  early_kill early[EARLY_KILLS_MAX];
-  int nearly;
+  early_kill early[EARLY_KILLS_MAX];     /* id 0: a free slot */
+  int early_next;                        /* the slot a full memory overwrites next */
   buf held;                              /* FLAME_TEST_HOLD_SPAWN: the held SPAWN */
   int64_t held_id;
   int hold_spawn, holding;
@@ -305,14 +314,25 @@ static void on_deadline(uv_timer_t *h) {
 }
 
 static int early_take(term *t, int64_t id) {
-  for (int i = 0; i < t->nearly; i++) {
+  for (int i = 0; i < EARLY_KILLS_MAX; i++) {
     if (t->early[i].id == id) {
-      int reason = t->early[i].reason;
-      t->early[i] = t->early[--t->nearly];
-      return reason;
+      t->early[i].id = 0;
+      return t->early[i].reason;
     }
   }
   return 0;
+}
+
+/* A KILL for a call not seen (yet): remembered until its SPAWN comes. KILLs that
+ * crossed their call's RESULT are never claimed; when the memory is full the
+ * oldest-written slot goes, so it cannot fill up for good. */
+static void early_put(term *t, int64_t id, int reason) {
+  int slot = -1;
+  for (int i = 0; i < EARLY_KILLS_MAX && slot < 0; i++)
+    if (t->early[i].id == 0) slot = i;
+  if (slot < 0) slot = t->early_next++ % EARLY_KILLS_MAX;
+  t->early[slot].id = id;
+  t->early[slot].reason = reason;
 }
 
 static void idle_stop(term *t) {
@@ -383,10 +403,8 @@ static void kill_call(term *t, int64_t id, const buf *msg) {
   int reason = kill_reason(msg->data, msg->len);
   if (call_find(t, id)) {
     executor_kill(t->ex, id, reason);
-  } else if (t->nearly < EARLY_KILLS_MAX) {  /* a KILL can overtake a long SPAWN */
-    t->early[t->nearly].id = id;
-    t->early[t->nearly].reason = reason;
-    t->nearly++;
+  } else if (id > 0) {                      /* a KILL can overtake a long SPAWN */
+    early_put(t, id, reason);
   }
 }
 
@@ -636,6 +654,10 @@ static void stop(term *t, const char *reason) {
   uv_timer_stop(&t->connect_timer);
   uv_timer_stop(&t->retry_timer);
   uv_timer_stop(&t->handshake_timer);
+  if (t->lookup) {                           /* answered into the void, then freed */
+    uv_cancel((uv_req_t *)&t->lookup->req);
+    t->lookup = NULL;
+  }
   for (int b = 0; b < CALL_BUCKETS; b++)
     for (call *k = t->calls[b]; k; k = k->next) executor_kill(t->ex, k->id, SANDBOX_KILL_SHUTDOWN);
   if (t->checking) executor_kill(t->ex, IDLE_CHECK_ID, SANDBOX_KILL_SHUTDOWN);
@@ -682,12 +704,61 @@ static void on_connected(link_conn *c, void *ud, int status) {
 
 static void on_connect_limit(uv_timer_t *h) {
   term *t = h->data;
-  if (t->stage != S_CONNECTING || t->conn == NULL) return;
+  if (t->stage != S_CONNECTING) return;
+  if (t->lookup) {                           /* its answer will be ignored */
+    uv_cancel((uv_req_t *)&t->lookup->req);
+    t->lookup = NULL;
+    snprintf(t->last_err, sizeof t->last_err, "%s: name lookup timed out",
+             t->p.addrs[t->addr - 1]);
+    try_next(t);
+    return;
+  }
+  if (t->conn == NULL) return;
   link_conn *c = t->conn;
   t->conn = NULL;
   snprintf(t->last_err, sizeof t->last_err, "%s: connect timed out", t->p.addrs[t->addr - 1]);
   link_close(c, "connect timed out");
   try_next(t);
+}
+
+/* Connects to one resolved address of the current attempt. */
+static void connect_to(term *t, const char *addr, const struct sockaddr *sa) {
+  int err = 0;
+  link_conn *c = link_connect(&t->loop, sa, on_connected, t, &err);
+  if (c == NULL) {
+    uv_timer_stop(&t->connect_timer);
+    snprintf(t->last_err, sizeof t->last_err, "%s: %s (%s)", addr, uv_strerror(err),
+             uv_err_name(err));
+    try_next(t);
+    return;
+  }
+  link_set_handlers(c, &handlers, t);
+  t->conn = c;
+}
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
+  lookup *l = req->data;
+  term *t = l->t;
+  int current = t->lookup == l;
+  if (current) t->lookup = NULL;
+  free(l);
+  if (!current || status == UV_ECANCELED || t->stage != S_CONNECTING) {
+    uv_freeaddrinfo(res);
+    return;
+  }
+  const char *addr = t->p.addrs[t->addr - 1];
+  if (status != 0 || res == NULL) {
+    uv_timer_stop(&t->connect_timer);
+    snprintf(t->last_err, sizeof t->last_err, "%s: cannot resolve the name (%s)", addr,
+             uv_strerror(status ? status : UV_EAI_NONAME));
+    uv_freeaddrinfo(res);
+    try_next(t);
+    return;
+  }
+  struct sockaddr_storage sa;
+  memcpy(&sa, res->ai_addr, res->ai_addrlen < sizeof sa ? res->ai_addrlen : sizeof sa);
+  uv_freeaddrinfo(res);
+  connect_to(t, addr, (struct sockaddr *)&sa);
 }
 
 static void on_retry(uv_timer_t *h) {
@@ -721,20 +792,37 @@ static void try_next(term *t) {
     return;
   }
   const char *addr = t->p.addrs[t->addr++];
+  uint64_t limit = t->deadline - n;          /* a lookup and a connect, together */
+  uv_timer_start(&t->connect_timer, on_connect_limit, limit ? limit : 1, 0);
   struct sockaddr_storage sa;
-  link_parse_hostport(addr, &sa);            /* checked when FLAME_PARENT was read */
-  int err = 0;
-  link_conn *c = link_connect(&t->loop, (struct sockaddr *)&sa, on_connected, t, &err);
-  if (c == NULL) {
-    snprintf(t->last_err, sizeof t->last_err, "%s: %s (%s)", addr, uv_strerror(err),
-             uv_err_name(err));
+  if (link_parse_hostport(addr, &sa) == 0) {
+    connect_to(t, addr, (struct sockaddr *)&sa);
+    return;
+  }
+  char host[256], port[8];                   /* a name: checked when FLAME_PARENT was read */
+  int pn = 0;
+  link_split_hostport(addr, host, sizeof host, &pn);
+  snprintf(port, sizeof port, "%d", pn);
+  struct addrinfo hints;
+  memset(&hints, 0, sizeof hints);
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  lookup *l = malloc(sizeof *l);
+  int rc = l ? 0 : UV_ENOMEM;
+  if (l) {
+    l->t = t;
+    l->req.data = l;
+    rc = uv_getaddrinfo(&t->loop, &l->req, on_resolved, host, port, &hints);
+    if (rc != 0) free(l);
+  }
+  if (rc != 0) {
+    uv_timer_stop(&t->connect_timer);
+    snprintf(t->last_err, sizeof t->last_err, "%s: cannot resolve the name (%s)", addr,
+             uv_strerror(rc));
     try_next(t);
     return;
   }
-  link_set_handlers(c, &handlers, t);
-  t->conn = c;
-  uint64_t limit = t->deadline - n;
-  uv_timer_start(&t->connect_timer, on_connect_limit, limit ? limit : 1, 0);
+  t->lookup = l;
 }
 
 /* ---------------------------------------------------------- system_shutdown ---- */
@@ -774,16 +862,17 @@ static char *lua_path(void) {
   if (env == NULL) env = getenv("LUA_PATH");
   buf b;
   buf_init(&b);
+  int bad = 0;
   if (env == NULL) {
-    buf_append(&b, LUA_PATH_DEFAULT, strlen(LUA_PATH_DEFAULT));
+    bad |= buf_append(&b, LUA_PATH_DEFAULT, strlen(LUA_PATH_DEFAULT));
   } else {
     const char *dd = strstr(env, ";;");
     if (dd == NULL) {
-      buf_append(&b, env, strlen(env));
+      bad |= buf_append(&b, env, strlen(env));
     } else {
-      buf_append(&b, env, (size_t)(dd - env));
-      buf_append(&b, ";" LUA_PATH_DEFAULT ";", strlen(LUA_PATH_DEFAULT) + 2);
-      buf_append(&b, dd + 2, strlen(dd + 2));
+      bad |= buf_append(&b, env, (size_t)(dd - env));
+      bad |= buf_append(&b, ";" LUA_PATH_DEFAULT ";", strlen(LUA_PATH_DEFAULT) + 2);
+      bad |= buf_append(&b, dd + 2, strlen(dd + 2));
     }
   }
   char exe[4096];
@@ -791,16 +880,18 @@ static char *lua_path(void) {
   if (uv_exepath(exe, &size) == 0) {
     char *slash = strrchr(exe, '/');
     if (slash) {
+      static const char *const tails[] = { "/../share/lua/5.4/?.lua",
+                                           "/../share/lua/5.4/?/init.lua" };
       *slash = '\0';
-      static const char *const tails[] = { "/../share/lua/5.4/?.lua", "/../share/lua/5.4/?/init.lua" };
       for (int i = 0; i < 2; i++) {
-        buf_byte(&b, ';');
-        buf_append(&b, exe, strlen(exe));
-        buf_append(&b, tails[i], strlen(tails[i]));
+        bad |= buf_byte(&b, ';');
+        bad |= buf_append(&b, exe, strlen(exe));
+        bad |= buf_append(&b, tails[i], strlen(tails[i]));
       }
     }
   }
-  if (buf_byte(&b, 0) != 0) {
+  bad |= buf_byte(&b, 0);
+  if (bad) {
     buf_free(&b);
     return NULL;
   }
@@ -812,6 +903,10 @@ static void system_shutdown(term *t) {
   for (const char *const *b = builtin; *b; b++)
     if (strcmp(t->p.backend, *b) == 0) return;   /* theirs ends the process: ours does */
   char *path = lua_path();
+  if (path == NULL) {
+    say("system_shutdown: out of memory");
+    return;
+  }
   sandbox_config cfg = { SANDBOX_BACKEND, 64 * 1024 * 1024, NULL, NULL, 0, path };
   const char *err;
   sandbox *sb = sandbox_new(&cfg, &err);

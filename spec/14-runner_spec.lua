@@ -31,15 +31,15 @@ describe("flame runner", function()
       { "no address", function(d) d.addrs = {} end, "it has no parent address" },
       { "an address without a port", function(d) d.addrs = { "127.0.0.1" } end,
         "bad parent address 127.0.0.1" },
-      { "a host name for an address", function(d) d.addrs = { "parent.example:80" } end,
-        "bad parent address parent.example:80 (an IP address and a port expected)" },
+      { "an address that is not a host", function(d) d.addrs = { "parent/x:80" } end,
+        "bad parent address parent/x:80 (a host name or IP address, and a port, expected)" },
       { "no backend", function(d) d.backend = nil end, "it names no backend" },
       { "settings that are not an object", function(d) d.settings = "fast" end,
         "it has no runner settings" },
       { "a heartbeat interval of 0", function(d) d.settings.heartbeat_interval = 0 end,
         "setting heartbeat_interval is 0, below 1" },
       { "a count that is not a number", function(d) d.settings.max_concurrency = "many" end,
-        "setting max_concurrency is not a whole number" },
+        "setting max_concurrency is not a number" },
       { "a profile runners do not have", function(d) d.settings.sandbox = { profile = "backend" } end,
         'setting sandbox.profile is not "application" or "restricted"' },
     }
@@ -96,7 +96,8 @@ describe("flame runner", function()
                        heartbeat_misses = 60, idle_shutdown_after = -1, shutdown_timeout = 5000 }
     for k, v in pairs(opts.settings or {}) do settings[k] = v end
     local doc = { v = 1, ref = P.ref, secret = core.b64encode(P.secret),
-                  addrs = { host .. ":" .. port }, backend = opts.backend or "process",
+                  addrs = opts.addrs and opts.addrs(host, port) or { host .. ":" .. port },
+                  backend = opts.backend or "process",
                   settings = settings }
     local env = { FLAME_PARENT = b64json(doc) }
     for k, v in pairs(opts.env or {}) do env[k] = v end
@@ -318,6 +319,18 @@ describe("flame runner", function()
       assert.not_matches("system_shutdown", P.text())
       P.stop()
     end)
+  end)
+
+  -- only "localhost", which /etc/hosts answers: a spec must not ask a DNS server
+  it("reaches a parent advertised by name, after an address that refuses", function()
+    local P = fake_parent { addrs = function(_, port)
+      return { "127.0.0.1:1", "localhost:" .. port }
+    end }
+    P.wait(function() return P.up ~= nil end, "REMOTE_UP through the second address")
+    P.conn:send(wire.SHUTDOWN, 0, "")
+    P.wait(function() return P.exit ~= nil end, "the runner to exit")
+    assert.are.equal(0, P.exit.code)
+    P.stop()
   end)
 
   it("gives up when the parent never answers its HELLO, within the heartbeat window", function()
