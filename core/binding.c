@@ -76,6 +76,7 @@ int luaopen_flame_core(lua_State *L) {
   flame_loop_open(L);
   flame_executor_open(L);
   flame_link_open(L);
+  flame_hub_open(L);
   flame_crypto_open(L);
   flame_proc_open(L);
   flame_http_open(L);

@@ -31,6 +31,7 @@ void flame_loop_open(lua_State *L);
 void flame_executor_open(lua_State *L);
 void flame_link_open(lua_State *L);
 void flame_crypto_open(lua_State *L);
+void flame_hub_open(lua_State *L);
 void flame_proc_open(lua_State *L);
 void flame_http_open(lua_State *L);
 

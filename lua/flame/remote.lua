@@ -1,12 +1,13 @@
 --- The parent's side of the link: a hub listens for a pool's runners, makes each
 -- prove it holds its runner's secret (and proves the parent does too), and hands
 -- the authenticated connection to whoever awaits that runner's ref as a *remote
--- terminator*: submit, kill, shutdown, close. Anything else that connects (a wrong
--- secret, an old protocol, random bytes, an unknown ref) is closed and logged, and
--- nothing it sent runs. Heartbeats go both ways; a silent runner is lost.
+-- terminator*: submit, kill, shutdown, close. The hub itself is C on the runtime
+-- thread (core/hub.c): listening, the handshake, heartbeats and frames go on while
+-- this state computes, and what happens reaches this module as events. Anything
+-- else that connects (a wrong secret, an old protocol, random bytes, an unknown ref)
+-- is closed and logged, and nothing it sent runs.
 -- @module flame.remote
 local core = require "flame.core"
-local cjson = require "cjson.safe"
 local task = require "flame.task"
 local wire = require "flame.wire"
 
@@ -19,14 +20,14 @@ Term.__index = Term
 --- Sends a call: its bytes, deadline (ms from now) and link flag.
 function Term:submit(id, bytes, timeout, link)
   if self.closed then error("runner link is closed", 0) end
-  self.conn:send(wire.SPAWN, id, wire.spawn_payload(timeout, link ~= false, bytes))
+  self.hub.c:send(self.tid, wire.SPAWN, id, bytes, wire.spawn_header(timeout, link ~= false))
   self.ids[id] = true
   self.inflight = self.inflight + 1
   if self.inflight > self.peak then self.peak = self.inflight end
 end
 
 function Term:kill(id, reason)
-  if not self.closed then self.conn:send(wire.KILL, id, reason or "cancelled") end
+  if not self.closed then self.hub.c:send(self.tid, wire.KILL, id, reason or "cancelled") end
 end
 
 --- Sends the pool's idle check: work the runner runs in a sandbox before it goes.
@@ -34,19 +35,18 @@ function Term:configure(idle_check)
   if self.closed then return end
   local bytes, err = core.encode({ name = "idle_shutdown_after[2]" }, idle_check)
   if not bytes then error(err, 0) end
-  self.conn:send(wire.CONFIG, 0, bytes)
+  self.hub.c:send(self.tid, wire.CONFIG, 0, bytes)
 end
 
 --- Asks the runner to stop taking work, drain and exit.
 function Term:shutdown()
-  if not self.closed then self.conn:send(wire.SHUTDOWN, 0, "") end
+  if not self.closed then self.hub.c:send(self.tid, wire.SHUTDOWN, 0, "") end
 end
 
 function Term:close(reason)
   if self.closed then return end
   self.closed = true
-  if self.hb then self.hb.stop() end
-  self.conn:close(reason or "closed by the parent")
+  self.hub.c:close_term(self.tid, reason or "closed by the parent")
 end
 
 function Term:stats()
@@ -69,7 +69,8 @@ end
 function Term:lost(reason)
   if self.gone then return end
   self.gone = true
-  self:close(reason)
+  self.closed = true                      -- the hub has closed its link already
+  self.hub.terms[self.tid] = nil
   self:emit("lost", reason)
 end
 
@@ -80,12 +81,15 @@ Hub.__index = Hub
 -- (addresses runners are told, default the bound one), heartbeat_interval,
 -- heartbeat_misses, max_message, log.
 function M.hub(opts)
-  local h = setmetatable({ pending = {}, log = opts.log, opts = opts, conns = {} }, Hub)
-  local l, err = core.listen { host = opts.bind or "127.0.0.1", port = opts.port or 0,
-    on_connect = function(conn) h:accept(conn) end }
-  if not l then return nil, err end
-  h.listener = l
-  local host, port = l:address()
+  local h = setmetatable({ pending = {}, log = opts.log, opts = opts, terms = {},
+                           refusals = 0, drops = 0 }, Hub)
+  local c, err = core.hub { host = opts.bind or "127.0.0.1", port = opts.port or 0,
+    heartbeat_interval = opts.heartbeat_interval, heartbeat_misses = opts.heartbeat_misses,
+    max_message = opts.max_message,
+    on_event = function(kind, ...) h:event(kind, ...) end }
+  if not c then return nil, err end
+  h.c = c
+  local host, port = c:address()
   h.addrs = opts.advertise or { (host:find(":") and ("[" .. host .. "]") or host) .. ":" .. port }
   return h
 end
@@ -93,10 +97,12 @@ end
 --- Registers a runner the hub will accept: its parent record (ref, secret).
 function Hub:expect(p)
   self.pending[p.ref] = { parent = p, future = task.future() }
+  self.c:expect(p.ref, core.b64decode(p.secret))
 end
 
 function Hub:forget(ref)
   self.pending[ref] = nil
+  if not self.closed then self.c:forget(ref) end
 end
 
 --- Ends the wait for a runner that will not come (its process exited, say).
@@ -119,143 +125,56 @@ function Hub:await(p, timeout)
   end
   local term, err = entry.future:wait()
   if timer then timer:stop() end
-  self.pending[p.ref] = nil
+  self:forget(p.ref)                          -- a runner that comes later is refused
   if not term and entry.term then entry.term:close("boot abandoned") end
   return term, err
 end
 
-function Hub:refuse(conn, why)
-  self.refusals = (self.refusals or 0) + 1
-  local ok, ip, port = pcall(conn.peer, conn)
-  self.log.error("refused a connection from %s:%s: %s", tostring(ok and ip),
-    tostring(ok and port), why)
-  conn:send(wire.CLOSE, 0, why)            -- the runner learns why, then the link ends
-  conn:finish(why)
-end
-
--- The handshake, driven by messages: HELLO -> CHALLENGE -> PROOF -> REMOTE_UP.
-local HANDSHAKE_MESSAGE = 64 * 1024    -- what an unauthenticated peer may send at once
-local HANDSHAKES_MAX = 64              -- connections not yet authenticated, at most
-
-function Hub:accept(conn)
-  local o = self.opts
-  local window = o.heartbeat_interval * o.heartbeat_misses
-  local st = { stage = "hello" }
-  self.handshaking = (self.handshaking or 0) + 1
-  local function done_handshaking()
-    if st.counted then return end
-    st.counted = true
-    self.handshaking = self.handshaking - 1
-  end
-  self.conns[conn] = true
-  local function refuse(why)
-    st.refused = true
-    self:refuse(conn, why)
-  end
-  -- a connection that does not finish the handshake in time is closed
-  local deadline = loop:timer(window, function()
-    if st.stage ~= "up" and not st.refused then
-      refuse("handshake timed out")
-    end
-  end)
-  conn:start(function(t, id, payload)
-    if st.refused then return end
-    if st.term then
-      st.term.msgs = st.term.msgs + 1
-      if t == wire.RESULT then
-        if not st.term.ids[id] then return end   -- not a call we sent (or a duplicate)
-        st.term.ids[id] = nil
-        st.term.inflight = st.term.inflight - 1
-        st.term:emit("result", id, payload:sub(1, 1), payload:sub(2))
-      elseif t == wire.REMOTE_SHUTDOWN then
-        st.term:emit("remote_shutdown", payload)
-      elseif t ~= wire.PING then
-        st.term:lost("protocol: unexpected " .. (wire.NAMES[t] or tostring(t)))
-      end
+-- What the hub on the runtime thread tells: runners up, their messages, links lost,
+-- connections refused.
+function Hub:event(kind, a, b, c, d)
+  if kind == "up" then
+    local entry = self.pending[a]
+    local term = setmetatable({ hub = self, tid = b, inflight = 0, peak = 0, early = {},
+      ids = {}, pid = c ~= 0 and c or nil, host = d }, Term)
+    self.terms[b] = term
+    if not entry or entry.future.done then       -- its boot is over: not wanted
+      term:close("boot abandoned")
+      self.terms[b] = nil
       return
     end
-    if t == wire.PING then return end
-    if st.stage == "hello" and t == wire.HELLO then
-      local hello = cjson.decode(payload)
-      local v = type(hello) == "table" and math.tointeger(hello.v)
-      if not v then return refuse("malformed HELLO") end
-      hello.v = v
-      if hello.v ~= wire.PROTOCOL then
-        return refuse(("protocol version %d is not %d"):format(hello.v, wire.PROTOCOL))
-      end
-      local entry = type(hello.ref) == "string" and self.pending[hello.ref]
-      if not entry or entry.claimed then return refuse("unknown runner ref") end
-      local nonce = type(hello.nonce) == "string" and core.b64decode(hello.nonce)
-      if not nonce or #nonce < 16 then return refuse("malformed HELLO nonce") end
-      st.entry, st.secret = entry, core.b64decode(entry.parent.secret)
-      st.nonce = core.random_bytes(16)
-      st.stage = "proof"
-      conn:send(wire.CHALLENGE, 0, cjson.encode {
-        nonce = core.b64encode(st.nonce),
-        proof = core.b64encode(wire.proof(core.hmac_sha256, st.secret, "parent", nonce,
-          entry.parent.ref)) })
-    elseif st.stage == "proof" and t == wire.PROOF then
-      local msg = cjson.decode(payload)
-      local proof = type(msg) == "table" and type(msg.proof) == "string"
-        and core.b64decode(msg.proof)
-      local want = wire.proof(core.hmac_sha256, st.secret, "runner", st.nonce,
-        st.entry.parent.ref)
-      if not proof or not core.equal(proof, want) then
-        return refuse("wrong proof: the runner does not hold the secret")
-      end
-      st.stage = "auth"
-    elseif st.stage == "auth" and t == wire.REMOTE_UP then
-      local up = cjson.decode(payload) or {}
-      local entry = st.entry
-      if entry.claimed or entry.future.done then
-        return refuse("the runner came too late")
-      end
-      entry.claimed = true
-      st.stage = "up"
-      deadline:stop()
-      done_handshaking()
-      conn:limits(o.max_message or (1 << 30), 64)
-      local term = setmetatable({ conn = conn, inflight = 0, peak = 0, early = {}, ids = {},
-        pid = math.tointeger(up.pid), host = up.host, msgs = 0 }, Term)
-      st.term = term
-      self:heartbeat(term)
-      entry.term = term
-      entry.future:set(term)
-    else
-      refuse(("protocol: unexpected %s during the handshake"):format(
-        wire.NAMES[t] or tostring(t)))
+    entry.term = term
+    entry.future:set(term)
+  elseif kind == "message" then
+    local term = self.terms[a]
+    if not term then return end
+    if b == wire.RESULT then
+      if not term.ids[c] then return end        -- not a call we sent (or a duplicate)
+      term.ids[c] = nil
+      term.inflight = term.inflight - 1
+      term:emit("result", c, d:sub(1, 1), d:sub(2))
+    elseif b == wire.REMOTE_SHUTDOWN then
+      term:emit("remote_shutdown", d)
     end
-  end, function(reason)
-    self.conns[conn] = nil
-    deadline:stop()
-    done_handshaking()
-    if st.term then
-      st.term:lost(reason)
-    elseif not st.refused and reason:match("^protocol") then
-      self.drops = (self.drops or 0) + 1
-      self.log.error("closed an unauthenticated connection: %s", reason)
-    end
-  end, HANDSHAKE_MESSAGE)
-  conn:limits(HANDSHAKE_MESSAGE, 1)
-  if self.handshaking > HANDSHAKES_MAX then
-    refuse("too many connections are authenticating")
+  elseif kind == "lost" then
+    local term = self.terms[a]
+    if term then term:lost(b) end
+  elseif kind == "refused" then
+    self.refusals = self.refusals + 1
+    self.log.error("%s", a)
+  elseif kind == "dropped" then
+    self.drops = self.drops + 1
+    self.log.error("%s", a)
   end
-end
-
-function Hub:heartbeat(term)
-  term.hb = wire.heartbeat(loop, term, self.opts.heartbeat_interval,
-    self.opts.heartbeat_misses, "runner",
-    function() term.conn:send(wire.PING, 0, "") end,
-    function(why) term:lost(why) end)
 end
 
 function Hub:close()
-  if self.listener then self.listener:close() end
-  self.listener = nil
+  if self.closed then return end
+  self.closed = true
+  self.c:close()
   for _, entry in pairs(self.pending) do       -- boots in flight learn it at once
     entry.future:set(nil, "the pool is shutting down")
   end
-  for conn in pairs(self.conns) do conn:close("the pool is shutting down") end
 end
 
 return M

@@ -61,9 +61,14 @@ function M.heartbeat(loop, link, interval, misses, who, ping, lost)
   return hb
 end
 
-function M.spawn_payload(timeout, link, bytes)
+--- SPAWN's 9-byte header: the deadline in ms (0: none) and the link flag.
+function M.spawn_header(timeout, link)
   local t = (timeout == nil or timeout == math.huge) and 0 or math.max(1, math.floor(timeout))
-  return string.pack("<I8B", t, link and 1 or 0) .. bytes
+  return string.pack("<I8B", t, link and 1 or 0)
+end
+
+function M.spawn_payload(timeout, link, bytes)
+  return M.spawn_header(timeout, link) .. bytes
 end
 
 function M.spawn_parse(payload)

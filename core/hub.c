@@ -1,0 +1,896 @@
+/*
+ * hub.c - the parent's side of the link, on the runtime thread (runtime.h): one hub a
+ * pool listens for its runners, makes each prove it holds its runner's secret (and
+ * proves the parent does too), keeps the heartbeats and carries the frames. Its Lua
+ * object, core.hub, lives on the application's thread; what happens reaches it as
+ * events through a mailbox and the application loop's uv_async, so heartbeats go on
+ * while the application's Lua code computes.
+ *
+ * Contract (Lua):
+ *   core.hub{ host, port, heartbeat_interval, heartbeat_misses, max_message,
+ *             on_event = fn(kind, ...) } -> hub | nil, message
+ *   hub:address() -> ip, port
+ *   hub:expect(ref, secret)   a runner the hub will accept (secret: raw bytes)
+ *   hub:forget(ref)           no longer: a runner that comes later is refused
+ *   hub:send(tid, type, id, payload [, prefix]), hub:close_term(tid, reason)
+ *   hub:close()               closes the listener and every connection
+ * Events, in the order they happened:
+ *   "up", ref, tid, pid, host      a runner proved itself and reported REMOTE_UP
+ *   "message", tid, type, id, payload    RESULT or REMOTE_SHUTDOWN from a runner
+ *   "lost", tid, reason            its link ended (closed, protocol, heartbeats)
+ *   "refused", text / "dropped", text    an unauthenticated connection turned away
+ *   "closed"                       the hub has let go of everything after close
+ * The handshake and its refusals are docs/protocol.md's. Until a peer has
+ * authenticated it may send 64 KiB at a time, and at most 64 connections may be
+ * authenticating at once.
+ * Threads: hub and hconn structs belong to the runtime thread; the application's
+ * thread touches only its lhub and the mailbox. Lock: the mailbox's mutex, a leaf.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cJSON.h>
+#include <lua.h>
+#include <lauxlib.h>
+#include <uv.h>
+
+#include "flame.h"
+#include "buf.h"
+#include "crypto.h"
+#include "link.h"
+#include "loop.h"
+#include "runtime.h"
+
+#define HUB_MT "flame.hub"
+#define PROTOCOL 1
+#define NONCE_LEN 16
+#define HANDSHAKE_MESSAGE (64 * 1024)
+#define HANDSHAKES_MAX 64
+#define SECRET_MAX 256
+
+enum {
+  M_HELLO = 1, M_CHALLENGE = 2, M_PROOF = 3, M_REMOTE_UP = 4, M_RESULT = 6,
+  M_REMOTE_SHUTDOWN = 10, M_PING = 11, M_CLOSE = 14
+};
+
+enum { EV_UP, EV_MESSAGE, EV_LOST, EV_REFUSED, EV_DROPPED, EV_CLOSED };
+enum { H_HELLO, H_PROOF, H_AUTH, H_UP, H_REFUSED };
+
+/* ---------------------------------------------------------------- mailbox ---- */
+
+typedef struct event {
+  struct event *next;
+  int kind;
+  int64_t tid, pid;
+  int type;
+  uint64_t id;
+  char *text, *text2;
+  buf payload;
+} event;
+
+typedef struct app_async {
+  flame_handle base;                /* first: the application loop's walk frees it */
+  uv_async_t async;
+  struct mailbox *mb;
+  flame_loop *lp;
+  int event_ref;                    /* on_event in the registry */
+  struct lhub *owner;               /* the Lua object, or NULL once collected */
+} app_async;
+
+typedef struct mailbox {
+  uv_mutex_t lock;                  /* guards everything below; a leaf */
+  event *head, *tail;
+  app_async *aa;                    /* NULL once the application side has gone */
+  int refs;                         /* the application side and the runtime side */
+} mailbox;
+
+static void event_free(event *e) {
+  free(e->text);
+  free(e->text2);
+  buf_free(&e->payload);
+  free(e);
+}
+
+static void mailbox_release(mailbox *mb) {
+  uv_mutex_lock(&mb->lock);
+  int last = --mb->refs == 0;
+  uv_mutex_unlock(&mb->lock);
+  if (!last) return;
+  for (event *e = mb->head; e;) {
+    event *next = e->next;
+    event_free(e);
+    e = next;
+  }
+  uv_mutex_destroy(&mb->lock);
+  free(mb);
+}
+
+/* Runtime thread: queues an event for the application; dropped when it has gone. */
+static void post(mailbox *mb, event *e) {
+  uv_mutex_lock(&mb->lock);
+  if (mb->aa == NULL) {
+    uv_mutex_unlock(&mb->lock);
+    event_free(e);
+    return;
+  }
+  e->next = NULL;
+  if (mb->tail) mb->tail->next = e;
+  else mb->head = e;
+  mb->tail = e;
+  uv_async_send(&mb->aa->async);
+  uv_mutex_unlock(&mb->lock);
+}
+
+static char *dup_str(const char *s) {
+  return s ? strdup(s) : NULL;
+}
+
+static void post_text(mailbox *mb, int kind, int64_t tid, const char *text) {
+  event *e = calloc(1, sizeof *e);
+  if (e == NULL) return;                    /* out of memory: the event is lost */
+  e->kind = kind;
+  e->tid = tid;
+  e->text = dup_str(text);
+  post(mb, e);
+}
+
+/* ------------------------------------------------------- the runtime side ---- */
+
+typedef struct expect {
+  struct expect *next;
+  char *ref;
+  unsigned char secret[SECRET_MAX];
+  size_t slen;
+  int claimed, users;               /* users: connections in the handshake with it */
+} expect;
+
+typedef struct tick {
+  flame_handle base;
+  uv_timer_t timer;
+  struct hub *hub;
+} tick;
+
+typedef struct hconn {
+  struct hconn *next;
+  struct hub *hub;
+  link_conn *c;
+  int stage;
+  int counted;                      /* in hub->handshaking */
+  unsigned char nonce[NONCE_LEN];
+  expect *entry;
+  int64_t tid;
+  uint64_t msgs, heard, deadline;
+  int64_t missed;
+  char peer[80];
+} hconn;
+
+typedef struct hub {
+  mailbox *mb;
+  link_listener *l;
+  tick *tick;
+  hconn *conns;
+  expect *expects;
+  int handshaking, closing, listening;
+  int64_t interval, misses, next_tid;
+  size_t max_message;
+  /* hub_open's arguments and answer */
+  struct sockaddr_storage addr;
+  int err;
+  char ip[64];
+  int port;
+} hub;
+
+static void hub_maybe_free(hub *h);
+
+static const char *type_name(int type) {
+  static const char *const names[] = {
+    NULL, "HELLO", "CHALLENGE", "PROOF", "REMOTE_UP", "SPAWN", "RESULT", "KILL", NULL,
+    "SHUTDOWN", "REMOTE_SHUTDOWN", "PING", NULL, "CONFIG", "CLOSE"
+  };
+  return type >= 0 && type < (int)(sizeof names / sizeof names[0]) ? names[type] : NULL;
+}
+
+static expect *expect_find(hub *h, const char *ref) {
+  for (expect *e = h->expects; e; e = e->next)      /* "" is a forgotten one */
+    if (e->ref[0] != '\0' && strcmp(e->ref, ref) == 0) return e;
+  return NULL;
+}
+
+static void expect_drop(hub *h, expect *x) {
+  for (expect **p = &h->expects; *p; p = &(*p)->next) {
+    if (*p == x) {
+      *p = x->next;
+      break;
+    }
+  }
+  free(x->ref);
+  free(x);
+}
+
+static void done_handshaking(hconn *hc) {
+  if (!hc->counted) return;
+  hc->counted = 0;
+  hc->hub->handshaking--;
+  if (hc->entry) {
+    hc->entry->users--;
+    if (hc->entry->users == 0 && hc->entry->ref[0] == '\0') expect_drop(hc->hub, hc->entry);
+    hc->entry = NULL;
+  }
+}
+
+static void refuse(hconn *hc, const char *why) {
+  if (hc->stage == H_REFUSED) return;
+  hc->stage = H_REFUSED;
+  char text[256];
+  snprintf(text, sizeof text, "refused a connection from %s: %s", hc->peer, why);
+  post_text(hc->hub->mb, EV_REFUSED, 0, text);
+  link_send(hc->c, M_CLOSE, 0, NULL, 0, why, strlen(why));   /* the runner learns why */
+  link_finish(hc->c, why);
+  done_handshaking(hc);
+}
+
+static int proof(const expect *x, const char *role, const unsigned char *nonce, size_t nlen,
+                 unsigned char out[CRYPTO_HMAC_LEN]) {
+  size_t rl = strlen(role), fl = strlen(x->ref), n = rl + fl + 2 + nlen;
+  unsigned char *d = malloc(n);
+  if (d == NULL) return -1;
+  memcpy(d, role, rl + 1);
+  memcpy(d + rl + 1, x->ref, fl + 1);
+  memcpy(d + rl + fl + 2, nonce, nlen);
+  int rc = crypto_hmac_sha256(x->secret, x->slen, d, n, out);
+  free(d);
+  return rc;
+}
+
+static long b64_field(const cJSON *doc, const char *name, unsigned char *out, size_t room) {
+  const cJSON *f = cJSON_GetObjectItemCaseSensitive(doc, name);
+  if (!cJSON_IsString(f)) return -1;
+  size_t len = strlen(f->valuestring);
+  if (len / 4 * 3 > room) return -1;
+  return crypto_b64decode(f->valuestring, len, out);
+}
+
+static void on_hello(hconn *hc, const buf *msg) {
+  hub *h = hc->hub;
+  cJSON *doc = cJSON_ParseWithLength(msg->data ? (const char *)msg->data : "", msg->len);
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(doc, "v");
+  const cJSON *ref = cJSON_GetObjectItemCaseSensitive(doc, "ref");
+  unsigned char nonce[64];
+  long nlen = -1;
+  char why[96];
+  if (!cJSON_IsObject(doc) || !cJSON_IsNumber(v) || !(v->valuedouble > -1e9)
+      || !(v->valuedouble < 1e9) || v->valuedouble != (double)(int64_t)v->valuedouble) {
+    refuse(hc, "malformed HELLO");
+  } else if ((int64_t)v->valuedouble != PROTOCOL) {
+    snprintf(why, sizeof why, "protocol version %lld is not %d", (long long)v->valuedouble, PROTOCOL);
+    refuse(hc, why);
+  } else if (!cJSON_IsString(ref) || (hc->entry = expect_find(h, ref->valuestring)) == NULL
+             || hc->entry->claimed) {
+    hc->entry = NULL;
+    refuse(hc, "unknown runner ref");
+  } else if ((nlen = b64_field(doc, "nonce", nonce, sizeof nonce)) < NONCE_LEN) {
+    hc->entry = NULL;
+    refuse(hc, "malformed HELLO nonce");
+  } else {
+    hc->entry->users++;
+    unsigned char p[CRYPTO_HMAC_LEN];
+    char nb[64], pb[64];
+    if (uv_random(NULL, NULL, hc->nonce, sizeof hc->nonce, 0, NULL) != 0
+        || proof(hc->entry, "parent", nonce, (size_t)nlen, p) != 0) {
+      refuse(hc, "the parent cannot make its proof");
+    } else {
+      crypto_b64encode(hc->nonce, sizeof hc->nonce, nb);
+      crypto_b64encode(p, sizeof p, pb);
+      char out[200];
+      int n = snprintf(out, sizeof out, "{\"nonce\":\"%s\",\"proof\":\"%s\"}", nb, pb);
+      hc->stage = H_PROOF;
+      link_send(hc->c, M_CHALLENGE, 0, NULL, 0, out, (size_t)n);
+    }
+  }
+  cJSON_Delete(doc);
+}
+
+static void on_proof(hconn *hc, const buf *msg) {
+  cJSON *doc = cJSON_ParseWithLength(msg->data ? (const char *)msg->data : "", msg->len);
+  unsigned char got[64], want[CRYPTO_HMAC_LEN];
+  long n = cJSON_IsObject(doc) ? b64_field(doc, "proof", got, sizeof got) : -1;
+  cJSON_Delete(doc);
+  if (n < 0 || proof(hc->entry, "runner", hc->nonce, sizeof hc->nonce, want) != 0
+      || !crypto_equal(got, (size_t)n, want, sizeof want)) {
+    refuse(hc, "wrong proof: the runner does not hold the secret");
+    return;
+  }
+  hc->stage = H_AUTH;
+}
+
+static void on_up(hconn *hc, const buf *msg) {
+  hub *h = hc->hub;
+  expect *x = hc->entry;
+  if (x->claimed || x->ref[0] == '\0') {     /* forgotten meanwhile: its boot is over */
+    refuse(hc, "the runner came too late");
+    return;
+  }
+  x->claimed = 1;
+  cJSON *doc = cJSON_ParseWithLength(msg->data ? (const char *)msg->data : "", msg->len);
+  const cJSON *pid = cJSON_GetObjectItemCaseSensitive(doc, "pid");
+  const cJSON *host = cJSON_GetObjectItemCaseSensitive(doc, "host");
+  event *e = calloc(1, sizeof *e);
+  hc->tid = ++h->next_tid;
+  hc->stage = H_UP;
+  hc->heard = hc->msgs;
+  link_limits(hc->c, h->max_message, LINK_PARTIALS_MAX);
+  if (e) {
+    e->kind = EV_UP;
+    e->tid = hc->tid;
+    e->pid = cJSON_IsNumber(pid) ? (int64_t)pid->valuedouble : 0;
+    e->text = dup_str(x->ref);
+    e->text2 = cJSON_IsString(host) ? dup_str(host->valuestring) : NULL;
+    post(h->mb, e);
+  }
+  cJSON_Delete(doc);
+  done_handshaking(hc);
+}
+
+static void on_message(link_conn *c, void *ud, int type, uint64_t id, buf *msg) {
+  (void)c;
+  hconn *hc = ud;
+  if (hc->stage == H_REFUSED) return;
+  hc->msgs++;
+  if (hc->stage == H_UP) {
+    if (type == M_RESULT || type == M_REMOTE_SHUTDOWN) {
+      event *e = calloc(1, sizeof *e);
+      if (e == NULL) {
+        link_close(hc->c, "not enough memory for a runner's message");
+        return;
+      }
+      e->kind = EV_MESSAGE;
+      e->tid = hc->tid;
+      e->type = type;
+      e->id = id;
+      e->payload = *msg;                     /* the bytes are the event's now */
+      buf_init(msg);
+      post(hc->hub->mb, e);
+    } else if (type != M_PING) {
+      char why[96];
+      const char *name = type_name(type);
+      if (name) snprintf(why, sizeof why, "protocol: unexpected %s", name);
+      else snprintf(why, sizeof why, "protocol: unexpected %d", type);
+      link_close(hc->c, why);
+    }
+    return;
+  }
+  if (type == M_PING) return;
+  if (hc->stage == H_HELLO && type == M_HELLO) on_hello(hc, msg);
+  else if (hc->stage == H_PROOF && type == M_PROOF) on_proof(hc, msg);
+  else if (hc->stage == H_AUTH && type == M_REMOTE_UP) on_up(hc, msg);
+  else {
+    char why[96];
+    const char *name = type_name(type);
+    if (name) snprintf(why, sizeof why, "protocol: unexpected %s during the handshake", name);
+    else snprintf(why, sizeof why, "protocol: unexpected %d during the handshake", type);
+    refuse(hc, why);
+  }
+}
+
+static void on_close(link_conn *c, void *ud, const char *reason) {
+  (void)c;
+  hconn *hc = ud;
+  hub *h = hc->hub;
+  for (hconn **p = &h->conns; *p; p = &(*p)->next) {
+    if (*p == hc) {
+      *p = hc->next;
+      break;
+    }
+  }
+  done_handshaking(hc);
+  if (hc->stage == H_UP) {
+    post_text(h->mb, EV_LOST, hc->tid, reason);
+  } else if (hc->stage != H_REFUSED && strncmp(reason, "protocol", 8) == 0) {
+    char text[256];
+    snprintf(text, sizeof text, "closed an unauthenticated connection: %s", reason);
+    post_text(h->mb, EV_DROPPED, 0, text);
+  }
+  free(hc);
+  hub_maybe_free(h);
+}
+
+static const link_handlers handlers = { on_message, on_close };
+
+static void on_accept(link_listener *l, void *ud, link_conn *c) {
+  (void)l;
+  hub *h = ud;
+  hconn *hc = calloc(1, sizeof *hc);
+  if (hc == NULL || h->closing) {
+    free(hc);
+    link_close(c, h->closing ? "the pool is shutting down" : "not enough memory");
+    return;
+  }
+  hc->hub = h;
+  hc->c = c;
+  hc->counted = 1;
+  h->handshaking++;
+  hc->deadline = uv_now(runtime_loop()) + (uint64_t)(h->interval * h->misses);
+  int port = 0;
+  char ip[64];
+  link_peer(c, ip, sizeof ip, &port);
+  snprintf(hc->peer, sizeof hc->peer, "%s:%d", ip, port);
+  hc->next = h->conns;
+  h->conns = hc;
+  link_limits(c, HANDSHAKE_MESSAGE, 1);
+  link_start(c, &handlers, hc, 0);
+  if (h->handshaking > HANDSHAKES_MAX) refuse(hc, "too many connections are authenticating");
+}
+
+/* Every heartbeat interval: a PING to each runner, a miss counted for each that was
+ * silent since the last tick (ticks, not milliseconds: a late tick must not blame
+ * the runner), and handshakes past their window closed. */
+static void on_tick(uv_timer_t *t) {
+  hub *h = ((tick *)t->data)->hub;
+  uint64_t now = uv_now(runtime_loop());
+  for (hconn *hc = h->conns, *next; hc; hc = next) {
+    next = hc->next;
+    if (hc->stage == H_UP) {
+      if (link_closing(hc->c)) continue;
+      link_send(hc->c, M_PING, 0, NULL, 0, NULL, 0);
+      if (hc->msgs == hc->heard) {
+        if (++hc->missed >= h->misses) {
+          char why[128];
+          snprintf(why, sizeof why, "no heartbeat from the runner for %lld intervals of %lld ms",
+                   (long long)hc->missed, (long long)h->interval);
+          link_close(hc->c, why);
+        }
+      } else {
+        hc->heard = hc->msgs;
+        hc->missed = 0;
+      }
+    } else if (hc->stage != H_REFUSED && now >= hc->deadline) {
+      refuse(hc, "handshake timed out");
+    }
+  }
+}
+
+static void tick_free(uv_handle_t *hd) {
+  tick *t = hd->data;
+  hub *h = t->hub;
+  free(t);
+  if (h) {
+    h->tick = NULL;
+    hub_maybe_free(h);
+  }
+}
+
+static void listener_closed(void *ud) {
+  hub *h = ud;
+  h->l = NULL;
+  hub_maybe_free(h);
+}
+
+/* A closing hub goes once its listener, timer and connections are gone. */
+static void hub_maybe_free(hub *h) {
+  if (!h->closing || h->l || h->tick || h->conns || h->listening) return;
+  while (h->expects) expect_drop(h, h->expects);
+  event *e = calloc(1, sizeof *e);
+  if (e) {
+    e->kind = EV_CLOSED;
+    post(h->mb, e);
+  }
+  mailbox_release(h->mb);
+  free(h);
+}
+
+/* ---- commands, run on the runtime thread ---- */
+
+static void cmd_open(void *arg) {
+  hub *h = arg;
+  h->l = link_listen(runtime_loop(), (struct sockaddr *)&h->addr, on_accept, h, &h->err);
+  if (h->l == NULL) return;
+  h->err = link_listener_address(h->l, h->ip, sizeof h->ip, &h->port);
+  tick *t = calloc(1, sizeof *t);
+  int rc = t ? uv_timer_init(runtime_loop(), &t->timer) : UV_ENOMEM;
+  if (rc == 0) {
+    t->base.on_close = tick_free;
+    t->timer.data = t;
+    t->hub = h;
+    h->tick = t;
+    rc = uv_timer_start(&t->timer, on_tick, (uint64_t)h->interval, (uint64_t)h->interval);
+  } else {
+    free(t);
+  }
+  if (rc != 0 && h->err == 0) h->err = rc;
+}
+
+typedef struct hcmd {
+  hub *h;
+  int64_t tid;
+  int type;
+  uint64_t id;
+  char *ref, *reason;
+  buf data;
+} hcmd;
+
+static void hcmd_free(hcmd *c) {
+  free(c->ref);
+  free(c->reason);
+  buf_free(&c->data);
+  free(c);
+}
+
+static hconn *find_term(hub *h, int64_t tid) {
+  for (hconn *hc = h->conns; hc; hc = hc->next)
+    if (hc->stage == H_UP && hc->tid == tid) return hc;
+  return NULL;
+}
+
+static void cmd_expect(void *arg) {
+  hcmd *c = arg;
+  expect *x = calloc(1, sizeof *x);
+  if (x && c->data.len <= SECRET_MAX) {
+    x->ref = c->ref;
+    c->ref = NULL;
+    memcpy(x->secret, c->data.data, c->data.len);
+    x->slen = c->data.len;
+    x->next = c->h->expects;
+    c->h->expects = x;
+  } else {
+    free(x);                                /* never accepted: its boot times out */
+  }
+  hcmd_free(c);
+}
+
+static void cmd_forget(void *arg) {
+  hcmd *c = arg;
+  expect *x = expect_find(c->h, c->ref);
+  if (x) {
+    if (x->users == 0) {
+      expect_drop(c->h, x);
+    } else {
+      x->ref[0] = '\0';                      /* a handshake in progress ends refused */
+    }
+  }
+  hcmd_free(c);
+}
+
+static void cmd_send(void *arg) {
+  hcmd *c = arg;
+  hconn *hc = find_term(c->h, c->tid);
+  if (hc && link_send_buf(hc->c, c->type, c->id, &c->data) == -2)
+    link_close(hc->c, "not enough memory to send a message");
+  hcmd_free(c);
+}
+
+static void cmd_close_term(void *arg) {
+  hcmd *c = arg;
+  hconn *hc = find_term(c->h, c->tid);
+  if (hc) link_close(hc->c, c->reason ? c->reason : "closed by the parent");
+  hcmd_free(c);
+}
+
+static void cmd_close(void *arg) {
+  hcmd *c = arg;
+  hub *h = c->h;
+  hcmd_free(c);
+  h->closing = 1;
+  if (h->l) link_listener_close(h->l, listener_closed);
+  if (h->tick) {
+    uv_timer_stop(&h->tick->timer);
+    uv_close((uv_handle_t *)&h->tick->timer, tick_free);
+  }
+  for (hconn *hc = h->conns; hc; hc = hc->next) link_close(hc->c, "the pool is shutting down");
+  hub_maybe_free(h);
+}
+
+/* --------------------------------------------------- the application side ---- */
+
+typedef struct lhub {
+  hub *rt;                          /* NULL once closed; only passed to commands */
+  mailbox *mb;
+  app_async *aa;
+} lhub;
+
+static void aa_detach(app_async *aa);
+static void aa_free(uv_handle_t *hd);
+
+static void deliver(uv_async_t *a) {
+  app_async *aa = a->data;
+  uv_mutex_lock(&aa->mb->lock);
+  event *e = aa->mb->head;
+  aa->mb->head = aa->mb->tail = NULL;
+  uv_mutex_unlock(&aa->mb->lock);
+  lua_State *L = aa->lp->L;
+  while (e) {
+    event *next = e->next;
+    if (L && aa->event_ref != LUA_NOREF && lua_checkstack(L, 8)) {
+      static const char *const kinds[] = { "up", "message", "lost", "refused", "dropped",
+                                           "closed" };
+      int base = lua_gettop(L);
+      lua_rawgeti(L, LUA_REGISTRYINDEX, aa->event_ref);
+      lua_pushstring(L, kinds[e->kind]);
+      switch (e->kind) {
+        case EV_UP:
+          lua_pushstring(L, e->text ? e->text : "");
+          lua_pushinteger(L, e->tid);
+          lua_pushinteger(L, e->pid);
+          if (e->text2) lua_pushstring(L, e->text2);
+          else lua_pushnil(L);
+          break;
+        case EV_MESSAGE:
+          lua_pushinteger(L, e->tid);
+          lua_pushinteger(L, e->type);
+          lua_pushinteger(L, (lua_Integer)e->id);
+          lua_pushlstring(L, e->payload.data ? (const char *)e->payload.data : "",
+                          e->payload.len);
+          break;
+        case EV_LOST:
+          lua_pushinteger(L, e->tid);
+          lua_pushstring(L, e->text ? e->text : "lost");
+          break;
+        case EV_REFUSED: case EV_DROPPED:
+          lua_pushstring(L, e->text ? e->text : "");
+          break;
+        default:
+          break;
+      }
+      flame_pcall_report(L, lua_gettop(L) - base - 1, "a hub's event callback");
+    }
+    int closed = e->kind == EV_CLOSED;
+    event_free(e);
+    e = next;
+    if (closed && !uv_is_closing((uv_handle_t *)&aa->async)) {
+      aa_detach(aa);                         /* the hub is gone: nothing more comes */
+      uv_close((uv_handle_t *)&aa->async, aa_free);
+    }
+  }
+}
+
+/* No more events reach the application side: before its handle is closed (the
+ * runtime must not wake a handle on its way out). */
+static void aa_detach(app_async *aa) {
+  uv_mutex_lock(&aa->mb->lock);
+  aa->mb->aa = NULL;
+  uv_mutex_unlock(&aa->mb->lock);
+  if (aa->owner) aa->owner->aa = NULL;
+  aa->owner = NULL;
+}
+
+static void aa_free(uv_handle_t *hd) {
+  app_async *aa = hd->data;
+  aa_detach(aa);                            /* done already, unless the loop's walk came first */
+  if (aa->lp->L) luaL_unref(aa->lp->L, LUA_REGISTRYINDEX, aa->event_ref);
+  mailbox_release(aa->mb);
+  free(aa);
+}
+
+static lhub *hub_check(lua_State *L) {
+  lhub *lh = luaL_checkudata(L, 1, HUB_MT);
+  if (lh->rt == NULL) luaL_error(L, "hub is closed");
+  return lh;
+}
+
+static void posted(lua_State *L, runtime_fn fn, hcmd *c) {
+  if (runtime_post(fn, c) != 0) {
+    hcmd_free(c);
+    luaL_error(L, "hub: the runtime thread is not running");
+  }
+}
+
+static hcmd *hcmd_new(lua_State *L, lhub *lh) {
+  hcmd *c = calloc(1, sizeof *c);
+  if (c == NULL) luaL_error(L, "not enough memory");
+  c->h = lh->rt;
+  return c;
+}
+
+static int hub_expect(lua_State *L) {
+  lhub *lh = hub_check(L);
+  const char *ref = luaL_checkstring(L, 2);
+  size_t slen;
+  const char *secret = luaL_checklstring(L, 3, &slen);
+  luaL_argcheck(L, slen >= 1 && slen <= SECRET_MAX, 3, "a secret of 1 to 256 bytes expected");
+  hcmd *c = hcmd_new(L, lh);
+  if ((c->ref = strdup(ref)) == NULL || buf_append(&c->data, secret, slen) != 0) {
+    hcmd_free(c);
+    return luaL_error(L, "not enough memory");
+  }
+  posted(L, cmd_expect, c);
+  return 0;
+}
+
+static int hub_forget(lua_State *L) {
+  lhub *lh = luaL_checkudata(L, 1, HUB_MT);
+  const char *ref = luaL_checkstring(L, 2);
+  if (lh->rt == NULL) return 0;
+  hcmd *c = hcmd_new(L, lh);
+  if ((c->ref = strdup(ref)) == NULL) {
+    hcmd_free(c);
+    return luaL_error(L, "not enough memory");
+  }
+  posted(L, cmd_forget, c);
+  return 0;
+}
+
+/* hub:send(tid, type, id, payload [, prefix]) */
+static int hub_send(lua_State *L) {
+  lhub *lh = hub_check(L);
+  lua_Integer tid = luaL_checkinteger(L, 2), type = luaL_checkinteger(L, 3);
+  lua_Integer id = luaL_checkinteger(L, 4);
+  size_t plen, xlen;
+  const char *payload = luaL_optlstring(L, 5, "", &plen);
+  const char *prefix = luaL_optlstring(L, 6, "", &xlen);
+  luaL_argcheck(L, type >= 0 && type <= 255, 3, "a type in [0, 255] expected");
+  hcmd *c = hcmd_new(L, lh);
+  c->tid = tid;
+  c->type = (int)type;
+  c->id = (uint64_t)id;
+  if (buf_reserve(&c->data, xlen + plen) != 0) {
+    hcmd_free(c);
+    return luaL_error(L, "not enough memory");
+  }
+  buf_append(&c->data, prefix, xlen);       /* reserved: cannot fail */
+  buf_append(&c->data, payload, plen);
+  posted(L, cmd_send, c);
+  return 0;
+}
+
+static int hub_close_term(lua_State *L) {
+  lhub *lh = luaL_checkudata(L, 1, HUB_MT);
+  lua_Integer tid = luaL_checkinteger(L, 2);
+  const char *reason = luaL_optstring(L, 3, "closed by the parent");
+  if (lh->rt == NULL) return 0;
+  hcmd *c = hcmd_new(L, lh);
+  c->tid = tid;
+  if ((c->reason = strdup(reason)) == NULL) {
+    hcmd_free(c);
+    return luaL_error(L, "not enough memory");
+  }
+  posted(L, cmd_close_term, c);
+  return 0;
+}
+
+static int hub_address(lua_State *L) {
+  lhub *lh = hub_check(L);
+  lua_pushstring(L, lh->rt->ip);            /* written by cmd_open, read-only since */
+  lua_pushinteger(L, lh->rt->port);
+  return 2;
+}
+
+static void hub_shut(lhub *lh) {
+  if (lh->rt == NULL) return;
+  hcmd *c = calloc(1, sizeof *c);
+  if (c) {
+    c->h = lh->rt;
+    if (runtime_post(cmd_close, c) != 0) free(c);
+  }
+  lh->rt = NULL;
+}
+
+static int hub_close(lua_State *L) {
+  hub_shut(luaL_checkudata(L, 1, HUB_MT));
+  return 0;
+}
+
+static int hub_gc(lua_State *L) {
+  lhub *lh = luaL_checkudata(L, 1, HUB_MT);
+  hub_shut(lh);
+  app_async *aa = lh->aa;
+  if (aa && !uv_is_closing((uv_handle_t *)&aa->async)) {
+    aa_detach(aa);
+    uv_close((uv_handle_t *)&aa->async, aa_free);
+  }
+  lh->aa = NULL;
+  return 0;
+}
+
+static lua_Integer opt_field(lua_State *L, const char *name, lua_Integer def, lua_Integer min) {
+  lua_getfield(L, 1, name);
+  lua_Integer v = def;
+  if (!lua_isnil(L, -1)) {
+    int ok;
+    lua_Number n = lua_tonumberx(L, -1, &ok);
+    if (!ok) luaL_error(L, "hub: %s must be a number", name);
+    v = (lua_Integer)n;
+    if ((lua_Number)v < n) v++;                /* a fraction of a millisecond rounds up */
+  }
+  lua_pop(L, 1);
+  if (v < min) luaL_error(L, "hub: %s must be at least %d", name, (int)min);
+  return v;
+}
+
+/* core.hub{ host, port, heartbeat_interval, heartbeat_misses, max_message, on_event } */
+static int l_hub(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  flame_loop *lp = flame_loop_get(L);
+  lua_getfield(L, 1, "host");
+  const char *host = luaL_optstring(L, -1, "127.0.0.1");
+  lua_getfield(L, 1, "port");
+  lua_Integer port = luaL_optinteger(L, -1, 0);
+  lua_pop(L, 2);
+  lua_Integer interval = opt_field(L, "heartbeat_interval", 1000, 1);
+  lua_Integer misses = opt_field(L, "heartbeat_misses", 3, 1);
+  lua_Integer max_message = opt_field(L, "max_message", (lua_Integer)1 << 30, 1);
+  lua_getfield(L, 1, "on_event");
+  luaL_checktype(L, -1, LUA_TFUNCTION);
+  int fn = lua_gettop(L);
+  lhub *lh = lua_newuserdatauv(L, sizeof *lh, 0);
+  memset(lh, 0, sizeof *lh);
+  luaL_setmetatable(L, HUB_MT);
+  hub *h = calloc(1, sizeof *h);
+  mailbox *mb = calloc(1, sizeof *mb);
+  app_async *aa = calloc(1, sizeof *aa);
+  if (h == NULL || mb == NULL || aa == NULL || uv_mutex_init(&mb->lock) != 0) {
+    free(h);
+    free(mb);
+    free(aa);
+    return luaL_error(L, "not enough memory");
+  }
+  if (port < 0 || port > 65535 || link_addr(host, (int)port, &h->addr) != 0) {
+    uv_mutex_destroy(&mb->lock);
+    free(h);
+    free(mb);
+    free(aa);
+    return luaL_error(L, "bad address '%s' (an IPv4 or IPv6 address expected)", host);
+  }
+  int rc = uv_async_init(&lp->uv, &aa->async, deliver);
+  if (rc != 0) {
+    uv_mutex_destroy(&mb->lock);
+    free(h);
+    free(mb);
+    free(aa);
+    return luaL_error(L, "hub: %s", uv_strerror(rc));
+  }
+  aa->base.on_close = aa_free;
+  aa->async.data = aa;
+  aa->mb = mb;
+  aa->lp = lp;
+  lua_pushvalue(L, fn);
+  aa->event_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  /* referenced, as the listener on the application loop was: a task waiting for a
+   * runner is waiting for something that can come */
+  mb->aa = aa;
+  aa->owner = lh;
+  mb->refs = 2;
+  h->mb = mb;
+  h->interval = interval;
+  h->misses = misses;
+  h->max_message = (size_t)max_message;
+  lh->mb = mb;
+  lh->aa = aa;
+  h->listening = 1;
+  if (runtime_call(cmd_open, h) != 0) {
+    h->err = UV_EAGAIN;
+    h->listening = 0;
+    mailbox_release(mb);                     /* the runtime never had it */
+    free(h);
+    lua_pushnil(L);
+    lua_pushliteral(L, "cannot listen: the runtime thread cannot start");
+    return 2;
+  }
+  h->listening = 0;
+  if (h->err != 0) {
+    int err = h->err;
+    lh->rt = h;
+    hub_shut(lh);                            /* the runtime frees what it made */
+    lua_pushnil(L);
+    lua_pushfstring(L, "cannot listen: %s", uv_strerror(err));
+    return 2;
+  }
+  lh->rt = h;
+  return 1;
+}
+
+void flame_hub_open(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    { "expect", hub_expect }, { "forget", hub_forget }, { "send", hub_send },
+    { "close_term", hub_close_term }, { "address", hub_address }, { "close", hub_close },
+    { NULL, NULL }
+  };
+  if (luaL_newmetatable(L, HUB_MT)) {
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, hub_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
+  lua_pushcfunction(L, l_hub);
+  lua_setfield(L, -2, "hub");
+}

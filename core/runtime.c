@@ -1,0 +1,150 @@
+/*
+ * runtime.c - the runtime thread (contract in runtime.h). Commands cross by a
+ * mutex-guarded list and a uv_async that wakes the runtime's loop; the loop runs
+ * until exit, kept alive by the async handle.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "flame.h"
+#include "loop.h"
+#include "runtime.h"
+
+typedef struct cmd {
+  struct cmd *next;
+  runtime_fn fn;
+  void *arg;
+  int sync;                   /* runtime_call: done is set and signalled */
+  int done;
+} cmd;
+
+static uv_once_t start_once = UV_ONCE_INIT;
+static int started;           /* 1 when the thread runs; written once, in start */
+static uv_thread_t thread;
+static uv_loop_t loop;
+static uv_async_t wake;
+static uv_mutex_t lock;       /* guards the queue, stopping, and every cmd->done */
+static uv_cond_t done_cond;
+static cmd *head, *tail;
+static int stopping;
+
+static void drain(uv_async_t *h) {
+  (void)h;
+  for (;;) {
+    uv_mutex_lock(&lock);
+    cmd *c = head;
+    if (c) {
+      head = c->next;
+      if (head == NULL) tail = NULL;
+    }
+    int stop = stopping && c == NULL;
+    uv_mutex_unlock(&lock);
+    if (stop) {
+      uv_stop(&loop);
+      return;
+    }
+    if (c == NULL) return;
+    c->fn(c->arg);
+    if (c->sync) {
+      uv_mutex_lock(&lock);
+      c->done = 1;
+      uv_cond_broadcast(&done_cond);
+      uv_mutex_unlock(&lock);
+    } else {
+      free(c);
+    }
+  }
+}
+
+static void close_walk(uv_handle_t *h, void *arg) {
+  (void)arg;
+  if (uv_is_closing(h)) return;
+  flame_handle *fh = h->data;
+  uv_close(h, h == (uv_handle_t *)&wake || fh == NULL ? NULL : fh->on_close);
+}
+
+static void runtime_main(void *arg) {
+  (void)arg;
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_walk(&loop, close_walk, NULL);           /* what the process leaves at exit */
+  uv_run(&loop, UV_RUN_DEFAULT);
+  if (uv_loop_close(&loop) != 0) fprintf(stderr, "flame: the runtime loop still had handles\n");
+}
+
+static void stop_at_exit(void) {
+  uv_mutex_lock(&lock);
+  stopping = 1;
+  uv_mutex_unlock(&lock);
+  uv_async_send(&wake);
+  uv_thread_join(&thread);
+}
+
+static void start(void) {
+  if (uv_mutex_init(&lock) != 0) return;
+  if (uv_cond_init(&done_cond) != 0) return;
+  if (uv_loop_init(&loop) != 0) return;
+  if (uv_async_init(&loop, &wake, drain) != 0) {
+    uv_loop_close(&loop);
+    return;
+  }
+  if (uv_thread_create(&thread, runtime_main, NULL) != 0) {
+    uv_close((uv_handle_t *)&wake, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    uv_loop_close(&loop);
+    return;
+  }
+  if (atexit(stop_at_exit) != 0)
+    fprintf(stderr, "flame: cannot register the runtime's stop at exit\n");
+  started = 1;
+}
+
+static int post(cmd *c) {
+  uv_once(&start_once, start);
+  if (!started) return -1;
+  uv_mutex_lock(&lock);
+  if (stopping) {
+    uv_mutex_unlock(&lock);
+    return -1;
+  }
+  c->next = NULL;
+  if (tail) tail->next = c;
+  else head = c;
+  tail = c;
+  uv_mutex_unlock(&lock);
+  uv_async_send(&wake);
+  return 0;
+}
+
+int runtime_post(runtime_fn fn, void *arg) {
+  cmd *c = calloc(1, sizeof *c);
+  if (c == NULL) return -1;
+  c->fn = fn;
+  c->arg = arg;
+  if (post(c) != 0) {
+    free(c);
+    return -1;
+  }
+  return 0;
+}
+
+int runtime_call(runtime_fn fn, void *arg) {
+  if (started && runtime_here()) {            /* already there: just call it */
+    fn(arg);
+    return 0;
+  }
+  cmd c = { NULL, fn, arg, 1, 0 };
+  if (post(&c) != 0) return -1;
+  uv_mutex_lock(&lock);
+  while (!c.done) uv_cond_wait(&done_cond, &lock);
+  uv_mutex_unlock(&lock);
+  return 0;
+}
+
+uv_loop_t *runtime_loop(void) {
+  return &loop;
+}
+
+int runtime_here(void) {
+  uv_thread_t self = uv_thread_self();      /* thread is set before any command runs */
+  return started && uv_thread_equal(&self, &thread);
+}

@@ -1,0 +1,77 @@
+-- The runtime thread (core/runtime.c) and the hub on it (core/hub.c): a parent whose
+-- main thread computes keeps its runners, because heartbeats, handshakes and frames
+-- are handled beside it; and a program that exits with pools live ends cleanly.
+local flame = require "flame"
+local core = require "flame.core"
+local H = require "spec.helper"
+
+-- A short heartbeat window, so that 10 s of computing spans many of them; under
+-- valgrind (one thread runs at a time) the window is wider.
+local LINK = { heartbeat_interval = 200, heartbeat_misses = H.slow and 25 or 3 }
+
+-- Computes on this thread for ms milliseconds of wall time, never yielding.
+local function compute(ms)
+  local t0 = core.hrtime()
+  local n = 0
+  while core.hrtime() - t0 < ms * 1e6 do n = n + 1 end
+  return n
+end
+
+local function which_runner()
+  return require("flame").parent().ref
+end
+
+describe("a parent that computes on its main thread", function()
+  for _, backend in ipairs { "local", "process" } do
+    it("keeps its runners for 10 s, and a call running meanwhile completes (" .. backend .. ")",
+      function()
+        local dir = H.tmpdir()
+        local p = H.pool { name = "busy-parent-" .. backend, backend = backend, max = 1,
+                           max_concurrency = 2, link = LINK, idle_shutdown_after = 120000 }
+        local first = flame.call(p, which_runner)
+        local started, marker = dir .. "/started", dir .. "/done"
+        local t = flame.spawn(function()
+          return flame.call(p, function()
+            io.open(started, "w"):close()
+            os.execute("sleep 1")
+            io.open(marker, "w"):close()
+            return "finished meanwhile"
+          end)
+        end)
+        assert.is_true(H.wait_for(function() return H.exists(started) end), "the call did not start")
+        compute(10000)                             -- heartbeat windows pass meanwhile
+        assert.is_true(H.exists(marker), "the call ran while the parent computed")
+        assert.are.equal("finished meanwhile", t:await())
+        assert.are.equal(first, flame.call(p, which_runner))
+        assert.are.equal(1, p:stats().runners)
+        H.rmdir(dir)
+      end)
+  end
+end)
+
+describe("a plain lua5.4 program", function()
+  it("exits with pools and runners live, 100 times without a crash", function()
+    local dir = H.tmpdir()
+    local path = dir .. "/live.lua"
+    local f = assert(io.open(path, "w"))
+    f:write([[
+      local flame = require "flame"
+      local p = flame.pool { name = "live", backend = "process", max = 1 }
+      local l = flame.pool { name = "live-local" }
+      assert(flame.call(p, function() return 1 end) == 1)
+      assert(flame.call(l, function() return 2 end) == 2)
+      print("ended")
+    ]])
+    f:close()
+    local crashed, last = 0, nil
+    for _ = 1, H.slow and 5 or 100 do
+      local rc, out = H.run("lua5.4 " .. H.q(path))
+      if rc ~= 0 or not out:find("ended", 1, true) then
+        crashed = crashed + 1
+        last = out
+      end
+    end
+    assert.are.equal(0, crashed, last)
+    H.rmdir(dir)
+  end)
+end)
