@@ -10,6 +10,7 @@
  * Threads and locks: the loop thread submits, kills and closes; workers run jobs.
  * Lock order: executor.lock, then a sandbox's lock (sandbox_kill, sandbox_rearm).
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -53,6 +54,9 @@ struct executor {
   worker *workers;
   int nworkers, maxworkers, idle, running, peak;
   int stopping;
+  int first_ready;            /* the first worker has made its sandbox (or failed) */
+  char first_err[256];        /* and why it failed, or "" */
+  uv_cond_t ready_cond;
   sandbox_config cfg;         /* read-only once made */
   char *requires;             /* owned copies of cfg.requires, cfg.info, cfg.path */
   char *info;
@@ -115,6 +119,11 @@ static void worker_main(void *arg) {
   const char *err = NULL;
   w->sb = sandbox_new(&ex->cfg, &err);
   uv_mutex_lock(&ex->lock);
+  if (!ex->first_ready) {
+    ex->first_ready = 1;
+    snprintf(ex->first_err, sizeof ex->first_err, "%s", w->sb ? "" : err);
+    uv_cond_broadcast(&ex->ready_cond);
+  }
   for (;;) {
     while (!ex->stopping && ex->pending == NULL) {
       ex->idle++;
@@ -172,6 +181,7 @@ static void executor_free(uv_handle_t *h) {
   executor *ex = h->data;
   jobs_free(ex->done);
   uv_cond_destroy(&ex->cond);
+  uv_cond_destroy(&ex->ready_cond);
   uv_mutex_destroy(&ex->lock);
   free(ex->workers);
   free(ex->requires);
@@ -259,6 +269,15 @@ int executor_kill(executor *ex, int64_t id, int reason) {
   return where;
 }
 
+int executor_ready(executor *ex, char *err, size_t errlen) {
+  uv_mutex_lock(&ex->lock);
+  while (!ex->first_ready) uv_cond_wait(&ex->ready_cond, &ex->lock);
+  int ok = ex->first_err[0] == '\0';
+  if (!ok) snprintf(err, errlen, "%s", ex->first_err);
+  uv_mutex_unlock(&ex->lock);
+  return ok ? 0 : -1;
+}
+
 void executor_get_stats(executor *ex, executor_stats *st) {
   uv_mutex_lock(&ex->lock);
   int queued = 0;
@@ -312,16 +331,25 @@ executor *executor_new(uv_loop_t *loop, int workers, const sandbox_config *cfg, 
     uv_mutex_destroy(&ex->lock);
     goto fail_uv;
   }
+  if ((rc = uv_cond_init(&ex->ready_cond)) != 0) {
+    uv_cond_destroy(&ex->cond);
+    uv_mutex_destroy(&ex->lock);
+    goto fail_uv;
+  }
   if ((rc = uv_async_init(loop, &ex->async, on_async)) != 0) {
+    uv_cond_destroy(&ex->ready_cond);
     uv_cond_destroy(&ex->cond);
     uv_mutex_destroy(&ex->lock);
     goto fail_uv;
   }
   ex->async.data = ex;
   uv_unref((uv_handle_t *)&ex->async);      /* referenced while jobs are in flight */
-  if (flags & EXECUTOR_PRESTART) {          /* no worker yet is no error: submit retries */
+  if (flags & EXECUTOR_PRESTART) {
     uv_mutex_lock(&ex->lock);
-    worker_start(ex);
+    if (worker_start(ex) != 0) {             /* no thread: executor_ready says so */
+      ex->first_ready = 1;
+      snprintf(ex->first_err, sizeof ex->first_err, "cannot start a worker thread");
+    }
     uv_mutex_unlock(&ex->lock);
   }
   return ex;

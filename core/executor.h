@@ -40,9 +40,14 @@ typedef struct executor_stats {
 } executor_stats;
 
 /* Flags of executor_new: EXECUTOR_PRESTART starts the first worker (and its
- * sandbox) now, instead of at the first job, and skips the probe below: settings a
- * sandbox cannot be made with then fail each job with the reason. */
+ * sandbox) now, instead of at the first job, and skips the probe below: ask
+ * executor_ready whether that sandbox could be made. */
 enum { EXECUTOR_PRESTART = 1 };
+
+/* Waits until the prestarted worker has made its sandbox: 0, or -1 with the reason
+ * copied into err (what a probe would have said: a missing --require module, a
+ * memory limit too small). */
+int executor_ready(executor *ex, char *err, size_t errlen);
 
 /* cfg is copied (its strings and info bytes too). NULL with *err set to a static
  * message when the settings cannot make a sandbox (a probe sandbox is made and
@@ -58,7 +63,8 @@ int executor_submit(executor *ex, int64_t id, buf *work, size_t skip, int kind,
 int executor_kill(executor *ex, int64_t id, int reason);
 void executor_get_stats(executor *ex, executor_stats *st);
 /* loop_alive: 0 when the loop has already closed every handle (a Lua state's loop at
- * exit), so the async handle is not closed twice. */
+ * exit: its walk has freed the executor then), so the async handle is not closed
+ * twice. */
 void executor_close(executor *ex, int loop_alive);
 
 #endif

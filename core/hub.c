@@ -222,6 +222,9 @@ static void done_handshaking(hconn *hc) {
 static void refuse(hconn *hc, const char *why) {
   if (hc->stage == H_REFUSED) return;
   hc->stage = H_REFUSED;
+  /* the refusal goes out, then a FIN; a peer that does not close within a window
+   * is closed by the tick */
+  hc->deadline = uv_now(runtime_loop()) + (uint64_t)(hc->hub->interval * hc->hub->misses);
   char text[256];
   snprintf(text, sizeof text, "refused a connection from %s: %s", hc->peer, why);
   post_text(hc->hub->mb, EV_REFUSED, 0, text);
@@ -446,6 +449,8 @@ static void on_tick(uv_timer_t *t) {
       }
     } else if (hc->stage != H_REFUSED && now >= hc->deadline) {
       refuse(hc, "handshake timed out");
+    } else if (hc->stage == H_REFUSED && now >= hc->deadline) {
+      link_close(hc->c, NULL);
     }
   }
 }

@@ -4,7 +4,11 @@
  * LINK_WRITES_MAX chunks are in flight, and the short queue is served first, so a
  * heartbeat or a small call never waits behind a 64 MB result. Each chunk is written
  * as two buffers, its header and its slice of the message: no copy on the way out.
- * Reads land in a per-thread scratch buffer and are parsed before on_read returns.
+ * Reads land in the connection's own buffer (made at the first read) and are
+ * parsed before on_read returns. Finishing writes what is queued, then shuts the
+ * write side down (FIN) and reads, discarding, until the peer closes: closing a
+ * socket with unread data makes the kernel send a reset, and a reset can destroy
+ * the last results still on their way.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,7 +19,7 @@
 #include "loop.h"
 
 #define LINK_WRITES_MAX 2           /* chunks in flight: small messages jump ahead */
-#define LINK_SCRATCH (64 * 1024)
+#define LINK_READ (64 * 1024)
 
 typedef struct outmsg {
   struct outmsg *next;
@@ -58,6 +62,9 @@ struct link_conn {
   int npartials, max_partials;
   size_t max_message;
   int closing, finishing;           /* finishing: close once the queue is written */
+  int reading, shutting;            /* reading started; write side being shut down */
+  uv_shutdown_t sreq;
+  char *rbuf;                       /* LINK_READ bytes, made at the first read */
   char reason[LINK_REASON_MAX];
 };
 
@@ -73,8 +80,6 @@ typedef struct creq {
   uv_connect_t req;
   link_conn *c;
 } creq;
-
-static _Thread_local char scratch[LINK_SCRATCH];
 
 static void put_u32(unsigned char *p, uint32_t v) {
   for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i));
@@ -106,6 +111,7 @@ static void conn_free(uv_handle_t *h) {
   if (c->h && c->h->on_close) c->h->on_close(c, c->ud, c->reason[0] ? c->reason : "closed");
   msgs_free(c->small);
   msgs_free(c->big);
+  free(c->rbuf);
   for (partial *p = c->partials; p;) {
     partial *next = p->next;
     buf_free(&p->data);
@@ -130,6 +136,21 @@ static void conn_fail(link_conn *c, const char *what, int err) {
 }
 
 static void pump(link_conn *c);
+static void finish_writes(link_conn *c);
+
+static void on_shutdown(uv_shutdown_t *req, int status) {
+  link_conn *c = req->handle->data;
+  if (status < 0 && status != UV_ECANCELED) conn_fail(c, "shutdown", status);
+}
+
+/* Everything queued is written: FIN, then the peer's close ends it (read on). A
+ * connection that never read cannot hear that close: it closes now. */
+static void finish_writes(link_conn *c) {
+  if (c->shutting || c->closing) return;
+  c->shutting = 1;
+  if (!c->reading || uv_shutdown(&c->sreq, (uv_stream_t *)&c->tcp, on_shutdown) != 0)
+    link_close(c, NULL);
+}
 
 static void on_write(uv_write_t *req, int status) {
   wreq *w = (wreq *)req;
@@ -157,7 +178,7 @@ static void pump(link_conn *c) {
     if (from_small) m = c->small;
     else if (c->big) m = c->big;
     else {
-      if (c->finishing && c->writes == 0) link_close(c, NULL);
+      if (c->finishing && c->writes == 0) finish_writes(c);
       return;
     }
     size_t n = m->len - m->off;
@@ -341,9 +362,10 @@ static void parse(link_conn *c, const unsigned char *p, size_t n) {
 }
 
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b) {
-  (void)h;
   (void)suggested;
-  *b = uv_buf_init(scratch, sizeof scratch);
+  link_conn *c = h->data;
+  if (c->rbuf == NULL) c->rbuf = malloc(LINK_READ);
+  *b = uv_buf_init(c->rbuf, c->rbuf ? LINK_READ : 0);   /* 0: libuv reports ENOBUFS */
 }
 
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
@@ -356,6 +378,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
     conn_fail(c, "read", (int)nread);
     return;
   }
+  if (c->finishing) return;           /* read to let the peer's bytes go, not used */
   parse(c, (const unsigned char *)b->base, (size_t)nread);
 }
 
@@ -392,6 +415,7 @@ int link_start(link_conn *c, const link_handlers *h, void *ud, size_t max_messag
     conn_fail(c, "read", rc);
     return -1;
   }
+  c->reading = 1;
   return 0;
 }
 
@@ -403,8 +427,7 @@ void link_limits(link_conn *c, size_t max_message, int max_partials) {
 void link_finish(link_conn *c, const char *reason) {
   if (c->closing || c->finishing) return;
   if (!c->reason[0]) snprintf(c->reason, sizeof c->reason, "%s", reason ? reason : "closed");
-  c->finishing = 1;
-  uv_read_stop((uv_stream_t *)&c->tcp);
+  c->finishing = 1;                 /* reading goes on: see finish_writes */
   pump(c);
 }
 

@@ -62,7 +62,9 @@ int link_send_buf(link_conn *c, int type, uint64_t id, buf *b);
  * authenticated). */
 void link_limits(link_conn *c, size_t max_message, int max_partials);
 void link_close(link_conn *c, const char *reason);
-/* Closes once what is queued has been written: a last word. */
+/* A last word: what is queued is written, the write side shut down (FIN), and the
+ * connection closes when the peer closes its side. Bound the wait with a timer of
+ * your own (link_close) when the peer may not. */
 void link_finish(link_conn *c, const char *reason);
 /* Closing or finishing: nothing more can be sent. */
 int link_closing(const link_conn *c);

@@ -10,7 +10,8 @@
  * - conn:send(type, id, payload [, prefix]) queues a message (prefix first) and
  *   returns true, or nil, "closed". conn:close(reason), conn:finish(reason) (close
  *   once the queue is written), conn:limits(max_message, max_partials),
- *   conn:queued(), conn:peer() -> ip, port.
+ *   conn:queued(), conn:peer() -> ip, port. finish closes when the peer has closed
+ *   too, after the FIN; a peer that never does holds it until conn:close.
  * - A connection object that is collected does not close its connection: its
  *   callbacks, held in the registry, keep it until it ends.
  * Callbacks run on the thread running the state's loop, through flame_pcall_report.
@@ -60,6 +61,7 @@ static void on_message(link_conn *c, void *ud, int type, uint64_t id, buf *msg) 
   lua_pushinteger(L, type);
   lua_pushinteger(L, (lua_Integer)id);
   lua_pushlstring(L, msg->data ? (const char *)msg->data : "", msg->len);
+  buf_free(msg);                    /* the Lua string is the copy: not both at once */
   flame_pcall_report(L, 3, "a link's message callback");
 }
 
@@ -120,7 +122,7 @@ static int conn_start(lua_State *L) {
   luaL_checktype(L, 2, LUA_TFUNCTION);
   luaL_checktype(L, 3, LUA_TFUNCTION);
   lua_Integer max = luaL_optinteger(L, 4, 0);
-  luaL_argcheck(L, max >= 0, 4, "bytes > 0 expected");
+  luaL_argcheck(L, max >= 0, 4, "bytes >= 0 expected (0: the current limit)");
   lua_pushvalue(L, 2);
   unref(L, &lc->msg_ref);
   lc->msg_ref = luaL_ref(L, LUA_REGISTRYINDEX);

@@ -53,6 +53,8 @@ static int setting(check *c, const cJSON *settings, const char *name, int64_t de
   if (!cJSON_IsNumber(item) || !isfinite(item->valuedouble)
       || item->valuedouble < -9.0e15 || item->valuedouble > 9.0e15)
     return fail(c, "setting %s is not a number", name);
+  if (item->valuedouble < -1 || (item->valuedouble < 0 && !(item->valuedouble == -1 && forever_ok)))
+    return fail(c, "setting %s is %g, below %lld", name, item->valuedouble, (long long)min);
   int64_t v = (int64_t)ceil(item->valuedouble);
   if (v == -1 && forever_ok) {
     *out = PARENT_FOREVER;

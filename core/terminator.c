@@ -65,10 +65,13 @@ enum {
 #define KILL_WAIT 250                    /* ms killed work may take to come back */
 #define SHUTDOWN_LIMIT 5000              /* ms a backend's system_shutdown may run */
 #define SPAWN_HEADER 9                   /* u64 timeout, u8 link */
+#define HANDSHAKE_MESSAGE (64 * 1024)    /* what an unproved parent may send at once */
+#define ATTEMPT_MIN 1000                 /* ms an attempt gets at least, time allowing */
 
 typedef enum { S_CONNECTING, S_HANDSHAKE, S_UP, S_DRAINING, S_DONE } stage_t;
 
 typedef struct call {
+  flame_handle base;                     /* first: its timer's data, freed on close */
   struct call *next;                     /* in its bucket */
   struct term *t;
   int64_t id;
@@ -107,6 +110,8 @@ typedef struct term {
   char last_err[LINK_REASON_MAX + 64];
   uv_timer_t connect_timer, retry_timer;
   struct lookup *lookup;                 /* a host name being resolved, or NULL */
+  int lookups;                           /* lookups not yet answered (thread pool) */
+  struct addrinfo *ai_list, *ai_cur;     /* a name's addresses, tried in turn */
   /* handshake */
   unsigned char nonce[NONCE_LEN];
   uv_timer_t handshake_timer;
@@ -118,7 +123,7 @@ typedef struct term {
   call *calls[CALL_BUCKETS];
   int ncalls;
   early_kill early[EARLY_KILLS_MAX];     /* id 0: a free slot */
-  int early_next;                        /* the slot a full memory overwrites next */
+  unsigned early_next;                   /* the slot a full memory overwrites next */
   buf held;                              /* FLAME_TEST_HOLD_SPAWN: the held SPAWN */
   int64_t held_id;
   int hold_spawn, holding;
@@ -189,10 +194,12 @@ static int kill_reason(const unsigned char *s, size_t n) {
 
 /* ------------------------------------------------------------------ link ---- */
 
-static void send_msg(term *t, int type, int64_t id, const void *data, size_t len) {
-  if (t->conn == NULL) return;
+/* 0, or -1 when it could not be queued (then the link is being given up). */
+static int send_msg(term *t, int type, int64_t id, const void *data, size_t len) {
+  if (t->conn == NULL) return -1;
   int rc = link_send(t->conn, type, (uint64_t)id, NULL, 0, data, len);
   if (rc == -2) lost(t, "not enough memory to send a message");
+  return rc == 0 ? 0 : -1;
 }
 
 /* A RESULT made here (killed before it ran, refused): status and one string. */
@@ -213,9 +220,9 @@ static int send_json(term *t, int type, cJSON *doc, int built_ok) {
   char *text = doc && built_ok ? cJSON_PrintUnformatted(doc) : NULL;
   cJSON_Delete(doc);
   if (text == NULL) return -1;
-  send_msg(t, type, 0, text, strlen(text));
+  int rc = send_msg(t, type, 0, text, strlen(text));
   cJSON_free(text);
-  return 0;
+  return rc;
 }
 
 /* HMAC(secret, role 0 ref 0 nonce): each side's proof over the other's nonce. */
@@ -284,6 +291,16 @@ static void on_challenge(term *t, const buf *msg) {
     refuse_parent(t);
     return;
   }
+  char why[300];
+  if (executor_ready(t->ex, why, sizeof why) != 0) {
+    char text[sizeof why + 32];               /* the parent learns why, and nothing runs */
+    snprintf(text, sizeof text, "the runner cannot start: %s", why);
+    send_msg(t, M_CLOSE, 0, text, strlen(text));
+    snprintf(t->failed, sizeof t->failed, "cannot start: %s", why);
+    t->code = 1;
+    stop(t, "cannot start");
+    return;
+  }
   unsigned char mine[CRYPTO_HMAC_LEN];
   if (proof(t, "runner", nonce, (size_t)nlen, mine) != 0) {
     lost(t, "cannot compute the proof (libcrypto failed)");
@@ -302,6 +319,8 @@ static void on_challenge(term *t, const buf *msg) {
     lost(t, "not enough memory for the handshake");
     return;
   }
+  if (t->stage != S_HANDSHAKE || t->conn == NULL) return;
+  link_limits(t->conn, (size_t)t->s->max_message, LINK_PARTIALS_MAX);   /* proved: trusted */
   t->stage = S_UP;
   idle_start(t);
 }
@@ -372,6 +391,7 @@ static void spawn(term *t, int64_t id, buf *msg) {
     answer(t, id, SANDBOX_ERROR, "the runner could not start the call: not enough memory");
     return;
   }
+  c->base.on_close = call_closed;
   c->t = t;
   c->id = id;
   c->linked = linked;
@@ -556,11 +576,15 @@ static void on_message(link_conn *c, void *ud, int type, uint64_t uid, buf *msg)
   handle(t, type, id, msg);
 }
 
+static void on_flush_limit(uv_timer_t *h);
+
 static void on_close(link_conn *c, void *ud, const char *reason) {
   term *t = ud;
   if (c != t->conn) return;                  /* a connection we had let go of */
   t->conn = NULL;
   if (t->stage == S_DONE) {                  /* the last words are out */
+    if (t->ncalls > 0 || t->checking)        /* killed work gets KILL_WAIT from here */
+      uv_timer_start(&t->flush_timer, on_flush_limit, KILL_WAIT, 0);
     maybe_end(t);
     return;
   }
@@ -675,6 +699,7 @@ static void stop(term *t, const char *reason) {
 /* ------------------------------------------------------------- connecting ---- */
 
 static void try_next(term *t);
+static void on_connect_limit(uv_timer_t *h);
 
 static void on_handshake_limit(uv_timer_t *h) {
   term *t = h->data;
@@ -696,7 +721,9 @@ static void on_connected(link_conn *c, void *ud, int status) {
     return;
   }
   t->stage = S_HANDSHAKE;
-  if (link_start(c, &handlers, t, (size_t)t->s->max_message) != 0) return;  /* on_close */
+  /* until the parent has proved the secret, it may make this side hold little */
+  if (link_start(c, &handlers, t, HANDSHAKE_MESSAGE) != 0) return;  /* on_close follows */
+  link_limits(c, HANDSHAKE_MESSAGE, 1);
   uint64_t window = (uint64_t)t->s->heartbeat_interval * (uint64_t)t->s->heartbeat_misses;
   uv_timer_start(&t->handshake_timer, on_handshake_limit, window, 0);
   send_hello(t);
@@ -739,6 +766,7 @@ static void connect_to(term *t, const char *addr, const struct sockaddr *sa) {
 static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
   lookup *l = req->data;
   term *t = l->t;
+  t->lookups--;
   int current = t->lookup == l;
   if (current) t->lookup = NULL;
   free(l);
@@ -755,10 +783,17 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     try_next(t);
     return;
   }
-  struct sockaddr_storage sa;
-  memcpy(&sa, res->ai_addr, res->ai_addrlen < sizeof sa ? res->ai_addrlen : sizeof sa);
-  uv_freeaddrinfo(res);
-  connect_to(t, addr, (struct sockaddr *)&sa);
+  t->ai_list = t->ai_cur = res;              /* each address in turn (::1, then 127.0.0.1) */
+  connect_to(t, addr, res->ai_addr);
+}
+
+static void arm_attempt(term *t, uint64_t n) {
+  /* a lookup and a connect together; a blackholed address leaves time for the
+   * others: its share of what is left, at least ATTEMPT_MIN */
+  uint64_t left = t->deadline - n, limit = left / (uint64_t)t->p.naddrs;
+  if (limit < ATTEMPT_MIN) limit = ATTEMPT_MIN;
+  if (limit > left) limit = left;
+  uv_timer_start(&t->connect_timer, on_connect_limit, limit ? limit : 1, 0);
 }
 
 static void on_retry(uv_timer_t *h) {
@@ -784,6 +819,16 @@ static void try_next(term *t) {
     give_up(t);
     return;
   }
+  if (t->ai_cur && t->ai_cur->ai_next) {     /* the next address of the same name */
+    t->ai_cur = t->ai_cur->ai_next;
+    arm_attempt(t, n);
+    connect_to(t, t->p.addrs[t->addr - 1], t->ai_cur->ai_addr);
+    return;
+  }
+  if (t->ai_list) {
+    uv_freeaddrinfo(t->ai_list);
+    t->ai_list = t->ai_cur = NULL;
+  }
   if (t->addr >= t->p.naddrs) {
     uint64_t pause = (uint64_t)t->delay;
     if (pause > t->deadline - n) pause = t->deadline - n;
@@ -792,8 +837,7 @@ static void try_next(term *t) {
     return;
   }
   const char *addr = t->p.addrs[t->addr++];
-  uint64_t limit = t->deadline - n;          /* a lookup and a connect, together */
-  uv_timer_start(&t->connect_timer, on_connect_limit, limit ? limit : 1, 0);
+  arm_attempt(t, n);
   struct sockaddr_storage sa;
   if (link_parse_hostport(addr, &sa) == 0) {
     connect_to(t, addr, (struct sockaddr *)&sa);
@@ -814,6 +858,7 @@ static void try_next(term *t) {
     l->req.data = l;
     rc = uv_getaddrinfo(&t->loop, &l->req, on_resolved, host, port, &hints);
     if (rc != 0) free(l);
+    else t->lookups++;
   }
   if (rc != 0) {
     uv_timer_stop(&t->connect_timer);
@@ -1019,6 +1064,7 @@ int terminator_main(int argc, char **argv) {
   buf_free(&info);
   if (t->ex == NULL) {
     say("cannot start: %s", err);
+    if (warming) uv_thread_join(&warm);
     uv_loop_close(&t->loop);
     parent_free(&t->p);
     return 1;
@@ -1045,7 +1091,11 @@ int terminator_main(int argc, char **argv) {
   if (warming) uv_thread_join(&warm);
   if (t->failed[0]) say("%s", t->failed);
   else if (t->code == 0) say("stopping (%s)", t->stop_reason ? t->stop_reason : "stopped");
-  int clean = t->ncalls == 0 && !t->checking;
+  /* a name lookup still in the thread pool cannot be cancelled: it would hold the
+   * loop's close below, perhaps for a resolver's whole timeout */
+  int clean = t->ncalls == 0 && !t->checking && t->lookups == 0;
+  if (t->ai_list) uv_freeaddrinfo(t->ai_list);
+  t->ai_list = t->ai_cur = NULL;
   system_shutdown(t);
   if (!clean) {
     /* work still in C calls (a subprocess, say) would hold the workers' join: the

@@ -107,7 +107,9 @@ describe("flame runner", function()
       exe = p:read("l")
       p:close()
     end
-    P.proc = assert(core.spawn { path = exe, args = { "runner" }, env = env,
+    local args = { "runner" }
+    for _, a in ipairs(opts.args or {}) do args[#args + 1] = a end
+    P.proc = assert(core.spawn { path = exe, args = args, env = env,
       on_output = function(_, line)         -- kept, and shown: sanitizer reports too
         P.output[#P.output + 1] = line
         io.stderr:write("runner: ", line, "\n")
@@ -319,6 +321,54 @@ describe("flame runner", function()
       assert.not_matches("system_shutdown", P.text())
       P.stop()
     end)
+  end)
+
+  it("fails its boot when its sandbox cannot be made (a --require module is missing)", function()
+    local p = H.pool { name = "no-module", backend = "process",
+                       backend_opts = { args = { "--require", "flame_spec_no_such_module" } } }
+    local ok, err = pcall(flame.call, p, function() return 1 end)
+    assert.is_false(ok)
+    assert.are.equal("boot", err.kind, tostring(err))
+    assert.matches("runner process exited with code 1", err.message, 1, true)
+  end)
+
+  it("says why it cannot start to a parent it reached, and runs nothing", function()
+    local Q = fake_parent { args = { "--require", "flame_spec_no_such_module" } }
+    Q.wait(function() return Q.exit ~= nil end, "the runner to exit")
+    assert.are.equal(1, Q.exit.code)
+    assert.matches("cannot start: .*flame_spec_no_such_module", Q.text())
+    local close = Q.message(wire.CLOSE)
+    assert.is_table(close)
+    assert.matches("the runner cannot start", close.payload, 1, true)
+    assert.is_nil(Q.message(wire.REMOTE_UP))
+    Q.stop()
+  end)
+
+  it("does not wait for work stuck in a C call once the parent has let it go", function()
+    local P = fake_parent { settings = { shutdown_timeout = 300 } }
+    P.wait(function() return P.up ~= nil end, "REMOTE_UP")
+    local dir = H.tmpdir()
+    P.conn:send(wire.SPAWN, 1, wire.spawn_payload(nil, false, assert(core.encode(nil, function()
+      io.open(dir .. "/started", "w"):close()
+      os.execute("sleep 30")
+    end))))
+    P.wait(function() return H.exists(dir .. "/started") end, "the work to start")
+    local t0 = core.hrtime()
+    P.conn:send(wire.SHUTDOWN, 0, "")
+    P.wait(function() return P.exit ~= nil end, "the runner to exit")
+    assert.is_true((core.hrtime() - t0) / 1e9 < 20, "the runner waited for the subprocess")
+    P.stop()
+    H.rmdir(dir)
+  end)
+
+  it("lets a parent that has not proved the secret send only a little", function()
+    local P = fake_parent { hello = function(P)
+      P.conn:send(wire.CHALLENGE, 0, ("x"):rep(200 * 1024))
+    end }
+    P.wait(function() return P.exit ~= nil end, "the runner to exit")
+    assert.are.equal(1, P.exit.code)
+    assert.matches("protocol: message too large", P.text(), 1, true)
+    P.stop()
   end)
 
   -- only "localhost", which /etc/hosts answers: a spec must not ask a DNS server
