@@ -8,7 +8,9 @@
 -- "missing", "always"), boot_timeout, host (DOCKER_HOST, else
 -- unix:///var/run/docker.sock), tls ({ ca, cert, key, verify }, or what
 -- DOCKER_CERT_PATH / DOCKER_TLS_VERIFY say), hosts (a list to spread runners over),
--- api_version (pin one instead of negotiating).
+-- api_version (pin one instead of negotiating), ulimits ({ nofile = { soft, hard }
+-- } or { nproc = 4096 }: HostConfig.Ulimits; Podman needs them within the host's
+-- hard limits).
 -- @module flame.backends.docker
 local B = {}
 
@@ -20,7 +22,7 @@ local OPTIONS = {
   memory = "number", cpus = "number", extra_hosts = "table", volumes = "table",
   mounts = "table", user = "string", workdir = "string", auto_remove = "boolean",
   pull = "string", boot_timeout = "number", host = "string", hosts = "table",
-  tls = "table|boolean", api_version = "string",
+  tls = "table|boolean", api_version = "string", ulimits = "table",
   -- given by the pool
   pool = "string", runner_id = "string", max_concurrency = "number", sandbox = "table",
   shutdown_timeout = "number",
@@ -306,6 +308,15 @@ local function check_options(state)
         .. "(got %s = %s)"):format(tostring(k), tostring(v)), 0)
     end
   end
+  for k, v in pairs(state.ulimits or {}) do
+    local soft, hard = v, v
+    if type(v) == "table" then soft, hard = v[1], v[2] or v[1] end
+    if type(k) ~= "string" or math.type(soft) ~= "integer" or math.type(hard) ~= "integer"
+       or soft > hard then
+      error(("docker backend: option 'ulimits' must map limit names to a number or "
+        .. "{ soft, hard }, like { nofile = { 1024, 1024 } } (got %s)"):format(tostring(k)), 0)
+    end
+  end
   for _, h in ipairs(state.hosts or {}) do
     if type(h) == "table" and h.tls ~= nil and type(h.tls) ~= "table" and type(h.tls) ~= "boolean" then
       error("docker backend: the tls of a 'hosts' entry must be a table or a boolean", 0)
@@ -360,6 +371,16 @@ local function create(flame, state)
     mounts[#mounts + 1] = { Type = m.type or "bind", Source = m.source, Target = m.target,
                             ReadOnly = m.read_only }
   end
+  -- rlimits of the runner's processes, { Name, Soft, Hard } as the API wants them
+  -- (Podman's defaults may exceed the host's hard limits: the start then fails)
+  local ulimits
+  for name, v in pairs(state.ulimits or {}) do
+    ulimits = ulimits or {}
+    local soft, hard = v, v
+    if type(v) == "table" then soft, hard = v[1], v[2] or v[1] end
+    ulimits[#ulimits + 1] = { Name = name, Soft = soft, Hard = hard }
+  end
+  if ulimits then table.sort(ulimits, function(a, b) return a.Name < b.Name end) end
   return api(flame, state, "POST", "/containers/create", {
     Image = state.image, Cmd = state.cmd, Env = env, Labels = state.labels,
     User = state.user, WorkingDir = state.workdir,
@@ -368,6 +389,7 @@ local function create(flame, state)
       Memory = state.memory and math.floor(state.memory),
       NanoCpus = state.cpus and math.floor(state.cpus * 1e9),
       ExtraHosts = state.extra_hosts, Binds = state.volumes, Mounts = mounts,
+      Ulimits = ulimits,
     },
   }, state.left())
 end
@@ -394,16 +416,27 @@ local function watch(flame, state, id)
     o.await_response, o.chunks = state.left(), chunks
     return o
   end
-  local status, err = flame.http.watch(opts("POST", "/wait?condition=next-exit"), "wait")
+  local path = "/wait?condition=next-exit"
+  local status, err = flame.http.watch(opts("POST", path), "wait")
   if status == 200 then
     -- attached, not a followed log: a log follow on a container not yet started
     -- ends at once, an attach waits for its output (as `docker run` does)
-    status, err = flame.http.watch(opts("POST", "/attach?stream=1&logs=1&stdout=1&stderr=1",
-      true), "logs")
+    path = "/attach?stream=1&logs=1&stdout=1&stderr=1"
+    status, err = flame.http.watch(opts("POST", path, true), "logs")
   end
   if status == 200 then return true end
-  return nil, ("docker: cannot watch container %s: %s"):format(id:sub(1, 12),
-    status and ("status " .. status) or unreachable(state, err))
+  local why = status and ("status " .. status) or unreachable(state, err)
+  if status then
+    -- a watch hands over no body: the engine's words come from asking once more
+    -- (Podman prepares the container for an attach, and says why that failed)
+    local st, data, raw = api(flame, state, "POST", "/containers/" .. id .. path, nil, 2000)
+    if st and st >= 400 then why = ("status %d: %s"):format(st, message(data, raw)) end
+    if why:find("rlimit", 1, true) then
+      why = why .. " (set backend_opts.ulimits within this host's hard limits, `ulimit -Hn` "
+        .. "and `ulimit -Hu`: docs/docker.md, Podman)"
+    end
+  end
+  return nil, ("docker: cannot watch container %s: %s"):format(id:sub(1, 12), why)
 end
 
 --- Creates and starts the container, and waits for its runner to connect.
@@ -428,7 +461,8 @@ function B.remote_boot(state, flame)
     remove_mine(flame, state)
     return nil, data
   end
-  if status == 404 and tostring(message(data, raw)):find("No such image", 1, true) then
+  -- Docker says "No such image: x", Podman "no such image: x: image not known"
+  if status == 404 and tostring(message(data, raw)):lower():find("no such image", 1, true) then
     return nil, ("docker: image %q not found on %s (build it with scripts/runner-image, "
       .. "pull it, set pull = \"missing\", or set backend_opts.image)")
       :format(state.image, state.host)
@@ -466,11 +500,6 @@ function B.remote_boot(state, flame)
   end
   state.terminator = term
   return term, state
-end
-
---- Hands a call to the runner over its link.
-function B.remote_spawn_monitor(state, work, flame)
-  return flame.spawn_monitor(state.terminator, work)
 end
 
 --- The container's end: the runner is down, with its exit code and last output.

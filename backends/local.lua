@@ -18,11 +18,6 @@ function B.remote_boot(state, flame)
   return term, state
 end
 
---- Starts work on the runner's terminator; its end is reported to the pool.
-function B.remote_spawn_monitor(state, work, flame)
-  return flame.spawn_monitor(state.terminator, work)
-end
-
 --- Nothing to stop: the runner lives in the application's own process.
 function B.system_shutdown(flame)
 end

@@ -37,11 +37,6 @@ function B.remote_boot(state, flame)
   return term, state
 end
 
---- Hands a call to the runner over its link.
-function B.remote_spawn_monitor(state, work, flame)
-  return flame.spawn_monitor(state.terminator, work)
-end
-
 --- On the runner: end the process.
 function B.system_shutdown(flame)
   flame.exit(0)
