@@ -5,6 +5,7 @@
 local flame = require "flame"
 local errors = require "flame.errors"
 local H = require "spec.helper"
+local gate = H.gate        -- sent with work that holds its slot until the test says
 
 local function invalid_message(opts)
   local ok, err = pcall(function()
@@ -81,7 +82,8 @@ describe("pool runners", function()
 
   it("boots min runners at start", function()
     local p = H.pool { name = "min3", min = 3, max = 5 }
-    flame.sleep(20)
+    assert.is_true(H.wait_for(function() return p:stats().pending == 0 end),
+      "the min runners did not finish booting")
     local s = p:stats()
     assert.are.equal(3, s.runners)
     assert.are.equal(0, s.pending)
@@ -120,16 +122,21 @@ describe("pool runners", function()
 
   it("gives a queued caller whose deadline passes a queue timeout", function()
     local p = H.pool { name = "queue-timeout", max = 1, max_concurrency = 1 }
+    local dir = H.tmpdir()
+    local held, go = dir .. "/held", dir .. "/go"
     local blocker = flame.spawn(function()
-      flame.call(p, function() os.execute("sleep 0.3") end)
+      flame.call(p, function() assert(io.open(held, "w")):close() gate(go) end)
     end)
-    flame.sleep(50)                        -- the blocker holds the only slot
+    -- the blocker holds the only slot (on a runner that is up) until the gate opens
+    assert.is_true(H.wait_for(function() return H.exists(held) end), "the blocker did not start")
     local ok, err = pcall(function() return flame.call(p, function() end, { timeout = 50 }) end)
     assert.is_false(ok)
     assert.are.equal("timeout", err.kind)
     assert.are.equal("queue", err.phase)
     assert.are.equal(0, p:stats().waiting)  -- it left the queue
+    H.touch(go)
     blocker:await()
+    H.rmdir(dir)
     assert.are.equal("free", flame.call(p, function() return "free" end))
   end)
 
@@ -188,7 +195,7 @@ describe("pool runners", function()
     local ok, err = pcall(function() return flame.call(p, function() end, { timeout = 30000 }) end)
     assert.is_false(ok)
     assert.are.equal("boot", err.kind)
-    assert.matches("computed for more than 10000 ms without waiting", err.message, 1, true)
+    assert.matches("computed for more than 2000 ms without waiting", err.message, 1, true)
   end)
 
   it("refuses a backend table that cannot be copied", function()
@@ -223,13 +230,23 @@ describe("pool shutdown", function()
 
   it("lets running calls finish, fails queued callers, then refuses calls", function()
     local p = flame.pool { name = "graceful", max = 1, max_concurrency = 1,
-                           shutdown_timeout = 5000 }
+                           shutdown_timeout = 60000 }
+    local dir = H.tmpdir()
+    local started, go = dir .. "/started", dir .. "/go"
     local running = flame.spawn(function()
-      return flame.call(p, function() os.execute("sleep 0.1") return "finished" end)
+      return flame.call(p, function()
+        assert(io.open(started, "w")):close()
+        gate(go)
+        return "finished"
+      end)
     end)
     local queued = flame.spawn(function() return flame.call(p, function() return 1 end) end)
-    flame.sleep(30)
+    -- the first call runs (and holds the only slot) until the gate opens, which
+    -- happens only once the shutdown has begun
+    assert.is_true(H.wait_for(function() return H.exists(started) end), "the call did not start")
+    flame.spawn(function() H.touch(go) end)
     p:shutdown()
+    H.rmdir(dir)
     assert.are.equal("finished", running:await())
     local ok, err = pcall(queued.await, queued)
     assert.is_false(ok)
@@ -242,10 +259,16 @@ describe("pool shutdown", function()
 
   it("kills calls still running after shutdown_timeout", function()
     local p = flame.pool { name = "impatient", shutdown_timeout = 50 }
+    local dir = H.tmpdir()
     local stuck = flame.spawn(function()
-      return flame.call(p, function() while true do end end, { timeout = math.huge })
+      return flame.call(p, function()
+        assert(io.open(dir .. "/started", "w")):close()
+        while true do end
+      end, { timeout = math.huge })
     end)
-    flame.sleep(20)
+    assert.is_true(H.wait_for(function() return H.exists(dir .. "/started") end),
+      "the call did not start")
+    H.rmdir(dir)
     p:shutdown()
     local ok, err = pcall(stuck.await, stuck)
     assert.is_false(ok)
@@ -257,15 +280,17 @@ describe("pool shutdown", function()
     local p = H.pool { name = "linked", max_concurrency = 1 }
     local t = flame.spawn(function()
       flame.call(p, function()
+        assert(io.open(dir .. "/started", "w")):close()
         local n = 0
         while true do n = n + 1 end
       end, { timeout = math.huge })
     end)
-    flame.sleep(30)
+    assert.is_true(H.wait_for(function() return H.exists(dir .. "/started") end),
+      "the call did not start")
     t:cancel("caller gone")
-    -- the slot comes back once the killed work ends
+    -- the slot comes back once the killed work ends (the work alone never would)
     assert.are.equal("free again", flame.call(p, function() return "free again" end,
-      { timeout = 2000 }))
+      { timeout = 30000 }))
     H.rmdir(dir)
   end)
 end)

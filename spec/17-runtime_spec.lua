@@ -49,6 +49,25 @@ describe("a parent that computes on its main thread", function()
   end
 end)
 
+describe("a backend step that computes without end", function()
+  it("fails its boot within the bound while other runners keep their heartbeats", function()
+    local busy = H.pool { name = "steady", backend = "process", max = 1, link = LINK }
+    local first = flame.call(busy, which_runner)
+    local p = H.pool { name = "spinning-step", boot_timeout = 60000, backend = {
+      init = function(opts) return opts end,
+      remote_boot = function() while true do end end,
+    } }
+    local t0 = core.hrtime()
+    local ok, err = pcall(flame.call, p, function() end, { timeout = 60000 })
+    assert.is_false(ok)
+    assert.are.equal("boot", err.kind)
+    assert.matches("computed for more than 2000 ms without waiting, and was stopped", err.message,
+      1, true)
+    assert.is_true((core.hrtime() - t0) / 1e6 < 30000, "the step ran far past its bound")
+    assert.are.equal(first, flame.call(busy, which_runner))
+  end)
+end)
+
 describe("a plain lua5.4 program", function()
   it("exits with pools and runners live, 100 times without a crash", function()
     local dir = H.tmpdir()

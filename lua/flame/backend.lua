@@ -4,14 +4,16 @@
 -- where the pool serves them (waiting in a task when it must): the backend never
 -- touches the application's state, and what it holds of the outside (processes,
 -- terminators, timers) it holds as handles. A callback that computes for longer than
--- 10 s without waiting is killed, so a broken backend cannot stall the loop.
+-- 2 s without waiting is killed, so a broken backend cannot stall the loop.
 -- @module flame.backend
 local core = require "flame.core"
 
 local M = {}
 
 local BACKEND_MEMORY = 64 * 1024 * 1024
-local STEP_LIMIT = 10000         -- ms a callback may run between two waits
+-- ms a callback may run between two waits: well within the default heartbeat window
+-- (3 s), so a computing backend is stopped before a runner could miss its parent
+local STEP_LIMIT = 2000
 
 -- Runs in the backend state (sent there once per runner by the codec): loads the
 -- backend, builds its environment of stubs, and defines the dispatcher the host
@@ -181,7 +183,8 @@ function Host:run(fn, ...)
   end
   if status == "killed" then
     error(("a backend callback computed for more than %d ms without waiting, and was "
-      .. "stopped"):format(STEP_LIMIT), 0)
+      .. "stopped (a backend waits for what it needs: flame.sleep, http, proc, "
+      .. "await_remote_up)"):format(STEP_LIMIT), 0)
   end
   -- an error the backend raised on purpose (error(msg, 0): no position) is its
   -- message; anything else is a bug in it, and its traceback helps
