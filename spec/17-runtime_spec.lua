@@ -49,6 +49,40 @@ describe("a parent that computes on its main thread", function()
   end
 end)
 
+-- A process is gone when /proc has no entry for it, or only a zombie.
+local function alive(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return false end
+  local stat = f:read("a")
+  f:close()
+  return stat:match("^%d+ %b() (%a)") ~= "Z"
+end
+
+describe("pool:shutdown()", function()
+  it("returns once the runner processes are gone", function()
+    local p = flame.pool { name = "gone-at-return", backend = "process", min = 2, max = 2,
+                           link = LINK }
+    assert.is_true(H.wait_for(function() return #p.runners == 2 end), "the runners did not boot")
+    local pids = {}
+    for _, r in ipairs(p.runners) do pids[#pids + 1] = r.term.pid end
+    flame.call(p, function() return 1 end)
+    p:shutdown()
+    for _, pid in ipairs(pids) do assert.is_false(alive(pid), "runner " .. pid .. " still runs") end
+  end)
+
+  it("returns once a runner that ignores its shutdown has been reaped", function()
+    -- the runner is stopped with SIGSTOP: it cannot exit by itself, the backend's reap
+    -- (shutdown_timeout + 1 s) ends it, and shutdown waits for that
+    local p = flame.pool { name = "reaped-at-return", backend = "process", max = 1,
+                           shutdown_timeout = 200, link = LINK }
+    flame.call(p, function() return 1 end)
+    local pid = p.runners[1].term.pid
+    os.execute("kill -STOP " .. pid)
+    p:shutdown()
+    assert.is_false(alive(pid), "the stopped runner still exists")
+  end)
+end)
+
 describe("a backend step that computes without end", function()
   it("fails its boot within the bound while other runners keep their heartbeats", function()
     local busy = H.pool { name = "steady", backend = "process", max = 1, link = LINK }

@@ -322,16 +322,20 @@ local function backend_server(pool, runner)
   end
 
   function S.proc_spawn(o)
-    local proc, err = core.spawn {
+    local proc, err
+    proc, err = core.spawn {
       path = o.path, args = o.args, env = o.env, cwd = o.cwd, group = o.group,
       on_output = function(stream, line)
         pool.log[stream == "stderr" and "warn" or "info"]("[%s] %s", runner.id, line)
       end,
       on_exit = function(code, signal)
+        runner.procs[proc] = nil                -- a shutdown waits for these to go
+        pool:ended_check(runner)
         pool:info(runner, { event = "exit", code = code, signal = signal })
       end,
     }
     if not proc then return nil, err end
+    runner.procs[proc] = true
     return keep(proc, "process", { process_id = proc:pid() })
   end
 
@@ -641,7 +645,8 @@ function Pool:grow()
       end
     end })
     local runner = { id = id, pool = self, inflight = 0, calls = {}, status = "booting",
-                     parents = {}, bytes = {}, sent = {}, is_min = is_min }
+                     parents = {}, bytes = {}, sent = {}, is_min = is_min,
+                     procs = {} }              -- processes its backend started, running
     function runner.done(r, call_id, status, payload) self:done(r, call_id, status, payload) end
     local settings = {
       max_concurrency = self.opts.max_concurrency, sandbox = sandbox_settings(self.opts.sandbox),
@@ -759,10 +764,16 @@ function Pool:release(r, reason)
   if r.released then return end
   r.released = true
   local host = r.host
-  if not host then return end
+  if not host then
+    r.release_done = true
+    self:ended_check(r)
+    return
+  end
   task.spawn(function()
     local ok, err = pcall(host.call, host, "remote_shutdown", reason)
     if not ok then self.log.error("runner %s: remote_shutdown failed: %s", r.id, tostring(err)) end
+    r.release_done = true
+    self:ended_check(r)
     -- the state lives on a while: the backend may still hear of the runner (a
     -- process exit, its own reap timer); then it is closed
     local st = self.opts.shutdown_timeout
@@ -774,6 +785,28 @@ function Pool:release(r, reason)
       for req in pairs(live or {}) do req:cancel() end
     end)
   end)
+end
+
+-- A runner has ended when its backend has released it (remote_shutdown returned:
+-- the container removed, say) and every process its backend started has exited.
+function Pool:ended_check(r)
+  if r.ended and r.release_done and next(r.procs) == nil then r.ended:set(true) end
+end
+
+-- Waits, until deadline (task.now() ms), for the runners to end; returns the ids of
+-- those still running then.
+function Pool:await_ended(runners, deadline)
+  local left = {}
+  for _, r in ipairs(runners) do
+    if not (r.release_done and next(r.procs) == nil) then
+      r.ended = r.ended or task.future()
+      local timer = loop:timer(math.max(0, deadline - task.now()), function() r.ended:set(false) end)
+      local ok = r.ended:wait()
+      timer:stop()
+      if not ok then left[#left + 1] = r.id end
+    end
+  end
+  return left
 end
 
 function Pool:stop_runner(r)
@@ -1099,15 +1132,18 @@ function Pool:shutdown()
   self.waiting = {}
   -- whatever happens while draining (the caller cancelled, a wait refused), the
   -- runners are stopped
-  local finish <close> = setmetatable({}, { __close = function()
-    local runners = self.runners
+  local stopped
+  local function stop_all()
+    stopped = self.runners
     self.runners = {}
-    for _, r in ipairs(runners) do
+    for _, r in ipairs(stopped) do
       for id in pairs(r.calls) do pcall(r.term.kill, r.term, id, "shutdown") end
       self:stop_runner(r)
     end
+  end
+  local finish <close> = setmetatable({}, { __close = function()
+    if not stopped then stop_all() end
     if self.hub_ then self.hub_:close() end
-    self.log.info("pool shut down")
   end })
   if busy_count(self) > 0 and self.opts.shutdown_timeout > 0 then
     -- set when the last call ends (Pool:done) or at the timeout
@@ -1118,6 +1154,19 @@ function Pool:shutdown()
     end
     self.drained:wait()
     if timer then timer:stop() end
+  end
+  stop_all()
+  -- returns once every runner has ended (processes gone, containers removed): a
+  -- runner told to stop exits by itself; the backend's reap (shutdown_timeout + 1 s
+  -- for processes) bounds a runner that does not
+  local st = self.opts.shutdown_timeout
+  local bound = (st == math.huge and 5000 or st + 1000) + 5000
+  local left = self:await_ended(stopped, task.now() + bound)
+  if #left > 0 then
+    self.log.warn("pool shut down; runners still ending after %d ms: %s", bound,
+      table.concat(left, ", "))
+  else
+    self.log.info("pool shut down")
   end
 end
 
