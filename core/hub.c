@@ -41,17 +41,19 @@
 #include "link.h"
 #include "loop.h"
 #include "runtime.h"
+#include "wire.h"
 
 #define HUB_MT "flame.hub"
-#define PROTOCOL 1
-#define NONCE_LEN 16
+#define PROTOCOL WIRE_PROTOCOL
+#define NONCE_LEN WIRE_NONCE
 #define HANDSHAKE_MESSAGE (64 * 1024)
 #define HANDSHAKES_MAX 64
 #define SECRET_MAX 256
 
 enum {
-  M_HELLO = 1, M_CHALLENGE = 2, M_PROOF = 3, M_REMOTE_UP = 4, M_RESULT = 6,
-  M_REMOTE_SHUTDOWN = 10, M_PING = 11, M_CLOSE = 14
+  M_HELLO = WIRE_HELLO, M_CHALLENGE = WIRE_CHALLENGE, M_PROOF = WIRE_PROOF,
+  M_REMOTE_UP = WIRE_REMOTE_UP, M_RESULT = WIRE_RESULT,
+  M_REMOTE_SHUTDOWN = WIRE_REMOTE_SHUTDOWN, M_PING = WIRE_PING, M_CLOSE = WIRE_CLOSE
 };
 
 enum { EV_UP, EV_MESSAGE, EV_LOST, EV_REFUSED, EV_DROPPED, EV_CLOSED };
@@ -183,14 +185,6 @@ typedef struct hub {
 
 static void hub_maybe_free(hub *h);
 
-static const char *type_name(int type) {
-  static const char *const names[] = {
-    NULL, "HELLO", "CHALLENGE", "PROOF", "REMOTE_UP", "SPAWN", "RESULT", "KILL", NULL,
-    "SHUTDOWN", "REMOTE_SHUTDOWN", "PING", NULL, "CONFIG", "CLOSE"
-  };
-  return type >= 0 && type < (int)(sizeof names / sizeof names[0]) ? names[type] : NULL;
-}
-
 static expect *expect_find(hub *h, const char *ref) {
   for (expect *e = h->expects; e; e = e->next)      /* "" is a forgotten one */
     if (e->ref[0] != '\0' && strcmp(e->ref, ref) == 0) return e;
@@ -233,27 +227,6 @@ static void refuse(hconn *hc, const char *why) {
   done_handshaking(hc);
 }
 
-static int proof(const expect *x, const char *role, const unsigned char *nonce, size_t nlen,
-                 unsigned char out[CRYPTO_HMAC_LEN]) {
-  size_t rl = strlen(role), fl = strlen(x->ref), n = rl + fl + 2 + nlen;
-  unsigned char *d = malloc(n);
-  if (d == NULL) return -1;
-  memcpy(d, role, rl + 1);
-  memcpy(d + rl + 1, x->ref, fl + 1);
-  memcpy(d + rl + fl + 2, nonce, nlen);
-  int rc = crypto_hmac_sha256(x->secret, x->slen, d, n, out);
-  free(d);
-  return rc;
-}
-
-static long b64_field(const cJSON *doc, const char *name, unsigned char *out, size_t room) {
-  const cJSON *f = cJSON_GetObjectItemCaseSensitive(doc, name);
-  if (!cJSON_IsString(f)) return -1;
-  size_t len = strlen(f->valuestring);
-  if (len / 4 * 3 > room) return -1;
-  return crypto_b64decode(f->valuestring, len, out);
-}
-
 static void on_hello(hconn *hc, const buf *msg) {
   hub *h = hc->hub;
   cJSON *doc = cJSON_ParseWithLength(msg->data ? (const char *)msg->data : "", msg->len);
@@ -272,7 +245,7 @@ static void on_hello(hconn *hc, const buf *msg) {
              || hc->entry->claimed) {
     hc->entry = NULL;
     refuse(hc, "unknown runner ref");
-  } else if ((nlen = b64_field(doc, "nonce", nonce, sizeof nonce)) < NONCE_LEN) {
+  } else if ((nlen = wire_b64_field(doc, "nonce", nonce, sizeof nonce)) < NONCE_LEN) {
     hc->entry = NULL;
     refuse(hc, "malformed HELLO nonce");
   } else {
@@ -280,7 +253,7 @@ static void on_hello(hconn *hc, const buf *msg) {
     unsigned char p[CRYPTO_HMAC_LEN];
     char nb[64], pb[64];
     if (uv_random(NULL, NULL, hc->nonce, sizeof hc->nonce, 0, NULL) != 0
-        || proof(hc->entry, "parent", nonce, (size_t)nlen, p) != 0) {
+        || wire_proof(hc->entry->secret, hc->entry->slen, "parent", hc->entry->ref, nonce, (size_t)nlen, p) != 0) {
       refuse(hc, "the parent cannot make its proof");
     } else {
       crypto_b64encode(hc->nonce, sizeof hc->nonce, nb);
@@ -297,9 +270,10 @@ static void on_hello(hconn *hc, const buf *msg) {
 static void on_proof(hconn *hc, const buf *msg) {
   cJSON *doc = cJSON_ParseWithLength(msg->data ? (const char *)msg->data : "", msg->len);
   unsigned char got[64], want[CRYPTO_HMAC_LEN];
-  long n = cJSON_IsObject(doc) ? b64_field(doc, "proof", got, sizeof got) : -1;
+  long n = cJSON_IsObject(doc) ? wire_b64_field(doc, "proof", got, sizeof got) : -1;
   cJSON_Delete(doc);
-  if (n < 0 || proof(hc->entry, "runner", hc->nonce, sizeof hc->nonce, want) != 0
+  if (n < 0 || wire_proof(hc->entry->secret, hc->entry->slen, "runner", hc->entry->ref, hc->nonce,
+                             sizeof hc->nonce, want) != 0
       || !crypto_equal(got, (size_t)n, want, sizeof want)) {
     refuse(hc, "wrong proof: the runner does not hold the secret");
     return;
@@ -356,9 +330,7 @@ static void on_message(link_conn *c, void *ud, int type, uint64_t id, buf *msg) 
       post(hc->hub->mb, e);
     } else if (type != M_PING) {
       char why[96];
-      const char *name = type_name(type);
-      if (name) snprintf(why, sizeof why, "protocol: unexpected %s", name);
-      else snprintf(why, sizeof why, "protocol: unexpected %d", type);
+      wire_unexpected(why, sizeof why, type, "");
       link_close(hc->c, why);
     }
     return;
@@ -369,9 +341,7 @@ static void on_message(link_conn *c, void *ud, int type, uint64_t id, buf *msg) 
   else if (hc->stage == H_AUTH && type == M_REMOTE_UP) on_up(hc, msg);
   else {
     char why[96];
-    const char *name = type_name(type);
-    if (name) snprintf(why, sizeof why, "protocol: unexpected %s during the handshake", name);
-    else snprintf(why, sizeof why, "protocol: unexpected %d during the handshake", type);
+    wire_unexpected(why, sizeof why, type, " during the handshake");
     refuse(hc, why);
   }
 }

@@ -14,8 +14,9 @@
 #include <stdint.h>
 
 #include "sandbox.h"
+#include "wire.h"
 
-#define PARENT_PROTOCOL 1
+#define PARENT_PROTOCOL WIRE_PROTOCOL
 #define PARENT_FOREVER INT64_MAX
 #define PARENT_ADDRS_MAX 16
 #define PARENT_SECRET_MAX 256

@@ -48,15 +48,17 @@
 #include "parent.h"
 #include "sandbox.h"
 #include "terminator.h"
+#include "wire.h"
 
-/* Message types (docs/protocol.md). */
+/* Message types (docs/protocol.md, wire.h). */
 enum {
-  M_HELLO = 1, M_CHALLENGE = 2, M_PROOF = 3, M_REMOTE_UP = 4, M_SPAWN = 5, M_RESULT = 6,
-  M_KILL = 7, M_SHUTDOWN = 9, M_REMOTE_SHUTDOWN = 10, M_PING = 11, M_CONFIG = 13,
-  M_CLOSE = 14
+  M_HELLO = WIRE_HELLO, M_CHALLENGE = WIRE_CHALLENGE, M_PROOF = WIRE_PROOF,
+  M_REMOTE_UP = WIRE_REMOTE_UP, M_SPAWN = WIRE_SPAWN, M_RESULT = WIRE_RESULT,
+  M_KILL = WIRE_KILL, M_SHUTDOWN = WIRE_SHUTDOWN, M_REMOTE_SHUTDOWN = WIRE_REMOTE_SHUTDOWN,
+  M_PING = WIRE_PING, M_CONFIG = WIRE_CONFIG, M_CLOSE = WIRE_CLOSE
 };
 
-#define NONCE_LEN 16
+#define NONCE_LEN WIRE_NONCE
 #define CALL_BUCKETS 64
 #define EARLY_KILLS_MAX 1024
 #define IDLE_CHECK_ID (-1)               /* the executor job of the idle check */
@@ -225,30 +227,10 @@ static int send_json(term *t, int type, cJSON *doc, int built_ok) {
   return rc;
 }
 
-/* HMAC(secret, role 0 ref 0 nonce): each side's proof over the other's nonce. */
+/* This runner's proof, or the one it expects of the parent (wire.h). */
 static int proof(term *t, const char *role, const unsigned char *nonce, size_t nlen,
                  unsigned char out[CRYPTO_HMAC_LEN]) {
-  size_t rl = strlen(role), fl = strlen(t->p.ref);
-  size_t n = rl + 1 + fl + 1 + nlen;
-  unsigned char *d = malloc(n);
-  if (d == NULL) return -1;
-  memcpy(d, role, rl);
-  d[rl] = 0;
-  memcpy(d + rl + 1, t->p.ref, fl);
-  d[rl + 1 + fl] = 0;
-  memcpy(d + rl + fl + 2, nonce, nlen);
-  int rc = crypto_hmac_sha256(t->p.secret, t->p.secret_len, d, n, out);
-  free(d);
-  return rc;
-}
-
-/* A base64 string field of a JSON object, decoded into out: its length, or -1. */
-static long b64_field(const cJSON *doc, const char *name, unsigned char *out, size_t room) {
-  const cJSON *f = cJSON_GetObjectItemCaseSensitive(doc, name);
-  if (!cJSON_IsString(f)) return -1;
-  size_t len = strlen(f->valuestring);
-  if (len / 4 * 3 > room) return -1;
-  return crypto_b64decode(f->valuestring, len, out);
+  return wire_proof(t->p.secret, t->p.secret_len, role, t->p.ref, nonce, nlen, out);
 }
 
 static int add_b64(cJSON *doc, const char *name, const unsigned char *bytes, size_t n) {
@@ -264,7 +246,7 @@ static void send_hello(term *t) {
     return;
   }
   cJSON *doc = cJSON_CreateObject();
-  int ok = doc && cJSON_AddNumberToObject(doc, "v", PARENT_PROTOCOL)
+  int ok = doc && cJSON_AddNumberToObject(doc, "v", WIRE_PROTOCOL)
            && cJSON_AddStringToObject(doc, "ref", t->p.ref)
            && add_b64(doc, "nonce", t->nonce, sizeof t->nonce) == 0;
   if (send_json(t, M_HELLO, doc, ok) != 0) lost(t, "not enough memory for the handshake");
@@ -282,11 +264,11 @@ static void refuse_parent(term *t) {
 static void on_challenge(term *t, const buf *msg) {
   cJSON *doc = cJSON_ParseWithLength(msg->data ? (const char *)msg->data : "", msg->len);
   unsigned char nonce[64], got[64], want[CRYPTO_HMAC_LEN];
-  long nlen = cJSON_IsObject(doc) ? b64_field(doc, "nonce", nonce, sizeof nonce) : -1;
-  long plen = cJSON_IsObject(doc) ? b64_field(doc, "proof", got, sizeof got) : -1;
+  long nlen = cJSON_IsObject(doc) ? wire_b64_field(doc, "nonce", nonce, sizeof nonce) : -1;
+  long plen = cJSON_IsObject(doc) ? wire_b64_field(doc, "proof", got, sizeof got) : -1;
   cJSON_Delete(doc);
   uv_timer_stop(&t->handshake_timer);
-  if (nlen < 0 || plen < 0 || proof(t, "parent", t->nonce, sizeof t->nonce, want) != 0
+  if (nlen < NONCE_LEN || plen < 0 || proof(t, "parent", t->nonce, sizeof t->nonce, want) != 0
       || !crypto_equal(got, (size_t)plen, want, sizeof want)) {
     refuse_parent(t);
     return;
@@ -506,14 +488,6 @@ static void on_done(void *ud, int64_t id, buf *out, int truthy) {
 
 /* -------------------------------------------------------------- messages ---- */
 
-static const char *type_name(int type) {
-  static const char *const names[] = {
-    NULL, "HELLO", "CHALLENGE", "PROOF", "REMOTE_UP", "SPAWN", "RESULT", "KILL", NULL,
-    "SHUTDOWN", "REMOTE_SHUTDOWN", "PING", NULL, "CONFIG", "CLOSE"
-  };
-  return type >= 0 && type < (int)(sizeof names / sizeof names[0]) ? names[type] : NULL;
-}
-
 static void handle(term *t, int type, int64_t id, buf *msg) {
   if (type == M_SPAWN) spawn(t, id, msg);
   else if (type == M_KILL) kill_call(t, id, msg);
@@ -541,9 +515,7 @@ static void on_message(link_conn *c, void *ud, int type, uint64_t uid, buf *msg)
     if (type == M_CHALLENGE) on_challenge(t, msg);
     else if (type != M_PING) {
       char why[96];
-      const char *name = type_name(type);
-      if (name) snprintf(why, sizeof why, "protocol: unexpected %s during the handshake", name);
-      else snprintf(why, sizeof why, "protocol: unexpected %d during the handshake", type);
+      wire_unexpected(why, sizeof why, type, " during the handshake");
       lost(t, why);
     }
     return;

@@ -1,0 +1,40 @@
+/*
+ * wire.h - the link protocol's message types and the handshake's pieces, shared by
+ * both ends in C: the parent's hub (hub.c) and the runner's terminator
+ * (terminator.c). Message layouts: docs/protocol.md (and lua/flame/wire.lua, the
+ * pool's copy of the types).
+ */
+#ifndef FLAME_WIRE_H
+#define FLAME_WIRE_H
+
+#include <stddef.h>
+
+#include <cJSON.h>
+
+#include "crypto.h"
+
+#define WIRE_PROTOCOL 1
+#define WIRE_NONCE 16                    /* bytes of each side's nonce */
+
+enum {
+  WIRE_HELLO = 1, WIRE_CHALLENGE = 2, WIRE_PROOF = 3, WIRE_REMOTE_UP = 4, WIRE_SPAWN = 5,
+  WIRE_RESULT = 6, WIRE_KILL = 7, WIRE_SHUTDOWN = 9, WIRE_REMOTE_SHUTDOWN = 10,
+  WIRE_PING = 11, WIRE_CONFIG = 13, WIRE_CLOSE = 14
+};
+
+/* "HELLO", ..., or NULL for a type the protocol does not have. */
+const char *wire_type_name(int type);
+
+/* "protocol: unexpected TYPE<what>" into out, naming the type or its number. */
+void wire_unexpected(char *out, size_t outlen, int type, const char *what);
+
+/* A side's proof: HMAC-SHA256(secret, role 0 ref 0 nonce) over the other side's
+ * nonce, bound to the runner's ref and to the role ("parent", "runner"). 0, or -1. */
+int wire_proof(const unsigned char *secret, size_t slen, const char *role, const char *ref,
+               const unsigned char *nonce, size_t nlen, unsigned char out[CRYPTO_HMAC_LEN]);
+
+/* A base64 string field of a JSON object decoded into out (room bytes): its length,
+ * or -1 when the field is missing, not a string, too long, or not base64. */
+long wire_b64_field(const cJSON *doc, const char *name, unsigned char *out, size_t room);
+
+#endif
