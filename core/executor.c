@@ -4,8 +4,9 @@
  * runners use:
  *   core.executor{ workers = n, profile = "application"|"restricted",
  *                  memory_limit = bytes, requires = "m1,m2", info = bytes,
- *                  on_done = function(id, status, payload) }
+ *                  prestart = bool, on_done = function(id, status, payload) }
  *   exec:submit(id, bytes), exec:kill(id, reason) -> "queued"|"running"|nil,
+ *   exec:ready() -> true | nil, why (prestart: could its sandbox be made?),
  *   exec:stats(), exec:close()
  * Threads and locks: the loop thread submits, kills and closes; workers run jobs.
  * Lock order: executor.lock, then a sandbox's lock (sandbox_kill, sandbox_rearm).
@@ -50,6 +51,7 @@ struct executor {
   uv_mutex_t lock;            /* guards everything down to cfg */
   uv_cond_t cond;
   job *pending, *pending_tail;
+  int npending;               /* jobs in pending */
   job *done, *done_tail;
   worker *workers;
   int nworkers, maxworkers, idle, running, peak;
@@ -133,6 +135,7 @@ static void worker_main(void *arg) {
     if (ex->stopping) break;
     job *j = ex->pending;
     ex->pending = j->next;
+    ex->npending--;
     if (ex->pending == NULL) ex->pending_tail = NULL;
     if (w->sb == NULL) {
       complete_plain(ex, j, SANDBOX_ERROR, err);
@@ -202,6 +205,7 @@ void executor_close(executor *ex, int loop_alive) {
   for (int i = 0; i < ex->nworkers; i++) uv_thread_join(&ex->workers[i].thread);
   jobs_free(ex->pending);
   ex->pending = ex->pending_tail = NULL;
+  ex->npending = 0;
   if (loop_alive) uv_close((uv_handle_t *)&ex->async, executor_free);
 }
 
@@ -229,7 +233,9 @@ int executor_submit(executor *ex, int64_t id, buf *work, size_t skip, int kind,
   j->id = id;
   j->kind = kind;
   uv_mutex_lock(&ex->lock);
-  int need = ex->idle == 0 && ex->nworkers < ex->maxworkers;
+  /* a worker more when the jobs waiting outnumber the idle workers: an idle worker
+   * signalled for an earlier job of the same burst has not woken yet */
+  int need = ex->npending + 1 > ex->idle && ex->nworkers < ex->maxworkers;
   int rc = 0;
   if (need) rc = worker_start(ex);
   if (rc != 0 && ex->nworkers == 0) {      /* no worker at all: the job cannot run */
@@ -239,6 +245,7 @@ int executor_submit(executor *ex, int64_t id, buf *work, size_t skip, int kind,
     return -1;
   }
   push(&ex->pending, &ex->pending_tail, j);
+  ex->npending++;
   if (ex->idle > 0) uv_cond_signal(&ex->cond);
   uv_mutex_unlock(&ex->lock);
   if (ex->inflight++ == 0) uv_ref((uv_handle_t *)&ex->async);
@@ -252,6 +259,7 @@ int executor_kill(executor *ex, int64_t id, int reason) {
     if ((*p)->id == id) {
       job *j = *p;
       *p = j->next;
+      ex->npending--;
       if (ex->pending_tail == j) ex->pending_tail = prev;
       complete_plain(ex, j, SANDBOX_KILLED, sandbox_kill_name(reason));
       uv_async_send(&ex->async);
@@ -447,6 +455,18 @@ static int exec_stats(lua_State *L) {
   return 1;
 }
 
+static int exec_ready(lua_State *L) {
+  executor *ex = exec_check(L);
+  char why[256];
+  if (executor_ready(ex, why, sizeof why) != 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, why);
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 static int exec_close(lua_State *L) {
   lexec *le = exec_ud(L);
   if (le->ex) {
@@ -479,6 +499,8 @@ static int l_executor(lua_State *L) {
   if (!lua_isnil(L, -1)) cfg.requires = luaL_checkstring(L, -1);
   lua_getfield(L, 1, "info");                /* bytes: flame.parent() in the workers */
   if (!lua_isnil(L, -1)) cfg.info = luaL_checklstring(L, -1, &cfg.info_len);
+  lua_getfield(L, 1, "prestart");
+  int flags = lua_toboolean(L, -1) ? EXECUTOR_PRESTART : 0;
   lua_getfield(L, 1, "on_done");
   luaL_checktype(L, -1, LUA_TFUNCTION);
 
@@ -488,7 +510,7 @@ static int l_executor(lua_State *L) {
   le->done_ref = LUA_NOREF;
   luaL_setmetatable(L, EXECUTOR_MT);
   const char *err;
-  executor *ex = executor_new(&lp->uv, (int)workers, &cfg, 0, lua_done, le, &err);
+  executor *ex = executor_new(&lp->uv, (int)workers, &cfg, flags, lua_done, le, &err);
   if (ex == NULL) return luaL_error(L, "executor: %s", err);
   lua_pushvalue(L, -2);
   le->done_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -499,6 +521,7 @@ static int l_executor(lua_State *L) {
 void flame_executor_open(lua_State *L) {
   static const luaL_Reg methods[] = {
     { "submit", exec_submit }, { "kill", exec_kill }, { "stats", exec_stats },
+    { "ready", exec_ready },
     { "close", exec_close }, { NULL, NULL }
   };
   if (luaL_newmetatable(L, EXECUTOR_MT)) {

@@ -192,6 +192,47 @@ describe("flame runner", function()
     P.stop()
   end)
 
+  it("runs calls that arrive together side by side, up to max_concurrency", function()
+    local dir = H.tmpdir()
+    local go = dir .. "/go"
+    local gate = H.gate
+    local P = fake_parent { settings = { max_concurrency = 4 } }
+    P.wait(function() return P.up ~= nil end, "REMOTE_UP")
+    -- one burst: a call held at a gate, then three quick ones
+    P.conn:send(wire.SPAWN, 1, spawn_bytes(function() gate(go) return "slow" end))
+    for id = 2, 4 do P.conn:send(wire.SPAWN, id, spawn_bytes(function() return "quick" end)) end
+    P.wait(function()
+      return P.message(wire.RESULT, 2) and P.message(wire.RESULT, 3) and P.message(wire.RESULT, 4)
+    end, "the quick results while the slow call waits")
+    assert.is_nil(P.message(wire.RESULT, 1))
+    H.touch(go)
+    P.wait(function() return P.message(wire.RESULT, 1) end, "the slow result")
+    P.stop()
+    H.rmdir(dir)
+  end)
+
+  it("makes a worker for each job of a burst its started worker cannot take", function()
+    -- what a runner's executor does when SPAWNs arrive in one read: the worker made
+    -- at start is idle, but has not woken for the first job when the next come
+    local dir = H.tmpdir()
+    local go = dir .. "/go"
+    local gate = H.gate
+    local done = {}
+    local ex = core.executor { workers = 4, prestart = true,
+      on_done = function(id, status) done[id] = status end }
+    assert.is_true(ex:ready())
+    ex:submit(1, assert(core.encode(nil, function() gate(go) end)))
+    for id = 2, 4 do ex:submit(id, assert(core.encode(nil, function() return id end))) end
+    assert.are.equal(4, ex:stats().workers)
+    assert.is_true(H.wait_for(function() return done[2] and done[3] and done[4] end),
+      "the quick jobs waited behind the held one")
+    assert.is_nil(done[1])
+    H.touch(go)
+    assert.is_true(H.wait_for(function() return done[1] ~= nil end))
+    ex:close()
+    H.rmdir(dir)
+  end)
+
   describe("a KILL that overtakes its SPAWN", function()
     -- FLAME_TEST_HOLD_SPAWN=1 (docs/protocol.md): the runner handles each SPAWN after
     -- the message that follows it, as when a small KILL passes the chunks of a big

@@ -295,9 +295,16 @@ local function backend_server(pool, runner)
       memory_limit = sb.memory_limit or 0,
       info = assert(core.encode(nil, { ref = runner.id, backend = "local",
         node_base = runner.id, flame_vsn = core.VERSION })),
+      -- its first worker and sandbox are made now, beside the boot, as on a runner
+      prestart = true,
       on_done = function(id, status, payload) runner:done(id, status, payload) end,
     })
     if not ok then return nil, tostring(ex) end
+    local ready, why = ex:ready()              -- a sandbox that cannot be made fails the boot
+    if not ready then
+      ex:close()
+      return nil, "executor: " .. why
+    end
     return keep(ex, "terminator")
   end
 
