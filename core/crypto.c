@@ -8,6 +8,7 @@
 
 #include <lua.h>
 #include <lauxlib.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 
@@ -24,6 +25,16 @@ int crypto_hmac_sha256(const void *key, size_t klen, const void *data, size_t dl
       || olen != CRYPTO_HMAC_LEN)
     return -1;
   return 0;
+}
+
+int crypto_init(void) {
+  /* with its configuration, as the first HMAC would load it: loading it on the
+   * calling thread keeps that thread's error state off other threads */
+  return OPENSSL_init_crypto(OPENSSL_INIT_LOAD_CONFIG, NULL) == 1 ? 0 : -1;
+}
+
+void crypto_thread_end(void) {
+  OPENSSL_thread_stop();
 }
 
 void crypto_warm(void *unused) {

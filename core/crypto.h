@@ -11,6 +11,12 @@
 
 /* Makes libcrypto load what its first HMAC needs (about 1 ms): a thread's body. */
 void crypto_warm(void *unused);
+/* libcrypto initialised now: an atexit handler registered after this runs before
+ * libcrypto's own cleanup. 0, or -1. */
+int crypto_init(void);
+/* Frees the calling thread's libcrypto state (a thread that used it, before it ends
+ * at exit: libcrypto's cleanup may otherwise have run first and lost it). */
+void crypto_thread_end(void);
 
 /* 0, or -1 when libcrypto failed. */
 int crypto_hmac_sha256(const void *key, size_t klen, const void *data, size_t dlen,

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 
 #include "flame.h"
+#include "crypto.h"
 #include "loop.h"
 #include "runtime.h"
 
@@ -69,6 +70,7 @@ static void runtime_main(void *arg) {
   uv_walk(&loop, close_walk, NULL);           /* what the process leaves at exit */
   uv_run(&loop, UV_RUN_DEFAULT);
   if (uv_loop_close(&loop) != 0) fprintf(stderr, "flame: the runtime loop still had handles\n");
+  crypto_thread_end();                        /* the handshakes' HMACs left some */
 }
 
 static void stop_at_exit(void) {
@@ -80,6 +82,8 @@ static void stop_at_exit(void) {
 }
 
 static void start(void) {
+  /* libcrypto first: its exit cleanup then runs after ours, which joins the thread */
+  if (crypto_init() != 0) return;
   if (uv_mutex_init(&lock) != 0) return;
   if (uv_cond_init(&done_cond) != 0) return;
   if (uv_loop_init(&loop) != 0) return;
