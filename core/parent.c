@@ -87,6 +87,10 @@ static int decode_settings(check *c, const cJSON *s, parent_settings *ps) {
     if (*vals[i] > caps[i].max)
       return fail(c, "setting %s is %lld, above %lld", caps[i].name, (long long)*vals[i],
                   (long long)caps[i].max);
+  const cJSON *ic = cJSON_GetObjectItemCaseSensitive(s, "idle_check");
+  if (ic && !cJSON_IsNull(ic) && !cJSON_IsBool(ic))
+    return fail(c, "setting idle_check is not a boolean");
+  ps->idle_check = cJSON_IsTrue(ic);
   ps->profile = SANDBOX_APPLICATION;
   ps->memory_limit = 0;
   const cJSON *sb = cJSON_GetObjectItemCaseSensitive(s, "sandbox");

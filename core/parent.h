@@ -26,6 +26,7 @@ typedef struct parent_settings {
   int64_t heartbeat_interval, heartbeat_misses, max_message;
   sandbox_profile profile;
   int64_t memory_limit;
+  int idle_check;                        /* the pool sends an idle check (CONFIG) */
 } parent_settings;
 
 typedef struct parent {

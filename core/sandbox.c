@@ -910,6 +910,9 @@ static int sbox_call(lua_State *L) {
   codec_opts o;
   codec_opts_init(&o);
   o.root = "work";
+  /* the boxes above could run a finalizer that closed this sandbox: from busy on,
+   * a close is refused */
+  if (b->s == NULL) return luaL_error(L, "sandbox is closed");
   b->busy = 1;
   if (codec_encode(L, 1, &o, work) != 0) {
     b->busy = 0;
@@ -1025,10 +1028,13 @@ static int sbox_step(lua_State *L, int start) {
   lua_Integer id = start ? 0 : luaL_checkinteger(L, 2);
   const char *in = luaL_checklstring(L, start ? 2 : 3, &len);
   lua_Integer ms = luaL_optinteger(L, start ? 3 : 4, 10000);
+  buf *out = buf_box(L);
+  /* the box could run a finalizer that closed this sandbox: read it after, and from
+   * busy on a close is refused */
+  if (b->s == NULL) return luaL_error(L, "sandbox is closed");
   sandbox *s = b->s;
   lua_State *S = s->L;
   step st = { in, len, start, id, NULL, 0 };
-  buf *out = buf_box(L);
   b->busy = 1;
   sandbox_rearm(s);
   lua_settop(S, 0);

@@ -424,7 +424,8 @@ static void on_idle(uv_timer_t *h) {
   term *t = h->data;
   if (t->ncalls > 0 || t->stage != S_UP || t->checking) return;
   if (t->idle_check.len == 0) {
-    go_idle(t);
+    if (t->s->idle_check) idle_start(t);     /* its check has not come yet: wait for it */
+    else go_idle(t);
     return;
   }
   /* the pool's check runs like work: in a sandbox, killed if it takes too long */

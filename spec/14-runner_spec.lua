@@ -233,6 +233,30 @@ describe("flame runner", function()
     H.rmdir(dir)
   end)
 
+  it("waits for the pool's idle check before it idles down, when told one will come", function()
+    local function pings(P)
+      local n = 0
+      for _, m in ipairs(P.got) do if m.type == wire.PING then n = n + 1 end end
+      return n
+    end
+    local P = fake_parent { settings = { idle_shutdown_after = 100, heartbeat_interval = 100,
+                                         idle_check = true } }
+    P.wait(function() return P.up ~= nil end, "REMOTE_UP")
+    local seen = pings(P)                    -- five of its heartbeats: five idle windows
+    P.wait(function() return pings(P) >= seen + 5 end, "the runner's heartbeats")
+    assert.is_nil(P.message(wire.REMOTE_SHUTDOWN), "it idled down before its check came")
+    P.conn:send(wire.CONFIG, 0, assert(core.encode(nil, function() return true end)))
+    P.wait(function() return P.message(wire.REMOTE_SHUTDOWN) end, "REMOTE_SHUTDOWN")
+    assert.are.equal("idle", P.message(wire.REMOTE_SHUTDOWN).payload)
+    P.wait(function() return P.exit ~= nil end, "the runner to exit")
+    P.stop()
+    -- and told nothing, it idles down without a check
+    local Q = fake_parent { settings = { idle_shutdown_after = 100 } }
+    Q.wait(function() return Q.message(wire.REMOTE_SHUTDOWN) end, "REMOTE_SHUTDOWN")
+    Q.wait(function() return Q.exit ~= nil end, "the runner to exit")
+    Q.stop()
+  end)
+
   describe("a KILL that overtakes its SPAWN", function()
     -- FLAME_TEST_HOLD_SPAWN=1 (docs/protocol.md): the runner handles each SPAWN after
     -- the message that follows it, as when a small KILL passes the chunks of a big

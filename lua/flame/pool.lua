@@ -264,6 +264,8 @@ local function backend_server(pool, runner)
       settings = {
         max_concurrency = o.max_concurrency, shutdown_timeout = ms(o.shutdown_timeout),
         idle_shutdown_after = ms(idle), failsafe_timeout = ms(o.boot_timeout),
+        -- the check comes in CONFIG after REMOTE_UP: the runner must not idle before
+        idle_check = type(o.idle_shutdown_after) == "table" or nil,
         heartbeat_interval = hub.opts.heartbeat_interval,
         heartbeat_misses = hub.opts.heartbeat_misses,
         sandbox = sandbox_settings(o.sandbox),
