@@ -326,12 +326,14 @@ describe("sandbox kill switch", function()
 
   it("does not touch work that ends before the deadline, nor the next call", function()
     local sb = sandbox()
-    local ok, v = sb:call(function() return 41 + 1 end, { timeout = 50 })
+    -- a deadline the work beats by far, even under valgrind
+    local ok, v = sb:call(function() return 41 + 1 end, { timeout = 500 })
     assert.is_true(ok)
     assert.are.equal(42, v)
     local ok2, v2 = sb:call(function()
-      local n = 0
-      for i = 1, 3e6 do n = n + i end     -- outlives the first call's deadline
+      os.execute("sleep 0.6")             -- outlives the first call's deadline, then
+      local n = 0                         -- computes: a kill left armed would hit here
+      for i = 1, 1e5 do n = n + i end
       return n > 0
     end)
     assert.is_true(ok2)
@@ -374,7 +376,8 @@ describe("sandbox kill switch", function()
   for _, case in ipairs(escapes) do
     it("cannot be escaped through " .. case[1], function()
       local sb = sandbox()
-      local ok, kind, msg = sb:call(case[2], { timeout = 50 })
+      -- work that fails at once gets a deadline it surely beats; a loop is killed
+      local ok, kind, msg = sb:call(case[2], { timeout = case[3] and 30000 or 50 })
       assert.is_false(ok)
       if case[3] then
         assert.are.equal("remote", kind)

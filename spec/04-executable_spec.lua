@@ -35,8 +35,10 @@ describe("flame executable", function()
       local task = require "flame.task"
       assert(task.current() ~= nil, "the script is not running as a task")
       local p = flame.pool { name = "exe" }
-      flame.spawn(function() flame.sleep(50) print("late task done") end)
+      local called = task.future()
+      flame.spawn(function() called:wait() flame.sleep(50) print("late task done") end)
       print("call:", flame.call(p, function() return 6 * 7 end))
+      called:set()
       p:shutdown()
     ]])
     local rc, out = run("flame " .. q(path))

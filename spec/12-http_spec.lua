@@ -26,13 +26,10 @@ describe("http", function()
       .. H.q(dir .. "/httpd.log") .. " 2>&1 & echo $!")
     userver = tonumber(p:read("l"))
     p:close()
-    local deadline = task.now() + 5000
-    while task.now() < deadline do                 -- until the socket exists
-      local f = io.open(usock)
-      if f then f:close() break end
-      flame.sleep(20)
-    end
-    flame.sleep(50)
+    -- until the server answers (its socket exists a moment before it listens)
+    assert(H.wait_for(function()
+      return get { url = "http://localhost/hello", unix_socket = usock } == 200
+    end), "the test HTTP server did not start")
   end)
 
   teardown(function()
@@ -133,7 +130,7 @@ describe("http", function()
   end)
 
   it("reports a refused connection", function()
-    local status, _, _, err = get { url = "http://127.0.0.1:1/", timeout = 2000 }
+    local status, _, _, err = get { url = "http://127.0.0.1:1/", timeout = 30000 }
     assert.is_nil(status)
     assert.matches("CURLE_COULDNT_CONNECT", err, 1, true)
     local s2, _, _, err2 = get { url = "http://localhost/", unix_socket = "/nonexistent.sock" }
@@ -184,7 +181,7 @@ describe("http", function()
         if status ~= 200 or body ~= "hello" or headers["x-test"] ~= "yes" then
           error("unexpected answer: " .. tostring(status), 0)
         end
-        local s2, err = env.http.request { url = "http://127.0.0.1:1/", timeout = 1000 }
+        local s2, err = env.http.request { url = "http://127.0.0.1:1/", timeout = 30000 }
         if s2 ~= nil or not err:find("CURLE_COULDNT_CONNECT", 1, true) then
           error("no error for a refused connection", 0)
         end

@@ -161,6 +161,9 @@ return function(backend, base_opts)
 
     it("kills a runaway call at its timeout, and the runner serves the next", function()
       local p = pool { max_concurrency = 1 }
+      -- the runner is up first (a boot has the default timeout), so that the short
+      -- deadline is spent running the work, whatever a boot takes here
+      assert.are.equal("up", flame.call(p, function() return "up" end))
       local err = fails("timeout", p, function() while true do end end, { timeout = 100 })
       assert.are.equal("run", err.phase)
       assert.matches("ran past its timeout of 100 ms", err.message, 1, true)
@@ -174,8 +177,11 @@ return function(backend, base_opts)
 
     it("uses the pool's timeout when the call gives none", function()
       local p = pool { timeout = 80 }
+      -- booted by a call with a timeout of its own: the pool's 80 ms go to the run
+      assert.are.equal("up", flame.call(p, function() return "up" end, { timeout = 60000 }))
       local err = fails("timeout", p, function() while true do end end)
       assert.are.equal("run", err.phase)
+      assert.matches("ran past its timeout of 80 ms", err.message, 1, true)
     end)
 
     it("fails a call that allocates past the memory cap, and keeps working", function()
@@ -233,11 +239,20 @@ return function(backend, base_opts)
 
     it("keeps other calls going while one blocks in a subprocess", function()
       local p = pool { max_concurrency = 4 }
+      local dir = H.tmpdir()
+      local started, go, gate = dir .. "/started", dir .. "/go", H.gate
       local finished = {}
+      -- the slow call blocks in a subprocess until the quick ones are done (the gate
+      -- opens after them), however long they take here
       local slow = flame.spawn(function()
-        flame.call(p, function() os.execute("sleep 1") end)
+        flame.call(p, function()
+          assert(io.open(started, "w")):close()
+          gate(go)
+        end)
         finished[#finished + 1] = "slow"
       end)
+      assert.is_true(H.wait_for(function() return H.exists(started) end),
+        "the slow call did not start")
       local quick = {}
       for i = 1, 6 do
         quick[i] = flame.spawn(function()
@@ -246,7 +261,9 @@ return function(backend, base_opts)
         end)
       end
       for i = 1, 6 do quick[i]:await() end
+      H.touch(go)
       slow:await()
+      H.rmdir(dir)
       assert.are.same({ "quick", "quick", "quick", "quick", "quick", "quick", "slow" },
         finished)
     end)
@@ -266,10 +283,8 @@ return function(backend, base_opts)
       local dir = H.tmpdir()
       flame.cast(p, function() assert(io.open(dir .. "/cast", "w")):close() end)
       flame.cast(p, function() error("cast failure") end)
-      flame.sleep(200)
-      local f = io.open(dir .. "/cast")
-      assert.is_truthy(f)
-      f:close()
+      assert.is_true(H.wait_for(function() return H.exists(dir .. "/cast") end),
+        "the cast did not run")
       H.rmdir(dir)
     end)
 
