@@ -8,6 +8,14 @@ local M = {}
 
 function M.ms() return core.hrtime() / 1e6 end
 
+--- The first line a shell command prints.
+function M.line(cmd)
+  local p = assert(io.popen(cmd))
+  local l = p:read("l")
+  p:close()
+  return l
+end
+
 function M.percentile(sorted, p)
   return sorted[math.max(1, math.ceil(#sorted * p))]
 end

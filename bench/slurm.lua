@@ -12,12 +12,7 @@ local BOOTS = tonumber(arg[1]) or 10
 local B = require "bench.common"
 local ms, percentile = B.ms, B.percentile
 
-local function line(cmd)
-  local p = io.popen(cmd)
-  local l = p:read("l")
-  p:close()
-  return l
-end
+local line = B.line
 
 local cores = tonumber(line("nproc")) or 0
 print(("Slurm backend, %s, slurmrestd at %s, %d cores"):format(

@@ -22,14 +22,7 @@ local PLAY = H.slow and 15000 or 2000
 -- those take a while, so the window is wider there
 local IDLE = H.slow and 3000 or 200
 
--- A process is gone when /proc has no entry for it, or only a zombie.
-local function alive(pid)
-  local f = io.open("/proc/" .. pid .. "/stat")
-  if not f then return false end
-  local stat = f:read("a")
-  f:close()
-  return stat:match("^%d+ %b() (%a)") ~= "Z"
-end
+local alive = H.alive      -- gone: no /proc entry, or only a zombie's
 
 local seen = {}          -- runner pids started by a test, checked after it
 local function track(pid) seen[#seen + 1] = pid return pid end

@@ -296,12 +296,7 @@ describe("docker backend #docker", function()
 
   it("sweeps away containers left by parents of the pool that died, and only those", function()
     if not need_engine() then return end
-    local function line(cmd)
-      local p = io.popen(cmd)
-      local l = p:read("l")
-      p:close()
-      return l
-    end
+    local line = H.line
     local host = line("cat /proc/sys/kernel/hostname")
     local boot = line("cat /proc/sys/kernel/random/boot_id")
     local pidns = line("readlink /proc/self/ns/pid")

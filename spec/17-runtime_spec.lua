@@ -49,14 +49,7 @@ describe("a parent that computes on its main thread", function()
   end
 end)
 
--- A process is gone when /proc has no entry for it, or only a zombie.
-local function alive(pid)
-  local f = io.open("/proc/" .. pid .. "/stat")
-  if not f then return false end
-  local stat = f:read("a")
-  f:close()
-  return stat:match("^%d+ %b() (%a)") ~= "Z"
-end
+local alive = H.alive
 
 describe("pool:shutdown()", function()
   it("returns once the runner processes are gone", function()

@@ -37,6 +37,23 @@ function H.wait_for(cond, ms)
   return true
 end
 
+--- The first line a shell command prints.
+function H.line(cmd)
+  local p = assert(io.popen(cmd))
+  local l = p:read("l")
+  p:close()
+  return l
+end
+
+--- True while a process lives: it has a /proc entry that is not a zombie's.
+function H.alive(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return false end
+  local stat = f:read("a")
+  f:close()
+  return stat:match("^%d+ %b() (%a)") ~= "Z"
+end
+
 --- True when a file exists at path.
 function H.exists(path)
   local f = io.open(path)
