@@ -169,6 +169,25 @@ describe("docker backend #docker", function()
     assert.is_true(wait_no_containers(engine, "dk-calls", H.patience))
   end)
 
+  it("keeps its runner while the parent computes for 10 s; shutdown returns with the "
+    .. "container removed", function()
+    if not need_engine() then return end
+    local p = pool("dk-busy-parent", { max = 1, max_concurrency = 2, idle_shutdown_after = 120000 })
+    local function which() return require("flame").parent().ref end
+    local first = flame.call(p, which)
+    local t = flame.spawn(function()
+      return flame.call(p, function() os.execute("sleep 1") return "finished meanwhile" end)
+    end)
+    assert.is_true(H.wait_for(function() return p:stats().busy == 1 end), "the call was not sent")
+    local t0 = core.hrtime()                 -- 10 s on this thread, never yielding
+    while core.hrtime() - t0 < 10e9 do end
+    assert.are.equal("finished meanwhile", t:await())   -- a lost runner kills linked work
+    assert.are.equal(first, flame.call(p, which))
+    assert.are.equal(1, #containers(engine, "dk-busy-parent"))
+    p:shutdown()
+    assert.are.same({}, containers(engine, "dk-busy-parent"))
+  end)
+
   it("boots up to max, and the containers are gone after idle shutdown", function()
     if not need_engine() then return end
     -- boots counted as they end: with boots of different lengths one runner may idle
