@@ -288,14 +288,12 @@ int executor_ready(executor *ex, char *err, size_t errlen) {
 
 void executor_get_stats(executor *ex, executor_stats *st) {
   uv_mutex_lock(&ex->lock);
-  int queued = 0;
-  for (job *j = ex->pending; j; j = j->next) queued++;
   st->workers = ex->nworkers;
   st->max_workers = ex->maxworkers;
   st->idle = ex->idle;
   st->running = ex->running;
   st->peak = ex->peak;
-  st->queued = queued;
+  st->queued = ex->npending;
   uv_mutex_unlock(&ex->lock);
 }
 

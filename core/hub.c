@@ -44,17 +44,10 @@
 #include "wire.h"
 
 #define HUB_MT "flame.hub"
-#define PROTOCOL WIRE_PROTOCOL
-#define NONCE_LEN WIRE_NONCE
 #define HANDSHAKE_MESSAGE (64 * 1024)
 #define HANDSHAKES_MAX 64
 #define SECRET_MAX 256
 
-enum {
-  M_HELLO = WIRE_HELLO, M_CHALLENGE = WIRE_CHALLENGE, M_PROOF = WIRE_PROOF,
-  M_REMOTE_UP = WIRE_REMOTE_UP, M_RESULT = WIRE_RESULT,
-  M_REMOTE_SHUTDOWN = WIRE_REMOTE_SHUTDOWN, M_PING = WIRE_PING, M_CLOSE = WIRE_CLOSE
-};
 
 enum { EV_UP, EV_MESSAGE, EV_LOST, EV_REFUSED, EV_DROPPED, EV_CLOSED };
 enum { H_HELLO, H_PROOF, H_AUTH, H_UP, H_REFUSED };
@@ -159,11 +152,11 @@ typedef struct hconn {
   link_conn *c;
   int stage;
   int counted;                      /* in hub->handshaking */
-  unsigned char nonce[NONCE_LEN];
+  unsigned char nonce[WIRE_NONCE];
   expect *entry;
   int64_t tid;
-  uint64_t msgs, heard, deadline;
-  int64_t missed;
+  uint64_t msgs, deadline;
+  wire_heartbeat hb;
   char peer[80];
 } hconn;
 
@@ -222,7 +215,7 @@ static void refuse(hconn *hc, const char *why) {
   char text[256];
   snprintf(text, sizeof text, "refused a connection from %s: %s", hc->peer, why);
   post_text(hc->hub->mb, EV_REFUSED, 0, text);
-  link_send(hc->c, M_CLOSE, 0, NULL, 0, why, strlen(why));   /* the runner learns why */
+  link_send(hc->c, WIRE_CLOSE, 0, NULL, 0, why, strlen(why));   /* the runner learns why */
   link_finish(hc->c, why);
   done_handshaking(hc);
 }
@@ -238,14 +231,14 @@ static void on_hello(hconn *hc, const buf *msg) {
   if (!cJSON_IsObject(doc) || !cJSON_IsNumber(v) || !(v->valuedouble > -1e9)
       || !(v->valuedouble < 1e9) || v->valuedouble != (double)(int64_t)v->valuedouble) {
     refuse(hc, "malformed HELLO");
-  } else if ((int64_t)v->valuedouble != PROTOCOL) {
-    snprintf(why, sizeof why, "protocol version %lld is not %d", (long long)v->valuedouble, PROTOCOL);
+  } else if ((int64_t)v->valuedouble != WIRE_PROTOCOL) {
+    snprintf(why, sizeof why, "protocol version %lld is not %d", (long long)v->valuedouble, WIRE_PROTOCOL);
     refuse(hc, why);
   } else if (!cJSON_IsString(ref) || (hc->entry = expect_find(h, ref->valuestring)) == NULL
              || hc->entry->claimed) {
     hc->entry = NULL;
     refuse(hc, "unknown runner ref");
-  } else if ((nlen = wire_b64_field(doc, "nonce", nonce, sizeof nonce)) < NONCE_LEN) {
+  } else if ((nlen = wire_b64_field(doc, "nonce", nonce, sizeof nonce)) < WIRE_NONCE) {
     hc->entry = NULL;
     refuse(hc, "malformed HELLO nonce");
   } else {
@@ -261,7 +254,7 @@ static void on_hello(hconn *hc, const buf *msg) {
       char out[200];
       int n = snprintf(out, sizeof out, "{\"nonce\":\"%s\",\"proof\":\"%s\"}", nb, pb);
       hc->stage = H_PROOF;
-      link_send(hc->c, M_CHALLENGE, 0, NULL, 0, out, (size_t)n);
+      link_send(hc->c, WIRE_CHALLENGE, 0, NULL, 0, out, (size_t)n);
     }
   }
   cJSON_Delete(doc);
@@ -295,7 +288,7 @@ static void on_up(hconn *hc, const buf *msg) {
   event *e = calloc(1, sizeof *e);
   hc->tid = ++h->next_tid;
   hc->stage = H_UP;
-  hc->heard = hc->msgs;
+  hc->hb.heard = hc->msgs;
   link_limits(hc->c, h->max_message, LINK_PARTIALS_MAX);
   if (e) {
     e->kind = EV_UP;
@@ -315,7 +308,7 @@ static void on_message(link_conn *c, void *ud, int type, uint64_t id, buf *msg) 
   if (hc->stage == H_REFUSED) return;
   hc->msgs++;
   if (hc->stage == H_UP) {
-    if (type == M_RESULT || type == M_REMOTE_SHUTDOWN) {
+    if (type == WIRE_RESULT || type == WIRE_REMOTE_SHUTDOWN) {
       event *e = calloc(1, sizeof *e);
       if (e == NULL) {
         link_close(hc->c, "not enough memory for a runner's message");
@@ -328,17 +321,17 @@ static void on_message(link_conn *c, void *ud, int type, uint64_t id, buf *msg) 
       e->payload = *msg;                     /* the bytes are the event's now */
       buf_init(msg);
       post(hc->hub->mb, e);
-    } else if (type != M_PING) {
+    } else if (type != WIRE_PING) {
       char why[96];
       wire_unexpected(why, sizeof why, type, "");
       link_close(hc->c, why);
     }
     return;
   }
-  if (type == M_PING) return;
-  if (hc->stage == H_HELLO && type == M_HELLO) on_hello(hc, msg);
-  else if (hc->stage == H_PROOF && type == M_PROOF) on_proof(hc, msg);
-  else if (hc->stage == H_AUTH && type == M_REMOTE_UP) on_up(hc, msg);
+  if (type == WIRE_PING) return;
+  if (hc->stage == H_HELLO && type == WIRE_HELLO) on_hello(hc, msg);
+  else if (hc->stage == H_PROOF && type == WIRE_PROOF) on_proof(hc, msg);
+  else if (hc->stage == H_AUTH && type == WIRE_REMOTE_UP) on_up(hc, msg);
   else {
     char why[96];
     wire_unexpected(why, sizeof why, type, " during the handshake");
@@ -396,8 +389,8 @@ static void on_accept(link_listener *l, void *ud, link_conn *c) {
 }
 
 /* Every heartbeat interval: a PING to each runner, a miss counted for each that was
- * silent since the last tick (ticks, not milliseconds: a late tick must not blame
- * the runner), and handshakes past their window closed. */
+ * silent since the last tick (wire_heartbeat_tick), and handshakes past their window
+ * closed. */
 static void on_tick(uv_timer_t *t) {
   hub *h = ((tick *)t->data)->hub;
   uint64_t now = uv_now(runtime_loop());
@@ -405,18 +398,11 @@ static void on_tick(uv_timer_t *t) {
     next = hc->next;
     if (hc->stage == H_UP) {
       if (link_closing(hc->c)) continue;
-      link_send(hc->c, M_PING, 0, NULL, 0, NULL, 0);
-      if (hc->msgs == hc->heard) {
-        if (++hc->missed >= h->misses) {
-          char why[128];
-          snprintf(why, sizeof why, "no heartbeat from the runner for %lld intervals of %lld ms",
-                   (long long)hc->missed, (long long)h->interval);
-          link_close(hc->c, why);
-        }
-      } else {
-        hc->heard = hc->msgs;
-        hc->missed = 0;
-      }
+      link_send(hc->c, WIRE_PING, 0, NULL, 0, NULL, 0);
+      char why[128];
+      if (wire_heartbeat_tick(&hc->hb, hc->msgs, h->misses, h->interval, "runner", why,
+                              sizeof why))
+        link_close(hc->c, why);
     } else if (hc->stage != H_REFUSED && now >= hc->deadline) {
       refuse(hc, "handshake timed out");
     } else if (hc->stage == H_REFUSED && now >= hc->deadline) {

@@ -19,7 +19,8 @@ typedef struct flame_loop {
   lua_State *L;               /* the thread running loop:run; NULL when not running */
   int running, closed;
   int dispatch_ref;
-  char scratch[64 * 1024];    /* socket reads land here; consumed before returning */
+  char scratch[64 * 1024];    /* child processes' output lands here (proc.c); consumed
+                                 before on_read returns */
 } flame_loop;
 
 /* [-0, +0, e] The state's loop, made on first use. */

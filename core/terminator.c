@@ -50,15 +50,6 @@
 #include "terminator.h"
 #include "wire.h"
 
-/* Message types (docs/protocol.md, wire.h). */
-enum {
-  M_HELLO = WIRE_HELLO, M_CHALLENGE = WIRE_CHALLENGE, M_PROOF = WIRE_PROOF,
-  M_REMOTE_UP = WIRE_REMOTE_UP, M_SPAWN = WIRE_SPAWN, M_RESULT = WIRE_RESULT,
-  M_KILL = WIRE_KILL, M_SHUTDOWN = WIRE_SHUTDOWN, M_REMOTE_SHUTDOWN = WIRE_REMOTE_SHUTDOWN,
-  M_PING = WIRE_PING, M_CONFIG = WIRE_CONFIG, M_CLOSE = WIRE_CLOSE
-};
-
-#define NONCE_LEN WIRE_NONCE
 #define CALL_BUCKETS 64
 #define EARLY_KILLS_MAX 1024
 #define IDLE_CHECK_ID (-1)               /* the executor job of the idle check */
@@ -115,11 +106,11 @@ typedef struct term {
   int lookups;                           /* lookups not yet answered (thread pool) */
   struct addrinfo *ai_list, *ai_cur;     /* a name's addresses, tried in turn */
   /* handshake */
-  unsigned char nonce[NONCE_LEN];
+  unsigned char nonce[WIRE_NONCE];
   uv_timer_t handshake_timer;
   /* heartbeats: messages received, counted at each tick */
-  uint64_t msgs, heard;
-  int64_t missed;
+  uint64_t msgs;
+  wire_heartbeat hb;
   uv_timer_t hb_timer;
   /* calls */
   call *calls[CALL_BUCKETS];
@@ -213,7 +204,7 @@ static void answer(term *t, int64_t id, int status, const char *text) {
     lost(t, "not enough memory to answer a call");
     return;
   }
-  if (t->conn) link_send_buf(t->conn, M_RESULT, (uint64_t)id, &b);
+  if (t->conn) link_send_buf(t->conn, WIRE_RESULT, (uint64_t)id, &b);
   buf_free(&b);
 }
 
@@ -249,12 +240,12 @@ static void send_hello(term *t) {
   int ok = doc && cJSON_AddNumberToObject(doc, "v", WIRE_PROTOCOL)
            && cJSON_AddStringToObject(doc, "ref", t->p.ref)
            && add_b64(doc, "nonce", t->nonce, sizeof t->nonce) == 0;
-  if (send_json(t, M_HELLO, doc, ok) != 0) lost(t, "not enough memory for the handshake");
+  if (send_json(t, WIRE_HELLO, doc, ok) != 0) lost(t, "not enough memory for the handshake");
 }
 
 static void refuse_parent(term *t) {
   static const char why[] = "the parent failed to prove the secret";
-  send_msg(t, M_CLOSE, 0, why, sizeof why - 1);
+  send_msg(t, WIRE_CLOSE, 0, why, sizeof why - 1);
   snprintf(t->failed, sizeof t->failed,
            "the parent failed to prove it holds the runner's secret: refusing it");
   t->code = 1;
@@ -268,7 +259,7 @@ static void on_challenge(term *t, const buf *msg) {
   long plen = cJSON_IsObject(doc) ? wire_b64_field(doc, "proof", got, sizeof got) : -1;
   cJSON_Delete(doc);
   uv_timer_stop(&t->handshake_timer);
-  if (nlen < NONCE_LEN || plen < 0 || proof(t, "parent", t->nonce, sizeof t->nonce, want) != 0
+  if (nlen < WIRE_NONCE || plen < 0 || proof(t, "parent", t->nonce, sizeof t->nonce, want) != 0
       || !crypto_equal(got, (size_t)plen, want, sizeof want)) {
     refuse_parent(t);
     return;
@@ -277,7 +268,7 @@ static void on_challenge(term *t, const buf *msg) {
   if (executor_ready(t->ex, why, sizeof why) != 0) {
     char text[sizeof why + 32];               /* the parent learns why, and nothing runs */
     snprintf(text, sizeof text, "the runner cannot start: %s", why);
-    send_msg(t, M_CLOSE, 0, text, strlen(text));
+    send_msg(t, WIRE_CLOSE, 0, text, strlen(text));
     snprintf(t->failed, sizeof t->failed, "cannot start: %s", why);
     t->code = 1;
     stop(t, "cannot start");
@@ -289,7 +280,7 @@ static void on_challenge(term *t, const buf *msg) {
     return;
   }
   cJSON *pr = cJSON_CreateObject();
-  if (send_json(t, M_PROOF, pr, pr && add_b64(pr, "proof", mine, sizeof mine) == 0) != 0) {
+  if (send_json(t, WIRE_PROOF, pr, pr && add_b64(pr, "proof", mine, sizeof mine) == 0) != 0) {
     lost(t, "not enough memory for the handshake");
     return;
   }
@@ -297,7 +288,7 @@ static void on_challenge(term *t, const buf *msg) {
   const char *host = t->p.host_env ? getenv(t->p.host_env) : NULL;
   int ok = up && cJSON_AddNumberToObject(up, "pid", (double)uv_os_getpid())
            && (host == NULL || cJSON_AddStringToObject(up, "host", host));
-  if (send_json(t, M_REMOTE_UP, up, ok) != 0) {
+  if (send_json(t, WIRE_REMOTE_UP, up, ok) != 0) {
     lost(t, "not enough memory for the handshake");
     return;
   }
@@ -411,7 +402,7 @@ static void kill_call(term *t, int64_t id, const buf *msg) {
 }
 
 static void go_idle(term *t) {
-  send_msg(t, M_REMOTE_SHUTDOWN, 0, "idle", 4);
+  send_msg(t, WIRE_REMOTE_SHUTDOWN, 0, "idle", 4);
   drain(t, "idle");
 }
 
@@ -477,7 +468,7 @@ static void on_done(void *ud, int64_t id, buf *out, int truthy) {
   call_remove(t, c);
   if (t->conn) {
     if (out->len == 0) answer(t, id, SANDBOX_ERROR, "the runner ran out of memory");
-    else if (link_send_buf(t->conn, M_RESULT, (uint64_t)id, out) == -2)
+    else if (link_send_buf(t->conn, WIRE_RESULT, (uint64_t)id, out) == -2)
       lost(t, "not enough memory to send a result");
   }
   if (t->ncalls == 0) {
@@ -490,14 +481,24 @@ static void on_done(void *ud, int64_t id, buf *out, int truthy) {
 /* -------------------------------------------------------------- messages ---- */
 
 static void handle(term *t, int type, int64_t id, buf *msg) {
-  if (type == M_SPAWN) spawn(t, id, msg);
-  else if (type == M_KILL) kill_call(t, id, msg);
-  else if (type == M_SHUTDOWN) drain(t, "shutdown");
-  else if (type == M_CONFIG) {
+  if (type == WIRE_SPAWN) spawn(t, id, msg);
+  else if (type == WIRE_KILL) kill_call(t, id, msg);
+  else if (type == WIRE_SHUTDOWN) drain(t, "shutdown");
+  else if (type == WIRE_CONFIG) {
     buf_free(&t->idle_check);              /* work, run in a sandbox when idle */
     t->idle_check = *msg;
     buf_init(msg);
-  } else if (type != M_PING) say("ignoring a message of unknown type %d", type);
+  } else if (type != WIRE_PING) say("ignoring a message of unknown type %d", type);
+}
+
+/* FLAME_TEST_HOLD_SPAWN: the held SPAWN, handled now that another message came. */
+static void release_held(term *t) {
+  if (!t->holding) return;
+  t->holding = 0;
+  buf held = t->held;
+  buf_init(&t->held);
+  spawn(t, t->held_id, &held);
+  buf_free(&held);
 }
 
 static void on_message(link_conn *c, void *ud, int type, uint64_t uid, buf *msg) {
@@ -505,7 +506,7 @@ static void on_message(link_conn *c, void *ud, int type, uint64_t uid, buf *msg)
   int64_t id = (int64_t)uid;
   if (c != t->conn) return;
   t->msgs++;
-  if (type == M_CLOSE) {
+  if (type == WIRE_CLOSE) {
     char why[LINK_REASON_MAX];
     snprintf(why, sizeof why, "the parent closed the link: %.*s", (int)msg->len,
              msg->data ? (const char *)msg->data : "");
@@ -513,8 +514,8 @@ static void on_message(link_conn *c, void *ud, int type, uint64_t uid, buf *msg)
     return;
   }
   if (t->stage == S_HANDSHAKE) {
-    if (type == M_CHALLENGE) on_challenge(t, msg);
-    else if (type != M_PING) {
+    if (type == WIRE_CHALLENGE) on_challenge(t, msg);
+    else if (type != WIRE_PING) {
       char why[96];
       wire_unexpected(why, sizeof why, type, " during the handshake");
       lost(t, why);
@@ -523,13 +524,8 @@ static void on_message(link_conn *c, void *ud, int type, uint64_t uid, buf *msg)
   }
   if (t->stage != S_UP && t->stage != S_DRAINING) return;
   if (t->hold_spawn) {                       /* test switch: SPAWN after the next one */
-    if (type == M_SPAWN) {
-      if (t->holding) {
-        buf prev = t->held;
-        buf_init(&t->held);
-        spawn(t, t->held_id, &prev);
-        buf_free(&prev);
-      }
+    if (type == WIRE_SPAWN) {
+      release_held(t);
       t->held = *msg;
       buf_init(msg);
       t->held_id = id;
@@ -537,13 +533,7 @@ static void on_message(link_conn *c, void *ud, int type, uint64_t uid, buf *msg)
       return;
     }
     handle(t, type, id, msg);
-    if (t->holding && t->conn == c) {
-      t->holding = 0;
-      buf held = t->held;
-      buf_init(&t->held);
-      spawn(t, t->held_id, &held);
-      buf_free(&held);
-    }
+    if (t->conn == c) release_held(t);
     return;
   }
   handle(t, type, id, msg);
@@ -568,25 +558,16 @@ static const link_handlers handlers = { on_message, on_close };
 
 /* ------------------------------------------------------- heartbeats, loss ---- */
 
-/* Ticks, not milliseconds: a late tick of a busy loop runs before the waiting
- * messages are read, and must not blame the parent for the stall. */
 static void on_heartbeat(uv_timer_t *h) {
   term *t = h->data;
   if (t->stage != S_HANDSHAKE && t->stage != S_UP && t->stage != S_DRAINING) return;
   if (t->conn == NULL || link_closing(t->conn)) return;   /* nothing to watch now */
-  send_msg(t, M_PING, 0, NULL, 0);
+  send_msg(t, WIRE_PING, 0, NULL, 0);
   if (t->stage == S_HANDSHAKE) return;      /* bounded by its own timer */
-  if (t->msgs == t->heard) {
-    if (++t->missed >= t->s->heartbeat_misses) {
-      char why[128];
-      snprintf(why, sizeof why, "no heartbeat from the parent for %lld intervals of %lld ms",
-               (long long)t->missed, (long long)t->s->heartbeat_interval);
-      lost(t, why);
-    }
-  } else {
-    t->heard = t->msgs;
-    t->missed = 0;
-  }
+  char why[128];
+  if (wire_heartbeat_tick(&t->hb, t->msgs, t->s->heartbeat_misses, t->s->heartbeat_interval,
+                          "parent", why, sizeof why))
+    lost(t, why);
 }
 
 /* The parent is gone: linked work dies with it, unlinked work may finish. */

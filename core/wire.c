@@ -15,6 +15,19 @@ const char *wire_type_name(int type) {
   return type >= 0 && type < (int)(sizeof names / sizeof names[0]) ? names[type] : NULL;
 }
 
+int wire_heartbeat_tick(wire_heartbeat *hb, uint64_t msgs, int64_t misses, int64_t interval,
+                        const char *who, char *why, size_t whylen) {
+  if (msgs != hb->heard) {
+    hb->heard = msgs;
+    hb->missed = 0;
+    return 0;
+  }
+  if (++hb->missed < misses) return 0;
+  snprintf(why, whylen, "no heartbeat from the %s for %lld intervals of %lld ms", who,
+           (long long)hb->missed, (long long)interval);
+  return 1;
+}
+
 void wire_unexpected(char *out, size_t outlen, int type, const char *what) {
   const char *name = wire_type_name(type);
   if (name) snprintf(out, outlen, "protocol: unexpected %s%s", name, what);

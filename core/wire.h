@@ -8,6 +8,7 @@
 #define FLAME_WIRE_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include <cJSON.h>
 
@@ -21,6 +22,20 @@ enum {
   WIRE_RESULT = 6, WIRE_KILL = 7, WIRE_SHUTDOWN = 9, WIRE_REMOTE_SHUTDOWN = 10,
   WIRE_PING = 11, WIRE_CONFIG = 13, WIRE_CLOSE = 14
 };
+
+/* One end's heartbeat count (both ends keep one): messages heard at the last tick,
+ * and silent ticks in a row. Ticks, not milliseconds: a late tick of a busy loop
+ * runs before the waiting messages are read, and must not blame the peer. */
+typedef struct wire_heartbeat {
+  uint64_t heard;
+  int64_t missed;
+} wire_heartbeat;
+
+/* A tick, msgs being the messages received so far: 1 when misses ticks in a row
+ * heard nothing, with why ("no heartbeat from the WHO for N intervals of M ms")
+ * filled in; else 0. */
+int wire_heartbeat_tick(wire_heartbeat *hb, uint64_t msgs, int64_t misses, int64_t interval,
+                        const char *who, char *why, size_t whylen);
 
 /* "HELLO", ..., or NULL for a type the protocol does not have. */
 const char *wire_type_name(int type);

@@ -1,5 +1,7 @@
---- The link protocol's message types and payload layouts (docs/protocol.md).
--- Frames themselves (length, type, flags, id; chunking) are core/link.c's.
+--- The link protocol's message types and payload layouts (docs/protocol.md), for
+-- the pool and the specs. Frames themselves (length, type, flags, id; chunking) are
+-- core/link.c's; both ends of the link, with their heartbeats, are C (core/hub.c,
+-- core/terminator.c; types in core/wire.h).
 -- @module flame.wire
 local M = {}
 
@@ -25,40 +27,6 @@ for k, v in pairs(M) do if type(v) == "number" and k ~= "PROTOCOL" then M.NAMES[
 -- HMAC over the other side's nonce, bound to the runner's ref and to its role.
 function M.proof(hmac, secret, role, nonce, ref)
   return hmac(secret, role .. "\0" .. ref .. "\0" .. nonce)
-end
-
---- Heartbeats of one end of a link; both ends use them. Every interval, ping()
--- sends a PING (or returns false: nothing to watch now); when link.msgs, the count
--- of messages received, has not moved for `misses` ticks in a row, lost(message)
--- is called, once. Ticks, not milliseconds: a late tick of a busy loop runs before
--- the waiting messages are read, and must not blame the peer for the stall.
--- Returns the heartbeat; hb.stop() ends it.
-function M.heartbeat(loop, link, interval, misses, who, ping, lost)
-  local hb = { heard = link.msgs, missed = 0 }
-  local function tick()
-    hb.timer = loop:timer(interval, function()
-      hb.timer = nil
-      if hb.stopped then return end
-      if ping() ~= false then
-        if link.msgs == hb.heard then
-          hb.missed = hb.missed + 1
-          if hb.missed >= misses then
-            return lost(("no heartbeat from the %s for %d intervals of %d ms")
-              :format(who, hb.missed, interval))
-          end
-        else
-          hb.heard, hb.missed = link.msgs, 0
-        end
-      end
-      tick()
-    end)
-  end
-  function hb.stop()
-    hb.stopped = true
-    if hb.timer then hb.timer:stop() end
-  end
-  tick()
-  return hb
 end
 
 --- SPAWN's 9-byte header: the deadline in ms (0: none) and the link flag.
