@@ -233,6 +233,26 @@ describe("flame runner", function()
     H.rmdir(dir)
   end)
 
+  it("gives up a parent that goes silent, killing its linked work", function()
+    local dir = H.tmpdir()
+    local started = dir .. "/started"
+    -- the parent answers the handshake, then never sends another byte
+    local P = fake_parent { settings = { heartbeat_interval = 100, heartbeat_misses = 3,
+                                         shutdown_timeout = 60000 } }
+    P.wait(function() return P.up ~= nil end, "REMOTE_UP")
+    P.conn:send(wire.SPAWN, 1, spawn_bytes(function()
+      io.open(started, "w"):close()
+      while true do end
+    end))
+    P.wait(function() return H.exists(started) end, "the work to start")
+    P.wait(function() return P.exit ~= nil end, "the runner to give its parent up")
+    assert.are.equal(0, P.exit.code)
+    assert.matches("lost the parent: no heartbeat from the parent for 3 intervals of 100 ms",
+      P.text(), 1, true)
+    P.stop()
+    H.rmdir(dir)
+  end)
+
   it("waits for the pool's idle check before it idles down, when told one will come", function()
     local function pings(P)
       local n = 0

@@ -51,6 +51,26 @@ end)
 
 local alive = H.alive
 
+describe("the hub", function()
+  it("declares a silent runner lost, and its caller gets runner_down", function()
+    local p = H.pool { name = "frozen", backend = "process", max = 1, shutdown_timeout = 200,
+                       link = { heartbeat_interval = 200, heartbeat_misses = 3 } }
+    flame.call(p, function() return 1 end)
+    local pid = p.runners[1].term.pid
+    local t = flame.spawn(function()
+      return pcall(flame.call, p, function() os.execute("sleep 30") end)
+    end)
+    assert.is_true(H.wait_for(function() return p:stats().busy == 1 end), "the call was not sent")
+    os.execute("kill -STOP " .. pid)           -- alive, but answers nothing
+    local ok, err = t:await()
+    assert.is_false(ok)
+    assert.are.equal("runner_down", err.kind, tostring(err))
+    assert.matches("no heartbeat from the runner for 3 intervals of 200 ms", err.message, 1, true)
+    p:shutdown()                               -- and its backend reaps it
+    assert.is_false(alive(pid), "the frozen runner still exists")
+  end)
+end)
+
 describe("pool:shutdown()", function()
   it("returns once the runner processes are gone", function()
     local p = flame.pool { name = "gone-at-return", backend = "process", min = 2, max = 2,

@@ -539,7 +539,7 @@ function M.new(opts)
   if require("flame").parent() ~= nil then o.min = 0 end  -- a runner boots no runners
   local pool = setmetatable({
     name = o.name, opts = o, nmin = 0,
-    runners = {}, booting = 0, waiting = {}, calls = 0, peak = 0, nrunners = 0,
+    runners = {}, ending = {}, booting = 0, waiting = {}, calls = 0, peak = 0, nrunners = 0,
     log = logmod.new(o.log, o.name), config = {}, closed = false,
     -- a backend that leaves remote_spawn_monitor out gets the default, done here:
     -- the call goes to the runner's terminator without entering the backend state
@@ -772,6 +772,7 @@ end
 function Pool:release(r, reason)
   if r.released then return end
   r.released = true
+  self.ending[r] = true                        -- a shutdown waits for it to end
   local host = r.host
   if not host then
     r.release_done = true
@@ -798,8 +799,16 @@ end
 
 -- A runner has ended when its backend has released it (remote_shutdown returned:
 -- the container removed, say) and every process its backend started has exited.
+local function ended(r)
+  return r.release_done and next(r.procs) == nil
+end
+
+-- Once r has ended: out of the pool's ending set, and a shutdown waiting for it
+-- (await_ended) is told.
 function Pool:ended_check(r)
-  if r.ended and r.release_done and next(r.procs) == nil then r.ended:set(true) end
+  if not ended(r) then return end
+  self.ending[r] = nil
+  if r.ended then r.ended:set(true) end
 end
 
 -- Waits, until deadline (task.now() ms), for the runners to end; returns the ids of
@@ -807,7 +816,7 @@ end
 function Pool:await_ended(runners, deadline)
   local left = {}
   for _, r in ipairs(runners) do
-    if not (r.release_done and next(r.procs) == nil) then
+    if not ended(r) then
       r.ended = r.ended or task.future()
       local timer = loop:timer(math.max(0, deadline - task.now()), function() r.ended:set(false) end)
       local ok = r.ended:wait()
@@ -1170,7 +1179,10 @@ function Pool:shutdown()
   -- for processes) bounds a runner that does not
   local st = self.opts.shutdown_timeout
   local bound = (st == math.huge and 5000 or st + 1000) + 5000
-  local left = self:await_ended(stopped, task.now() + bound)
+  -- the runners just stopped, and those lost or idled down before and still ending
+  local all = {}
+  for r in pairs(self.ending) do all[#all + 1] = r end
+  local left = self:await_ended(all, task.now() + bound)
   if #left > 0 then
     self.log.warn("pool shut down; runners still ending after %d ms: %s", bound,
       table.concat(left, ", "))
