@@ -152,6 +152,28 @@ describe("remote runners", function()
     assert.matches("runner process exited with code 1", err.message, 1, true)
   end)
 
+  it("refuses an unknown ref, a short nonce and a handshake that never ends", function()
+    local p = H.pool { name = "refusals", backend = puppet_backend, boot_timeout = PLAY,
+                       link = LINK }
+    local caller = flame.spawn(function() return pcall(flame.call, p, function() return 1 end) end)
+    local parent = expected_parent(p)
+    local addr = p:hub().addrs[1]
+    local c, closed, got = connect(addr)
+    c:send(wire.HELLO, 0, cjson.encode { v = 1, ref = "nobody-expects-me", nonce = ("A"):rep(24) })
+    closed:wait()
+    assert.are.same({ wire.CLOSE, 0, "unknown runner ref" }, got[1])
+    local c2, closed2, got2 = connect(addr)
+    c2:send(wire.HELLO, 0, cjson.encode { v = 1, ref = parent.ref,
+                                          nonce = core.b64encode("short") })
+    closed2:wait()
+    assert.are.same({ wire.CLOSE, 0, "malformed HELLO nonce" }, got2[1])
+    local _, closed3, got3 = connect(addr)    -- says nothing: closed after the window
+    closed3:wait()
+    assert.are.same({ wire.CLOSE, 0, "handshake timed out" }, got3[1])
+    assert.is_true(H.wait_for(function() return p:hub().refusals == 3 end))
+    caller:await()
+  end)
+
   it("refuses an old protocol version on both sides", function()
     local p = H.pool { name = "old", backend = puppet_backend, boot_timeout = PLAY,
                        link = LINK }

@@ -42,6 +42,16 @@ describe("flame runner", function()
         "setting max_concurrency is not a number" },
       { "a profile runners do not have", function(d) d.settings.sandbox = { profile = "backend" } end,
         'setting sandbox.profile is not "application" or "restricted"' },
+      { "a sandbox that is not a table", function(d) d.settings.sandbox = 5 end,
+        "setting sandbox is not an object" },
+      { "heartbeat misses past their bound", function(d) d.settings.heartbeat_misses = 2000000 end,
+        "setting heartbeat_misses is 2000000, above 1000000" },
+      { "an idle_check that is not a boolean", function(d) d.settings.idle_check = "yes" end,
+        "setting idle_check is not a boolean" },
+      { "more addresses than a runner tries", function(d)
+          d.addrs = {}
+          for i = 1, 17 do d.addrs[i] = "127.0.0.1:" .. (1000 + i) end
+        end, "more than 16 parent addresses" },
     }
     for _, case in ipairs(cases) do
       it(case[1], function()
@@ -251,6 +261,45 @@ describe("flame runner", function()
       P.text(), 1, true)
     P.stop()
     H.rmdir(dir)
+  end)
+
+  describe("gives up a parent that breaks the protocol after the handshake", function()
+    local cases = {
+      { "a SPAWN with id 0", function(P) P.conn:send(wire.SPAWN, 0, spawn_bytes(function() end)) end,
+        "protocol: SPAWN with id 0" },
+      { "a SPAWN too short for its header", function(P) P.conn:send(wire.SPAWN, 3, "abc") end,
+        "protocol: malformed SPAWN" },
+      { "a SPAWN of a call already running", function(P)
+          local work = spawn_bytes(function() while true do end end)
+          P.conn:send(wire.SPAWN, 5, work)
+          P.conn:send(wire.SPAWN, 5, work)
+        end, "protocol: SPAWN of call 5, which is running" },
+    }
+    for _, case in ipairs(cases) do
+      it(case[1], function()
+        local P = fake_parent { settings = { shutdown_timeout = 0 } }
+        P.wait(function() return P.up ~= nil end, "REMOTE_UP")
+        case[2](P)
+        P.wait(function() return P.exit ~= nil end, "the runner to exit")
+        assert.matches("lost the parent: " .. case[3], P.text(), 1, true)
+        P.stop()
+      end)
+    end
+  end)
+
+  it("stays up when the pool's idle check fails", function()
+    local P = fake_parent { settings = { idle_shutdown_after = 100, idle_check = true } }
+    P.wait(function() return P.up ~= nil end, "REMOTE_UP")
+    P.conn:send(wire.CONFIG, 0, assert(core.encode(nil, function() error("no answer") end)))
+    P.wait(function() return P.text():find("the idle check failed (e): staying up", 1, true) end,
+      "the failed check")
+    assert.is_nil(P.message(wire.REMOTE_SHUTDOWN))
+    P.conn:send(wire.SPAWN, 1, spawn_bytes(function() return "still here" end))
+    P.wait(function() return P.message(wire.RESULT, 1) end, "the result")
+    local status, v = result(P.message(wire.RESULT, 1))
+    assert.are.equal("r", status)
+    assert.are.equal("still here", v)
+    P.stop()
   end)
 
   it("waits for the pool's idle check before it idles down, when told one will come", function()
