@@ -5,6 +5,7 @@ local flame = require "flame"
 local errors = require "flame.errors"
 local task = require "flame.task"
 local H = require "spec.helper"
+local core = require "flame.core"
 
 -- heartbeat_interval x heartbeat_misses is also the time the parent has for each
 -- runner's handshake: under valgrind (the parent slowed down, busy for a while) the
@@ -157,6 +158,40 @@ describe("pool rules", function()
     assert.are.equal(second, call_pid(p))
   end)
 
+  it("sends a call whose runner was lost before its work went out to another runner",
+    function()
+      local p = H.pool { name = "unsent-retry", backend = "process", max = 1,
+                         max_concurrency = 1, link = LINK, shutdown_timeout = 500 }
+      local first = call_pid(p)
+      local dir = H.tmpdir()
+      local go, started = dir .. "/go", dir .. "/started"
+      -- the first call holds the only slot; once the gate opens it returns, and a
+      -- process it leaves behind kills its runner a moment later
+      local a = flame.spawn(function()
+        return flame.call(p, function()
+          io.open(started, "w"):close()
+          gate(go)
+          os.execute(("(sleep 0.3; kill -9 %d) >/dev/null 2>&1 &"):format(first))
+          return "a done"
+        end)
+      end)
+      local b = flame.spawn(function() return pcall(call_pid, p) end)  -- queued behind a
+      assert.is_true(H.wait_for(function() return H.exists(started) end), "a did not start")
+      assert.is_true(H.wait_for(function() return p:stats().waiting == 1 end), "b is not queued")
+      -- from the gate on this thread computes: a's result (which hands a's slot to b)
+      -- and the loss of the runner both arrive before b can send anything on it
+      H.touch(go)
+      local t0 = os.time()
+      while H.alive(first) and os.time() - t0 < 60 do end
+      t0 = core.hrtime()
+      while core.hrtime() - t0 < 500e6 do end  -- the hub sees the link close meanwhile
+      assert.are.equal("a done", a:await())
+      local ok, pid = b:await()
+      assert.is_true(ok, "the call failed instead of going to another runner: " .. tostring(pid))
+      assert.are_not.equal(first, pid)
+      H.rmdir(dir)
+    end)
+
   it("forces min to 0 on a runner", function()
     flame._set_parent({ ref = "spec", backend = "process" })
     local ok, p = pcall(flame.pool, { name = "on-a-runner", min = 2, max = 2 })
@@ -296,8 +331,11 @@ describe("pool slots under cancellation and failure", function()
     assert.are.equal("free", flame.call(p, function() return "free" end, { timeout = 30000 }))
   end)
 
-  it("a call the backend cannot send fails at once with runner_down", function()
-    local p = H.pool { name = "unsent", backend = {
+  it("a call the backend cannot send fails with runner_down after three runners, well "
+    .. "before its deadline", function()
+    local boots = 0
+    local p = H.pool { name = "unsent", on_grow_start = function() boots = boots + 1 end,
+                       backend = {
       init = function(opts, env) return env.merge({}, opts) end,
       remote_boot = function(state, env)
         state.terminator = env.local_terminator(state)
@@ -311,6 +349,9 @@ describe("pool slots under cancellation and failure", function()
     local ok, err = pcall(function() return flame.call(p, function() end, { timeout = 30000 }) end)
     assert.is_false(ok)
     assert.are.equal("runner_down", err.kind)
+    assert.matches("runner unsent%-3 could not take the call: .*, three times$",
+      err.message)
+    assert.are.equal(3, boots)                 -- each runner that failed was replaced
     assert.is_true(task.now() - t0 < 30000, "waited for the deadline")
     assert.are.equal(0, p:stats().busy)
   end)

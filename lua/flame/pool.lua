@@ -1020,9 +1020,14 @@ function Pool:attempt(bytes, deadline, link)
   if asked then                              -- a benchmark asked for queue waits
     self.queue_waits[#self.queue_waits + 1] = (core.hrtime() - asked) / 1e6
   end
-  if self.closed or r.status ~= "up" then    -- stopped while the slot was on its way
+  if self.closed then                        -- stopped while the slot was on its way
     self:untake(r)
     errors.raise("shutdown", ("pool '%s' is shut down"):format(self.name), { pool = self.name })
+  end
+  if r.status ~= "up" then                   -- lost or leaving before the work was sent:
+    self:untake(r)                            -- nothing ran, another runner may take it
+    return "unsent", nil, nil, ("runner %s was %s before the call was sent")
+      :format(r.id, r.status == "draining" and "shutting down" or "gone"), r
   end
   next_call = next_call + 1
   local id = next_call
@@ -1058,12 +1063,12 @@ function Pool:attempt(bytes, deadline, link)
     ok, e = false, r.send_error or "the backend did not send the call"
   end
   if not ok then
+    f:set("k", nil)                           -- answered: the guard leaves the slot to us
     r.calls[id] = nil
     self:untake(r)
     local reason = ("runner %s could not take the call: %s"):format(r.id, tostring(e))
     self:runner_down(r, reason)               -- a runner that cannot take calls is gone
-    errors.raise("runner_down", ("pool '%s': %s"):format(self.name, reason),
-      { pool = self.name, runner = r.id })
+    return "unsent", nil, nil, reason, r      -- and the call was not sent: retried
   end
   local timer
   if deadline < math.huge then
@@ -1096,10 +1101,15 @@ function Pool:call(work, opts, level)
   local status, payload, why, detail, r, killed
   for _ = 1, 3 do
     status, payload, why, detail, r = self:attempt(bytes, deadline, o.link ~= false)
-    -- a runner that was going away when the call reached it refused it unstarted:
-    -- the call goes to another runner, within the same deadline
+    -- a runner found gone before the work was sent, or going away when the call
+    -- reached it (it refused the call unstarted): the call goes to another runner,
+    -- within the same deadline
     killed = status == "k" and why == nil and payload and select(2, core.decode(payload))
-    if not (killed == "shutdown" and r.leaving) then break end
+    if status ~= "unsent" and not (killed == "shutdown" and r.leaving) then break end
+  end
+  if status == "unsent" then
+    errors.raise("runner_down", ("pool '%s': %s, three times"):format(self.name, detail),
+      { pool = self.name, runner = r.id })
   end
   -- the runner's own deadline may fire a moment before ours: the same error
   if killed == "timeout" then why = "timeout" end
