@@ -63,3 +63,74 @@ buf *buf_box(lua_State *L) {
   lua_setmetatable(L, -2);
   return b;
 }
+
+static int bytes_gc(lua_State *L) {
+  buf_bytes *x = lua_touserdata(L, 1);
+  buf_free(&x->b);
+  return 0;
+}
+
+static int bytes_len(lua_State *L) {
+  buf_bytes *x = lua_touserdata(L, 1);
+  if (x->spent) return luaL_error(L, "these bytes were sent already");
+  lua_pushinteger(L, (lua_Integer)(x->b.len - x->head));
+  return 1;
+}
+
+buf_bytes *buf_bytes_new(lua_State *L, size_t head) {
+  buf_bytes *x = lua_newuserdatauv(L, sizeof *x, 0);
+  buf_init(&x->b);
+  x->head = 0;
+  x->spent = 0;
+  if (luaL_newmetatable(L, "flame.bytes")) {
+    lua_pushcfunction(L, bytes_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, bytes_len);
+    lua_setfield(L, -2, "__len");
+  }
+  lua_setmetatable(L, -2);
+  if (head > 0) {                          /* the room, zeroed until its header */
+    if (buf_reserve(&x->b, head) != 0) luaL_error(L, "not enough memory");
+    memset(x->b.data, 0, head);
+    x->b.len = x->head = head;
+  }
+  return x;
+}
+
+int buf_take_arg(lua_State *L, int idx, size_t head, buf *out, const char **err) {
+  buf_init(out);
+  const unsigned char *p;
+  size_t len;
+  buf_bytes *x = luaL_testudata(L, idx, "flame.bytes");
+  if (x) {
+    if (x->spent) {
+      *err = "these bytes were sent already";
+      return -1;
+    }
+    if (x->head == head) {                 /* the header goes where the room is */
+      *out = x->b;
+      buf_init(&x->b);
+      x->spent = 1;
+      return 0;
+    }
+    p = x->b.data + x->head;
+    len = x->b.len - x->head;
+  } else if (lua_type(L, idx) == LUA_TSTRING) {
+    p = (const unsigned char *)lua_tolstring(L, idx, &len);
+  } else {
+    *err = "a string or encoded bytes expected";
+    return -1;
+  }
+  if (buf_reserve(out, head + len) != 0) {
+    *err = "not enough memory";
+    return -1;
+  }
+  memset(out->data, 0, head);
+  if (len) memcpy(out->data + head, p, len);
+  out->len = head + len;
+  if (x) {                                 /* taken whole, copied or not */
+    buf_free(&x->b);
+    x->spent = 1;
+  }
+  return 0;
+}

@@ -923,11 +923,15 @@ static void opts_read(lua_State *L, int t, codec_opts *o, int encoding) {
   }
 }
 
-/* encode(opts, ...) -> bytes | nil, message */
+/* encode(opts, ...) -> bytes | nil, message. With opts.buffer the bytes stay C's
+ * (a flame.bytes, see buf.h), after opts.head bytes of room for a header: a call's
+ * work goes so to its runner without a copy into a string and out again. */
 static int l_encode(lua_State *L) {
   codec_opts o;
   if (lua_gettop(L) == 0) lua_pushnil(L);
   opts_read(L, 1, &o, 1);
+  int boxed = lua_istable(L, 1) && opt_bool(L, 1, "buffer", 0);
+  size_t room = boxed ? (size_t)opt_int(L, 1, "head", 0, 0, 64) : 0;
   int n = lua_gettop(L) - 1;
   int env = 0;
   if (lua_istable(L, 1) && lua_getfield(L, 1, "env") != LUA_TNIL) {
@@ -938,12 +942,16 @@ static int l_encode(lua_State *L) {
     lua_pop(L, 1);
   }
   o.env = env;
-  buf *b = buf_box(L);
+  buf *b = boxed ? &buf_bytes_new(L, room)->b : buf_box(L);
   lua_insert(L, env ? 3 : 2);
   if (codec_encode(L, n, &o, b) != 0) {
     lua_pushnil(L);
     lua_insert(L, -2);
     return 2;
+  }
+  if (boxed) {
+    lua_settop(L, env ? 3 : 2);              /* the flame.bytes */
+    return 1;
   }
   lua_pushlstring(L, (const char *)b->data, b->len);
   buf_free(b);

@@ -405,17 +405,17 @@ static executor *exec_check(lua_State *L) {
   return le->ex;
 }
 
-/* exec:submit(id, bytes) */
+/* exec:submit(id, bytes): a string (copied) or a flame.bytes (taken as it is, its
+ * room for a header skipped) */
 static int exec_submit(lua_State *L) {
   executor *ex = exec_check(L);
   lua_Integer id = luaL_checkinteger(L, 2);
-  size_t len;
-  const char *bytes = luaL_checklstring(L, 3, &len);
+  buf_bytes *x = luaL_testudata(L, 3, "flame.bytes");
+  size_t skip = x ? x->head : 0;
   buf work;
-  buf_init(&work);
-  if (buf_append(&work, bytes, len) != 0) return luaL_error(L, "not enough memory");
   const char *err;
-  if (executor_submit(ex, (int64_t)id, &work, 0, EXECUTOR_WORK, &err) != 0)
+  if (buf_take_arg(L, 3, skip, &work, &err) != 0) return luaL_error(L, "executor: %s", err);
+  if (executor_submit(ex, (int64_t)id, &work, skip, EXECUTOR_WORK, &err) != 0)
     return luaL_error(L, "executor: %s", err);
   return 0;
 }

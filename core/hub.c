@@ -16,7 +16,9 @@
  *   hub:close()               closes the listener and every connection
  * Events, in the order they happened:
  *   "up", ref, tid, pid, host      a runner proved itself and reported REMOTE_UP
- *   "message", tid, type, id, payload    RESULT or REMOTE_SHUTDOWN from a runner
+ *   "message", tid, type, id, payload [, status]
+ *                                        RESULT (its status byte apart) or
+ *                                        REMOTE_SHUTDOWN from a runner
  *   "lost", tid, reason            its link ended (closed, protocol, heartbeats)
  *   "refused", text / "dropped", text    an unauthenticated connection turned away
  *   "closed"                       the hub has let go of everything after close
@@ -552,6 +554,52 @@ typedef struct lhub {
 static void aa_detach(app_async *aa);
 static void aa_free(uv_handle_t *hd);
 
+/* In a protected call (a string too large for memory must not unwind through the
+ * loop): the event callback with what event 2 says. */
+static int event_call(lua_State *L) {
+  app_async *aa = lua_touserdata(L, 1);
+  const event *e = lua_touserdata(L, 2);
+  static const char *const kinds[] = { "up", "message", "lost", "refused", "dropped",
+                                       "closed" };
+  lua_settop(L, 0);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, aa->event_ref);
+  lua_pushstring(L, kinds[e->kind]);
+  switch (e->kind) {
+    case EV_UP:
+      lua_pushstring(L, e->text ? e->text : "");
+      lua_pushinteger(L, e->tid);
+      lua_pushinteger(L, e->pid);
+      if (e->text2) lua_pushstring(L, e->text2);
+      else lua_pushnil(L);
+      break;
+    case EV_MESSAGE: {
+      const char *p = e->payload.data ? (const char *)e->payload.data : "";
+      size_t n = e->payload.len;
+      lua_pushinteger(L, e->tid);
+      lua_pushinteger(L, e->type);
+      lua_pushinteger(L, (lua_Integer)e->id);
+      if (e->type == WIRE_RESULT && n > 0) {  /* the status byte apart: no copy later */
+        lua_pushlstring(L, p + 1, n - 1);
+        lua_pushlstring(L, p, 1);
+      } else {
+        lua_pushlstring(L, p, n);
+      }
+      break;
+    }
+    case EV_LOST:
+      lua_pushinteger(L, e->tid);
+      lua_pushstring(L, e->text ? e->text : "lost");
+      break;
+    case EV_REFUSED: case EV_DROPPED:
+      lua_pushstring(L, e->text ? e->text : "");
+      break;
+    default:
+      break;
+  }
+  lua_call(L, lua_gettop(L) - 1, 0);
+  return 0;
+}
+
 static void deliver(uv_async_t *a) {
   app_async *aa = a->data;
   uv_mutex_lock(&aa->mb->lock);
@@ -561,38 +609,11 @@ static void deliver(uv_async_t *a) {
   lua_State *L = aa->lp->L;
   while (e) {
     event *next = e->next;
-    if (L && aa->event_ref != LUA_NOREF && lua_checkstack(L, 8)) {
-      static const char *const kinds[] = { "up", "message", "lost", "refused", "dropped",
-                                           "closed" };
-      int base = lua_gettop(L);
-      lua_rawgeti(L, LUA_REGISTRYINDEX, aa->event_ref);
-      lua_pushstring(L, kinds[e->kind]);
-      switch (e->kind) {
-        case EV_UP:
-          lua_pushstring(L, e->text ? e->text : "");
-          lua_pushinteger(L, e->tid);
-          lua_pushinteger(L, e->pid);
-          if (e->text2) lua_pushstring(L, e->text2);
-          else lua_pushnil(L);
-          break;
-        case EV_MESSAGE:
-          lua_pushinteger(L, e->tid);
-          lua_pushinteger(L, e->type);
-          lua_pushinteger(L, (lua_Integer)e->id);
-          lua_pushlstring(L, e->payload.data ? (const char *)e->payload.data : "",
-                          e->payload.len);
-          break;
-        case EV_LOST:
-          lua_pushinteger(L, e->tid);
-          lua_pushstring(L, e->text ? e->text : "lost");
-          break;
-        case EV_REFUSED: case EV_DROPPED:
-          lua_pushstring(L, e->text ? e->text : "");
-          break;
-        default:
-          break;
-      }
-      flame_pcall_report(L, lua_gettop(L) - base - 1, "a hub's event callback");
+    if (L && aa->event_ref != LUA_NOREF && lua_checkstack(L, 3)) {
+      lua_pushcfunction(L, event_call);
+      lua_pushlightuserdata(L, aa);
+      lua_pushlightuserdata(L, e);
+      flame_pcall_report(L, 2, "a hub's event callback");
     }
     int closed = e->kind == EV_CLOSED;
     event_free(e);
@@ -670,25 +691,30 @@ static int hub_forget(lua_State *L) {
   return 0;
 }
 
-/* hub:send(tid, type, id, payload [, prefix]) */
+/* hub:send(tid, type, id, payload [, prefix]): payload a string or a flame.bytes;
+ * one made with room for the prefix goes to the socket without a copy. */
 static int hub_send(lua_State *L) {
   lhub *lh = hub_check(L);
   lua_Integer tid = luaL_checkinteger(L, 2), type = luaL_checkinteger(L, 3);
   lua_Integer id = luaL_checkinteger(L, 4);
-  size_t plen, xlen;
-  const char *payload = luaL_optlstring(L, 5, "", &plen);
+  size_t xlen;
+  if (lua_isnoneornil(L, 5)) {
+    lua_settop(L, 6);
+    lua_pushliteral(L, "");
+    lua_replace(L, 5);
+  }
   const char *prefix = luaL_optlstring(L, 6, "", &xlen);
   luaL_argcheck(L, type >= 0 && type <= 255, 3, "a type in [0, 255] expected");
   hcmd *c = hcmd_new(L, lh);
   c->tid = tid;
   c->type = (int)type;
   c->id = (uint64_t)id;
-  if (buf_reserve(&c->data, xlen + plen) != 0) {
+  const char *err;
+  if (buf_take_arg(L, 5, xlen, &c->data, &err) != 0) {
     hcmd_free(c);
-    return luaL_error(L, "not enough memory");
+    return luaL_error(L, "hub:send: %s", err);
   }
-  buf_append(&c->data, prefix, xlen);       /* reserved: cannot fail */
-  buf_append(&c->data, payload, plen);
+  if (xlen) memcpy(c->data.data, prefix, xlen);
   posted(L, cmd_send, c);
   return 0;
 }

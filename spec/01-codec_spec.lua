@@ -380,3 +380,46 @@ describe("codec refusals", function()
     end)
   end
 end)
+
+-- The bytes of a call's work stay C's (core.encode's buffer option, docs/codec.md):
+-- a consumer takes them whole, without a copy when they have room for its header.
+describe("encoded bytes held by C", function()
+  local core = require "flame.core"
+  local H = require "spec.helper"
+
+  it("run on a worker as a string would, once, and refuse a second use", function()
+    local done = {}
+    local ex = core.executor { workers = 1,
+      on_done = function(id, status, payload) done[id] = { status, payload } end }
+    local bytes = assert(core.encode({ name = "work", buffer = true, head = 9 },
+      function() return "from bytes", 42 end))
+    assert.are.equal("userdata", type(bytes))
+    assert.is_true(#bytes > 0)
+    ex:submit(1, bytes)
+    local ok, err = pcall(ex.submit, ex, 2, bytes)
+    assert.is_false(ok)
+    assert.matches("these bytes were sent already", err, 1, true)
+    assert.has_error(function() return #bytes end, "these bytes were sent already")
+    -- bytes with no room, and a plain string, are copied: both still run
+    ex:submit(3, assert(core.encode({ buffer = true }, function() return "no room" end)))
+    ex:submit(4, assert(core.encode(nil, function() return "a string" end)))
+    assert.is_true(H.wait_for(function() return done[1] and done[3] and done[4] end))
+    assert.is_nil(done[2])
+    for id, want in pairs { [1] = { "from bytes", 42 }, [3] = { "no room" }, [4] = { "a string" } } do
+      assert.are.equal("r", done[id][1])
+      local r = table.pack(core.decode(done[id][2]))
+      assert.is_true(r[1], tostring(r[2]))
+      assert.are.same(want, { table.unpack(r, 2, r.n) })
+    end
+    assert.has_error(function() ex:submit(5, {}) end,
+      "executor: a string or encoded bytes expected")
+    ex:close()
+  end)
+
+  it("fail to encode as a string does, with the path", function()
+    local bytes, err = core.encode({ name = "work", buffer = true, head = 9 }, { io.stdout })
+    assert.is_nil(bytes)
+    assert.matches("work[1]: userdata cannot be sent", err, 1, true)
+    assert.has_error(function() core.encode({ buffer = true, head = 65 }, 1) end)
+  end)
+end)

@@ -18,6 +18,7 @@ local M = {}
 local loop = task.loop
 local pools = {}                 -- name -> pool, for uniqueness within the process
 local LOST_GRACE = 100           -- ms a backend has to explain a lost link
+local SPAWN_HEADER = 9           -- SPAWN's deadline and link flag, before the work
 local next_call = 0
 
 local function invalid(msg, level)
@@ -1095,11 +1096,19 @@ function Pool:call(work, opts, level)
   end
   local timeout = o.timeout or self.opts.timeout
   local deadline = task.now() + timeout
-  local bytes, err = core.encode({ name = "work" }, work)
+  -- encoded once, into C's memory with room in front for SPAWN's header: the bytes
+  -- go to the runner's socket (or a local worker) as they are, copied by no one
+  local how = { name = "work", buffer = true, head = SPAWN_HEADER }
+  local bytes, err = core.encode(how, work)
   if not bytes then errors.raise("encode", err, { pool = self.name }) end
 
   local status, payload, why, detail, r, killed
-  for _ = 1, 3 do
+  for try = 1, 3 do
+    -- a try after the first sends a fresh copy: the last one went to a runner
+    if try > 1 then
+      bytes, err = core.encode(how, work)
+      if not bytes then errors.raise("encode", err, { pool = self.name }) end
+    end
     status, payload, why, detail, r = self:attempt(bytes, deadline, o.link ~= false)
     -- a runner found gone before the work was sent, or going away when the call
     -- reached it (it refused the call unstarted): the call goes to another runner,

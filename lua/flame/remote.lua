@@ -132,7 +132,7 @@ end
 
 -- What the hub on the runtime thread tells: runners up, their messages, links lost,
 -- connections refused.
-function Hub:event(kind, a, b, c, d)
+function Hub:event(kind, a, b, c, d, e)
   if kind == "up" then
     local entry = self.pending[a]
     local term = setmetatable({ hub = self, tid = b, inflight = 0, peak = 0, early = {},
@@ -152,7 +152,7 @@ function Hub:event(kind, a, b, c, d)
       if not term.ids[c] then return end        -- not a call we sent (or a duplicate)
       term.ids[c] = nil
       term.inflight = term.inflight - 1
-      term:emit("result", c, d:sub(1, 1), d:sub(2))
+      term:emit("result", c, e, d)           -- the hub gives the status byte apart
     elseif b == wire.REMOTE_SHUTDOWN then
       term:emit("remote_shutdown", d)
     end
