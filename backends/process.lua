@@ -3,7 +3,9 @@
 -- on 127.0.0.1, proves it holds its secret, and runs calls on its own worker
 -- threads. The worked example of docs/backends.md.
 -- Options (backend_opts): command (default { flame_bin(), "runner" }), args (extra
--- arguments, e.g. { "--require", "app" }), env (more environment), cwd.
+-- arguments, e.g. { "--require", "app" }), env (more environment), cwd. The runner
+-- gets this program's package.path, package.cpath and working directory as they are
+-- when it boots (env's LUA_PATH/LUA_CPATH and cwd win over them).
 -- @module flame.backends.process
 local B = {}
 
@@ -15,7 +17,17 @@ function B.init(opts, flame)
   end
   state.command = state.command or { flame.flame_bin(), "runner" }
   state.parent = flame.parent_new { node_base = state.runner_id, host_env = "HOSTNAME" }
-  state.env = flame.merge(state.env, { FLAME_PARENT = flame.parent_encode(state.parent) })
+  -- a runner on this machine finds modules as this program does now: its
+  -- package.path and package.cpath (a lib/ it added at run time included) and its
+  -- working directory, unless the options say otherwise
+  local paths, own = flame.code_paths(), state.env or {}
+  -- Lua 5.4 reads LUA_PATH_5_4 before LUA_PATH: a LUA_PATH of the options must not
+  -- lose to one this process inherited
+  local env = { LUA_PATH_5_4 = own.LUA_PATH or paths.path,
+                LUA_CPATH_5_4 = own.LUA_CPATH or paths.cpath }
+  state.cwd = state.cwd or paths.cwd
+  state.env = flame.merge(flame.merge(env, own),
+                          { FLAME_PARENT = flame.parent_encode(state.parent) })
   return state
 end
 

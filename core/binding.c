@@ -35,6 +35,20 @@ static int l_hrtime(lua_State *L) {
   return 1;
 }
 
+/* cwd() -> the process's working directory (uv_cwd), or nil and why */
+static int l_cwd(lua_State *L) {
+  char dir[4096];
+  size_t n = sizeof dir;
+  int rc = uv_cwd(dir, &n);
+  if (rc != 0) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "cwd: %s", uv_strerror(rc));
+    return 2;
+  }
+  lua_pushlstring(L, dir, n);
+  return 1;
+}
+
 static int l_pid(lua_State *L) {
   lua_pushinteger(L, (lua_Integer)uv_os_getpid());
   return 1;
@@ -82,6 +96,8 @@ int luaopen_flame_core(lua_State *L) {
   flame_http_open(L);
   lua_pushcfunction(L, l_pid);
   lua_setfield(L, -2, "pid");
+  lua_pushcfunction(L, l_cwd);
+  lua_setfield(L, -2, "cwd");
   lua_pushcfunction(L, l_exit);
   lua_setfield(L, -2, "exit");
   lua_pushcfunction(L, l_hrtime);

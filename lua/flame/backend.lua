@@ -67,7 +67,7 @@ local function bootstrap(spec)
     return out
   end
   for _, name in ipairs { "config", "random_id", "parent_new", "parent_encode", "getenv",
-                          "flame_bin", "sleep", "exit", "now" } do
+                          "flame_bin", "sleep", "exit", "now", "code_paths" } do
     env[name] = function(a) return request(name, plain(a)) end
   end
   function env.await_remote_up(p, timeout)

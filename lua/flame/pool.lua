@@ -232,6 +232,11 @@ local function backend_server(pool, runner)
   S.parent_encode = parentmod.encode
   S.getenv = os.getenv
   S.flame_bin = flame_bin
+  -- where this program finds its modules now: a runner on this machine that is
+  -- given them finds the same ones (a lib/ put on package.path at run time too)
+  function S.code_paths()
+    return { path = package.path, cpath = package.cpath, cwd = core.cwd() }
+  end
   S.sleep = task.sleep
   S.now = task.now
   function S.exit() error("exit ends a runner (in system_shutdown), not the parent", 0) end
