@@ -125,7 +125,7 @@ int buf_take_arg(lua_State *L, int idx, size_t head, buf *out, const char **err)
     *err = "not enough memory";
     return -1;
   }
-  memset(out->data, 0, head);
+  if (head) memset(out->data, 0, head);      /* empty: data may still be NULL */
   if (len) memcpy(out->data + head, p, len);
   out->len = head + len;
   if (x) {                                 /* taken whole, copied or not */

@@ -91,6 +91,15 @@ static void push(job **head, job **tail, job *j) {
   *tail = j;
 }
 
+/* A finished job to the loop, with ex->lock held. The loop takes the whole list at
+ * once, so only the push onto an empty list wakes it: a worker finishing while the
+ * loop has not taken the last ones makes no system call. */
+static void done_push(executor *ex, job *j) {
+  int wake = ex->done == NULL;
+  push(&ex->done, &ex->done_tail, j);
+  if (wake) uv_async_send(&ex->async);
+}
+
 /* Completes j with a status and one string, without a Lua state (killed in queue,
  * or no sandbox). Called with ex->lock held. */
 static void complete_plain(executor *ex, job *j, int status, const char *text) {
@@ -98,7 +107,7 @@ static void complete_plain(executor *ex, job *j, int status, const char *text) {
   if (buf_byte(&j->out, (unsigned char)status) != 0
       || codec_encode_cstring(&j->out, text) != 0)
     j->out.len = 0;           /* reported as "not enough memory" on the loop side */
-  push(&ex->done, &ex->done_tail, j);
+  done_push(ex, j);
 }
 
 /* An idle check's verdict: is the first of its results true? Decoded in the
@@ -139,7 +148,6 @@ static void worker_main(void *arg) {
     if (ex->pending == NULL) ex->pending_tail = NULL;
     if (w->sb == NULL) {
       complete_plain(ex, j, SANDBOX_ERROR, err);
-      uv_async_send(&ex->async);
       continue;
     }
     sandbox_rearm(w->sb);                 /* before current is set: a kill sticks */
@@ -156,8 +164,7 @@ static void worker_main(void *arg) {
     uv_mutex_lock(&ex->lock);
     ex->running--;
     w->current = NULL;
-    push(&ex->done, &ex->done_tail, j);
-    uv_async_send(&ex->async);
+    done_push(ex, j);
   }
   uv_mutex_unlock(&ex->lock);
   sandbox_close(w->sb);
@@ -262,7 +269,6 @@ int executor_kill(executor *ex, int64_t id, int reason) {
       ex->npending--;
       if (ex->pending_tail == j) ex->pending_tail = prev;
       complete_plain(ex, j, SANDBOX_KILLED, sandbox_kill_name(reason));
-      uv_async_send(&ex->async);
       where = EXECUTOR_QUEUED;
       break;
     }

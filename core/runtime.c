@@ -111,11 +111,14 @@ static int post(cmd *c) {
     return -1;
   }
   c->next = NULL;
+  /* drain runs until the queue is empty: a command queued behind others is found
+   * without waking the thread again (no system call while it is behind) */
+  int first = head == NULL;
   if (tail) tail->next = c;
   else head = c;
   tail = c;
   uv_mutex_unlock(&lock);
-  uv_async_send(&wake);
+  if (first) uv_async_send(&wake);
   return 0;
 }
 

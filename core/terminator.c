@@ -57,7 +57,6 @@
 #define FLUSH_LIMIT 2000                 /* ms the last results may take to go out */
 #define KILL_WAIT 250                    /* ms killed work may take to come back */
 #define SHUTDOWN_LIMIT 5000              /* ms a backend's system_shutdown may run */
-#define SPAWN_HEADER 9                   /* u64 timeout, u8 link */
 #define HANDSHAKE_MESSAGE (64 * 1024)    /* what an unproved parent may send at once */
 #define ATTEMPT_MIN 1000                 /* ms an attempt gets at least, time allowing */
 
@@ -347,7 +346,7 @@ static void spawn(term *t, int64_t id, buf *msg) {
     answer(t, id, SANDBOX_KILLED, sandbox_kill_name(early));
     return;
   }
-  if (msg->len < SPAWN_HEADER) {
+  if (msg->len < WIRE_SPAWN_HEADER) {
     lost(t, "protocol: malformed SPAWN");
     return;
   }
@@ -369,7 +368,7 @@ static void spawn(term *t, int64_t id, buf *msg) {
   c->id = id;
   c->linked = linked;
   const char *err;
-  if (executor_submit(t->ex, id, msg, SPAWN_HEADER, EXECUTOR_WORK, &err) != 0) {
+  if (executor_submit(t->ex, id, msg, WIRE_SPAWN_HEADER, EXECUTOR_WORK, &err) != 0) {
     free(c);
     char text[128];
     snprintf(text, sizeof text, "the runner could not start the call: %s", err);

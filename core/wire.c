@@ -54,3 +54,9 @@ long wire_b64_field(const cJSON *doc, const char *name, unsigned char *out, size
   if (len / 4 * 3 > room) return -1;
   return crypto_b64decode(f->valuestring, len, out);
 }
+
+void wire_spawn_header(unsigned char out[WIRE_SPAWN_HEADER], int64_t timeout_ms, int link) {
+  uint64_t t = timeout_ms < 0 ? 0 : (uint64_t)(timeout_ms < 1 ? 1 : timeout_ms);
+  for (int i = 0; i < 8; i++) out[i] = (unsigned char)(t >> (8 * i));
+  out[8] = link ? 1 : 0;
+}

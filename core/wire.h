@@ -23,6 +23,13 @@ enum {
   WIRE_PING = 11, WIRE_CONFIG = 13, WIRE_CLOSE = 14
 };
 
+/* SPAWN's payload: a header of the deadline (u64 little-endian, ms; 0 is none) and
+ * the link flag (u8), then the work's codec bytes. */
+#define WIRE_SPAWN_HEADER 9
+
+/* Writes SPAWN's header into out: timeout_ms < 0 is no deadline. */
+void wire_spawn_header(unsigned char out[WIRE_SPAWN_HEADER], int64_t timeout_ms, int link);
+
 /* One end's heartbeat count (both ends keep one): messages heard at the last tick,
  * and silent ticks in a row. Ticks, not milliseconds: a late tick of a busy loop
  * runs before the waiting messages are read, and must not blame the peer. */

@@ -18,7 +18,7 @@ local M = {}
 local loop = task.loop
 local pools = {}                 -- name -> pool, for uniqueness within the process
 local LOST_GRACE = 100           -- ms a backend has to explain a lost link
-local SPAWN_HEADER = 9           -- SPAWN's deadline and link flag, before the work
+local SPAWN_HEADER = core.SPAWN_HEADER  -- SPAWN's deadline and link flag, before the work
 local next_call = 0
 
 local function invalid(msg, level)
@@ -975,16 +975,18 @@ local function decode_values(payload)
   return core.decode(payload)
 end
 
+-- The results decode gave, passed on as they came (no table for them).
+local function results(pool, ok, ...)
+  if not ok then
+    errors.raise("decode", ("pool '%s': a result could not be decoded: %s")
+      :format(pool.name, (...)), { pool = pool.name })
+  end
+  return ...
+end
+
 -- Turns a runner's answer into results, or raises.
 local function outcome(pool, status, payload)
-  if status == "r" then
-    local r = table.pack(decode_values(payload))
-    if not r[1] then
-      errors.raise("decode", ("pool '%s': a result could not be decoded: %s")
-        :format(pool.name, r[2]), { pool = pool.name })
-    end
-    return table.unpack(r, 2, r.n)
-  end
+  if status == "r" then return results(pool, decode_values(payload)) end
   local ok, msg, tb, value = false, "not enough memory", "", nil
   if payload then ok, msg, tb, value = decode_values(payload) end
   if not ok then msg = "the runner's answer could not be decoded: " .. tostring(msg) end
@@ -1005,6 +1007,9 @@ local function outcome(pool, status, payload)
   errors.raise("remote", "unknown answer from the runner", { pool = pool.name })
 end
 
+local NO_OPTIONS = {}                 -- flame.call without options: nothing to check
+local ENCODE_WORK = { name = "work", buffer = true, head = SPAWN_HEADER }
+
 local function check_work(work, level)
   if type(work) == "function" then return end
   if type(work) == "table" then
@@ -1018,6 +1023,23 @@ local function check_work(work, level)
   invalid("flame.call: work must be a function or { module, function, args }, got "
     .. type(work), level + 1)
 end
+
+-- A caller that goes away (its task cancelled) takes linked work with it; before
+-- the work was sent, it just gives the slot back. One metatable for every call's
+-- guard: { pool, runner, call id, future, link }.
+local ATTEMPT_GUARD = { __close = function(g)
+  local self, r, id, f, link = g[1], g[2], g[3], g[4], g[5]
+  if f.done then return end
+  f:set("k", nil)
+  if not r.sent[id] then
+    r.calls[id] = nil
+    self:untake(r)
+    self:serve()
+    self:idle_watch(r)
+  elseif link and r.status ~= "down" then
+    pcall(r.term.kill, r.term, id, "cancelled")
+  end
+end }
 
 -- One try of a call: a slot, the work sent, its answer (or why there is none).
 function Pool:attempt(bytes, deadline, link)
@@ -1043,18 +1065,7 @@ function Pool:attempt(bytes, deadline, link)
   self.peak = math.max(self.peak, busy_count(self))
   -- a caller that goes away (its task cancelled) takes linked work with it; before
   -- the work was sent, it just gives the slot back
-  local guard <close> = setmetatable({}, { __close = function()
-    if f.done then return end
-    f:set("k", nil)
-    if not r.sent[id] then
-      r.calls[id] = nil
-      self:untake(r)
-      self:serve()
-      self:idle_watch(r)
-    elseif link and r.status ~= "down" then
-      pcall(r.term.kill, r.term, id, "cancelled")
-    end
-  end })
+  local guard <close> = setmetatable({ self, r, id, f, link }, ATTEMPT_GUARD)
   local ok, e
   if self.direct then
     ok, e = pcall(r.term.submit, r.term, id, bytes, math.max(1, deadline - task.now()), link)
@@ -1095,7 +1106,7 @@ function Pool:call(work, opts, level)
   level = level or 2
   if getmetatable(self) ~= Pool then invalid("flame.call: a pool expected", level) end
   check_work(work, level)
-  local o = check_options("flame.call", opts or {}, CALL_OPTIONS, level)
+  local o = opts == nil and NO_OPTIONS or check_options("flame.call", opts, CALL_OPTIONS, level)
   if self.closed then
     errors.raise("shutdown", ("pool '%s' is shut down"):format(self.name), { pool = self.name })
   end
@@ -1103,7 +1114,7 @@ function Pool:call(work, opts, level)
   local deadline = task.now() + timeout
   -- encoded once, into C's memory with room in front for SPAWN's header: the bytes
   -- go to the runner's socket (or a local worker) as they are, copied by no one
-  local how = { name = "work", buffer = true, head = SPAWN_HEADER }
+  local how = ENCODE_WORK
   local bytes, err = core.encode(how, work)
   if not bytes then errors.raise("encode", err, { pool = self.name }) end
 

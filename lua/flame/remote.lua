@@ -20,7 +20,7 @@ Term.__index = Term
 --- Sends a call: its bytes, deadline (ms from now) and link flag.
 function Term:submit(id, bytes, timeout, link)
   if self.closed then error("runner link is closed", 0) end
-  self.hub.c:send(self.tid, wire.SPAWN, id, bytes, wire.spawn_header(timeout, link ~= false))
+  self.hub.c:spawn(self.tid, id, bytes, timeout, link ~= false)
   self.ids[id] = true
   self.inflight = self.inflight + 1
   if self.inflight > self.peak then self.peak = self.inflight end

@@ -27,9 +27,11 @@ function Task.__gc(t)
   end
 end
 
+local NOARGS = table.pack()          -- a resume with nothing to pass: the usual case
+
 local function schedule(t, ...)
   rtail = rtail + 1
-  ready[rtail] = { t, table.pack(...) }
+  ready[rtail] = { t, select("#", ...) == 0 and NOARGS or table.pack(...) }
   loop:wake()
 end
 
@@ -54,18 +56,23 @@ local function finish(t, ok, ...)
   end
 end
 
-local function step(t, args)
-  if t.done then return end
-  local r = table.pack(coroutine.resume(t.co, table.unpack(args, 1, args.n)))
+-- What a resume gave, as it came (no table for it): the task's end, or a wait.
+local function resumed(t, ok, ...)
   if coroutine.status(t.co) == "dead" then
-    if not r[1] then t.traceback = debug.traceback(t.co) end
-    finish(t, table.unpack(r, 1, r.n))
-  elseif r[2] ~= SUSPEND then
+    if not ok then t.traceback = debug.traceback(t.co) end
+    finish(t, ok, ...)
+  elseif (...) ~= SUSPEND then
     coroutine.close(t.co)
     finish(t, false, errors.new("invalid", "a task yielded to something other than "
       .. "flame (coroutine.yield directly in a task); wait with flame functions, or "
       .. "yield inside a coroutine of your own"))
   end
+end
+
+local function step(t, args)
+  if t.done then return end
+  if args == NOARGS then return resumed(t, coroutine.resume(t.co)) end
+  return resumed(t, coroutine.resume(t.co, table.unpack(args, 1, args.n)))
 end
 
 local function dispatch()
@@ -113,7 +120,12 @@ function Future:set(...)
   self.done, self.values = true, table.pack(...)
   local ws = self.waiters
   self.waiters = nil
-  if ws then for i = 1, #ws do schedule(ws[i]) end end
+  if ws == nil then return true end
+  if getmetatable(ws) == Task then          -- the one waiter, as wait() keeps it
+    schedule(ws)
+  else
+    for i = 1, #ws do schedule(ws[i]) end
+  end
   return true
 end
 
@@ -122,8 +134,10 @@ function Future:wait()
   if not self.done then
     local t = by_co[coroutine.running()]
     if t then
-      self.waiters = self.waiters or {}
-      self.waiters[#self.waiters + 1] = t
+      local ws = self.waiters               -- one waiter (the usual case) needs no list
+      if ws == nil then self.waiters = t
+      elseif getmetatable(ws) == Task then self.waiters = { ws, t }
+      else ws[#ws + 1] = t end
       repeat coroutine.yield(SUSPEND) until self.done
     else
       M.drive(function() return self.done end)
