@@ -34,6 +34,12 @@ static const workload workloads[] = {
     "local t = {} for i = 1, 100000 do t['key' .. i] = i * 0.5 end return t", 10 },
   { "10k small closures",
     "local fs = {} for i = 1, 10000 do fs[i] = function() return i end end return fs", 10 },
+  /* each encode of a table looks it up among the modules (by name): a program's
+   * package.loaded holds tens of them */
+  { "small table, 40 modules loaded",
+    "for i = 1, 40 do local m = {} for j = 1, 20 do m['f' .. j] = function() end end "
+    "package.loaded['bench_mod' .. i] = m end "
+    "return { name = 'frame', w = 1920, h = 1080, tags = { 'a', 'b' }, q = 0.9 }", 200000 },
 };
 
 #define ROUNDS 5

@@ -60,9 +60,10 @@ struct executor {
   char first_err[256];        /* and why it failed, or "" */
   uv_cond_t ready_cond;
   sandbox_config cfg;         /* read-only once made */
-  char *requires;             /* owned copies of cfg.requires, cfg.info, cfg.path */
+  char *requires;             /* owned copies of cfg.requires, cfg.info, cfg.path,
+                                 cfg.cpath */
   char *info;
-  char *path;
+  char *path, *cpath;
   executor_done_fn done_fn;   /* loop thread only, from here on */
   void *done_ud;
   int closed;
@@ -197,6 +198,7 @@ static void executor_free(uv_handle_t *h) {
   free(ex->requires);
   free(ex->info);
   free(ex->path);
+  free(ex->cpath);
   free(ex);
 }
 
@@ -328,11 +330,13 @@ executor *executor_new(uv_loop_t *loop, int workers, const sandbox_config *cfg, 
   if (ex->workers == NULL
       || (cfg->requires && (ex->requires = dup_bytes(cfg->requires, strlen(cfg->requires))) == NULL)
       || (cfg->info && (ex->info = dup_bytes(cfg->info, cfg->info_len)) == NULL)
-      || (cfg->path && (ex->path = dup_bytes(cfg->path, strlen(cfg->path))) == NULL))
+      || (cfg->path && (ex->path = dup_bytes(cfg->path, strlen(cfg->path))) == NULL)
+      || (cfg->cpath && (ex->cpath = dup_bytes(cfg->cpath, strlen(cfg->cpath))) == NULL))
     goto fail;
   ex->cfg.requires = ex->requires;
   ex->cfg.info = ex->info;
   ex->cfg.path = ex->path;
+  ex->cfg.cpath = ex->cpath;
   ex->maxworkers = workers;
   ex->done_fn = done;
   ex->done_ud = ud;
@@ -372,6 +376,7 @@ fail:
   free(ex->requires);
   free(ex->info);
   free(ex->path);
+  free(ex->cpath);
   free(ex);
   return NULL;
 }
@@ -488,7 +493,7 @@ static int exec_close(lua_State *L) {
 static int l_executor(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   flame_loop *lp = flame_loop_get(L);
-  sandbox_config cfg = { SANDBOX_APPLICATION, 0, NULL, NULL, 0, NULL };
+  sandbox_config cfg = { SANDBOX_APPLICATION, 0, NULL, NULL, 0, NULL, NULL };
   lua_getfield(L, 1, "workers");
   lua_Integer workers = luaL_optinteger(L, -1, 1);
   luaL_argcheck(L, workers >= 1 && workers <= 4096, 1, "workers in [1, 4096] expected");
@@ -503,6 +508,10 @@ static int l_executor(lua_State *L) {
   if (!lua_isnil(L, -1)) cfg.requires = luaL_checkstring(L, -1);
   lua_getfield(L, 1, "info");                /* bytes: flame.parent() in the workers */
   if (!lua_isnil(L, -1)) cfg.info = luaL_checklstring(L, -1, &cfg.info_len);
+  lua_getfield(L, 1, "path");                /* the workers' package.path, cpath */
+  if (!lua_isnil(L, -1)) cfg.path = luaL_checkstring(L, -1);
+  lua_getfield(L, 1, "cpath");
+  if (!lua_isnil(L, -1)) cfg.cpath = luaL_checkstring(L, -1);
   lua_getfield(L, 1, "prestart");
   int flags = lua_toboolean(L, -1) ? EXECUTOR_PRESTART : 0;
   lua_getfield(L, 1, "on_done");

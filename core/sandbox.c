@@ -406,8 +406,18 @@ static void sb_coroutines(lua_State *L) {
   lua_pop(L, 1);
 }
 
-static void sb_application(lua_State *L) {
+static void sb_application(lua_State *L, const sandbox_config *c) {
   luaL_openlibs(L);
+  lua_getglobal(L, "package");               /* before the searchers keep the C path */
+  if (c->path) {
+    lua_pushstring(L, c->path);
+    lua_setfield(L, -2, "path");
+  }
+  if (c->cpath) {
+    lua_pushstring(L, c->cpath);
+    lua_setfield(L, -2, "cpath");
+  }
+  lua_pop(L, 1);
   lua_pushglobaltable(L);
   int g = lua_gettop(L);
   sb_wrapfield(L, g, "load", sb_load);
@@ -520,7 +530,7 @@ static int sb_setup(lua_State *L) {
   const sandbox_config *c0 = lua_touserdata(L, 2);
   if (lua_tointeger(L, 1) == SANDBOX_RESTRICTED) sb_restricted(L);
   else if (lua_tointeger(L, 1) == SANDBOX_BACKEND) sb_backend(L, c0->path);
-  else sb_application(L);
+  else sb_application(L, c0);
   /* each run's _ENV reads the profile's globals and writes its own table; the
    * metatable is hidden so work cannot reach the shared globals through it */
   lua_createtable(L, 0, 2);
@@ -1139,7 +1149,7 @@ static int sbox_profile(lua_State *L) {
 
 /* sandbox{ profile = "application"|"restricted", memory_limit = bytes } */
 static int l_sandbox(lua_State *L) {
-  sandbox_config c = { SANDBOX_APPLICATION, 0, NULL, NULL, 0, NULL };
+  sandbox_config c = { SANDBOX_APPLICATION, 0, NULL, NULL, 0, NULL, NULL };
   if (!lua_isnoneornil(L, 1)) {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_pushnil(L);

@@ -52,7 +52,9 @@ typedef struct sandbox_config {
   const char *requires;  /* modules to require at creation, comma-separated, or NULL */
   const char *info;      /* codec bytes of a table: what flame.parent() returns in the */
   size_t info_len;       /* sandbox (require "flame" gives { parent, VERSION }), or NULL */
-  const char *path;      /* backend profile: package.path for its text-only require */
+  const char *path;      /* package.path: the backend profile's text-only require, or
+                            the application profile's (NULL: the environment's) */
+  const char *cpath;     /* application profile: package.cpath (NULL: the environment's) */
 } sandbox_config;
 
 typedef struct sandbox sandbox;

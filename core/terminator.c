@@ -905,7 +905,7 @@ static void system_shutdown(term *t) {
     say("system_shutdown: out of memory");
     return;
   }
-  sandbox_config cfg = { SANDBOX_BACKEND, 64 * 1024 * 1024, NULL, NULL, 0, path };
+  sandbox_config cfg = { SANDBOX_BACKEND, 64 * 1024 * 1024, NULL, NULL, 0, path, NULL };
   const char *err;
   sandbox *sb = sandbox_new(&cfg, &err);
   free(path);
@@ -1006,7 +1006,7 @@ int terminator_main(int argc, char **argv) {
   }
   sandbox_config cfg = { t->s->profile, (size_t)t->s->memory_limit,
                          requires.len > 1 ? (const char *)requires.data : NULL,
-                         (const char *)info.data, info.len, NULL };
+                         (const char *)info.data, info.len, NULL, NULL };
   const char *err;
   uv_thread_t warm;                          /* OpenSSL's first use costs a millisecond:
                                                paid beside the connect, not after it */

@@ -55,6 +55,15 @@ return M
       end), "the work ran in this process")
     end)
 
+  it("on the local backend too: its workers use the program's package.path", function()
+    package.path = dir .. "/lib/?.lua;" .. package.path
+    local p = H.pool { name = "paths-local", backend = "local" }
+    assert.are.equal(20, flame.call(p, { "specgeo.shapes", "area", { 4, 5 } }))
+    assert.are.equal(dir .. "/lib/specgeo/shapes.lua", flame.call(p, function()
+      return require("specgeo.shapes").where()
+    end))
+  end)
+
   it("and its working directory", function()
     local p = H.pool { name = "paths-cwd", backend = "process", link = LINK }
     local here = assert(core.cwd())

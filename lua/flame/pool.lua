@@ -305,6 +305,9 @@ local function backend_server(pool, runner)
         node_base = runner.id, flame_vsn = core.VERSION })),
       -- its first worker and sandbox are made now, beside the boot, as on a runner
       prestart = true,
+      -- the workers find modules where this program does now (a lib/ it put on
+      -- package.path at run time included), as a process runner does
+      path = package.path, cpath = package.cpath,
       on_done = function(id, status, payload) runner:done(id, status, payload) end,
     })
     if not ok then return nil, tostring(ex) end
