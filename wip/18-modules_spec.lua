@@ -1,0 +1,114 @@
+-- Modules by name (docs/codec.md): a loaded module's table travels as its name, a C
+-- function or userdata in one as its path, and the receiver uses its own; what comes
+-- back may name only modules the parent has loaded. Local and process runners.
+local flame = require "flame"
+local core = require "flame.core"
+local json = require "cjson"
+local H = require "spec.helper"
+
+local LINK = { heartbeat_interval = 500, heartbeat_misses = H.slow and 20 or 3 }
+
+describe("the codec, modules by name", function()
+  it("sends a loaded module as its name, and a C function in one as its path", function()
+    local bytes = assert(core.encode(nil, json, json.encode, json.null))
+    assert.matches("cjson", bytes, 1, true)
+    assert.is_true(#bytes < 64, "the module's contents were sent")
+    local ok, m, enc, null = core.decode(bytes, { functions = true })
+    assert.is_true(ok, tostring(m))
+    assert.are.equal(json, m)                 -- this state's own: the same table
+    assert.are.equal(json.encode, enc)
+    assert.are.equal(json.null, null)
+  end)
+
+  it("sees a module loaded after its last encode", function()
+    assert(core.encode(nil, {}))               -- an index made before the module
+    package.loaded["spec_late_module"] = { answer = 42 }
+    local bytes = assert(core.encode(nil, package.loaded["spec_late_module"]))
+    local ok, m = core.decode(bytes)
+    package.loaded["spec_late_module"] = nil
+    assert.is_true(ok, tostring(m))
+    assert.are.equal(42, m.answer)
+    -- once it is gone, a decode refuses the name instead of loading anything
+    local ok2, err = core.decode(bytes)
+    assert.is_false(ok2)
+    assert.matches("module 'spec_late_module' is not loaded here", err, 1, true)
+  end)
+
+  it("refuses a path to a field the receiver's module lacks", function()
+    package.loaded["spec_fields"] = { f = string.gmatch("", "") }
+    local bytes = assert(core.encode(nil, package.loaded["spec_fields"].f))
+    package.loaded["spec_fields"] = {}
+    local ok, err = core.decode(bytes, { functions = true })
+    package.loaded["spec_fields"] = nil
+    assert.is_false(ok)
+    assert.matches("'spec_fields.f' is not available here (module 'spec_fields' has no such field)",
+      err, 1, true)
+  end)
+end)
+
+for _, backend in ipairs { "local", "process" } do
+  describe("calls with modules in their closures (" .. backend .. ")", function()
+    local dir, saved
+    before_each(function()
+      dir = H.tmpdir()
+      local f = assert(io.open(dir .. "/spec_runner_only.lua", "w"))
+      f:write("return { where = 'runner' }\n")
+      f:close()
+      saved = package.path
+      package.path = dir .. "/?.lua;" .. package.path
+    end)
+    after_each(function()
+      package.path = saved
+      package.loaded["spec_runner_only"] = nil
+      package.loaded["spec_ghost"] = nil
+      H.cleanup()
+      H.rmdir(dir)
+    end)
+
+    local function pool(name)
+      return H.pool { name = name .. "-" .. backend, backend = backend, link = LINK }
+    end
+
+    it("captures cjson, one of its functions and its null", function()
+      local p = pool("cjson")
+      local encode, null = json.encode, json.null
+      assert.are.equal('{"a":1}', flame.call(p, function() return json.encode({ a = 1 }) end))
+      assert.are.equal("[1,2]", flame.call(p, function() return encode({ 1, 2 }) end))
+      assert.is_true(flame.call(p, function() return json.decode("null") == null end))
+    end)
+
+    it("captures flame, which is the runner's flame there", function()
+      local p = pool("flame-mod")
+      local ref = flame.call(p, function() return flame.parent() and flame.parent().ref end)
+      assert.is_string(ref)
+      assert.is_nil(flame.parent())              -- here, no parent
+    end)
+
+    it("gets back a module the parent has loaded as the parent's own", function()
+      local p = pool("back")
+      assert.are.equal(json, flame.call(p, function() return require("cjson") end))
+    end)
+
+    it("refuses a result naming a module the parent has not loaded, and loads nothing",
+      function()
+        local p = pool("refused")
+        local ok, err = pcall(flame.call, p, function() return require("spec_runner_only") end)
+        assert.is_false(ok)
+        assert.are.equal("decode", err.kind, tostring(err))
+        assert.matches("module 'spec_runner_only' is not loaded here", err.message, 1, true)
+        assert.is_nil(package.loaded["spec_runner_only"])
+      end)
+
+    it("fails a call naming a module the runner cannot load, saying which", function()
+      local p = pool("ghost")
+      package.loaded["spec_ghost"] = { value = 1 }   -- loaded here, no file anywhere
+      local ghost = package.loaded["spec_ghost"]
+      local ok, err = pcall(flame.call, p, function() return ghost.value end)
+      assert.is_false(ok)
+      assert.are.equal("decode", err.kind, tostring(err))
+      assert.matches("module 'spec_ghost' cannot be loaded here (install it where the work "
+        .. "runs): module 'spec_ghost' not found", err.message, 1, true)
+      assert.are.equal(2, flame.call(p, function() return 1 + 1 end))   -- the runner goes on
+    end)
+  end)
+end
