@@ -233,7 +233,11 @@ describe("flame runner", function()
     assert.is_true(ex:ready())
     ex:submit(1, assert(core.encode(nil, function() gate(go) end)))
     for id = 2, 4 do ex:submit(id, assert(core.encode(nil, function() return id end))) end
-    assert.are.equal(4, ex:stats().workers)
+    -- a worker beside the held one at least; how many more depends on how soon the
+    -- quick jobs end (under valgrind one may finish before the next is submitted,
+    -- and its worker takes the next)
+    local workers = ex:stats().workers
+    assert.is_true(workers >= 2 and workers <= 4, "workers: " .. workers)
     assert.is_true(H.wait_for(function() return done[2] and done[3] and done[4] end),
       "the quick jobs waited behind the held one")
     assert.is_nil(done[1])
