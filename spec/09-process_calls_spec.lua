@@ -15,6 +15,15 @@ describe("process runners find the parent's modules", function()
   local core = require "flame.core"
   local LINK = { heartbeat_interval = 500, heartbeat_misses = H.slow and 20 or 3 }
   local dir, saved
+  -- the working directory of the runner's process, as its shell sees it
+  local function runner_cwd(p)
+    return flame.call(p, function()
+      local f = io.popen("pwd")
+      local d = f:read("l")
+      f:close()
+      return d
+    end)
+  end
   before_each(function()
     dir = H.tmpdir()
     os.execute("mkdir -p " .. H.q(dir .. "/lib/specgeo"))
@@ -67,12 +76,7 @@ return M
   it("and its working directory", function()
     local p = H.pool { name = "paths-cwd", backend = "process", link = LINK }
     local here = assert(core.cwd())
-    assert.are.equal(here, flame.call(p, function()
-      local f = io.popen("pwd")
-      local d = f:read("l")
-      f:close()
-      return d
-    end))
+    assert.are.equal(here, runner_cwd(p))
   end)
 
   it("preloaded with flame runner --require from the run-time path", function()
@@ -98,11 +102,6 @@ return M
     local ok2, err2 = pcall(flame.call, q, { "specgeo.shapes", "area", { 1, 2 } })
     assert.is_false(ok2)
     assert.matches("no file '" .. dir .. "/nowhere/specgeo/shapes.lua'", tostring(err2), 1, true)
-    assert.are.equal(dir, flame.call(q, function()
-      local f = io.popen("pwd")
-      local d = f:read("l")
-      f:close()
-      return d
-    end))
+    assert.are.equal(dir, runner_cwd(q))
   end)
 end)
