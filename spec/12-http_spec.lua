@@ -138,6 +138,20 @@ describe("http", function()
     assert.is_string(err2)
   end)
 
+  it("ends a wait outside tasks when its request fails at once, whatever else the loop waits for", function()
+    -- curl fails a connect to a missing unix socket inside its timer's action; the
+    -- main chunk's wait used to stay in libuv's poll until the loop's next event
+    local later = false
+    local far = task.loop:timer(60000, function() later = true end)
+    for _ = 1, 3 do
+      local status, _, _, err = get { url = "http://localhost/", unix_socket = dir .. "/none.sock" }
+      assert.is_nil(status)
+      assert.matches("CURLE_COULDNT_CONNECT", err, 1, true)
+    end
+    far:stop()
+    assert.is_false(later, "the wait ended only when another timer fired")
+  end)
+
   it("cancels a request", function()
     local f, r = request { url = "http://localhost/slow", unix_socket = usock }
     flame.sleep(50)

@@ -120,7 +120,13 @@ function Future:set(...)
   self.done, self.values = true, table.pack(...)
   local ws = self.waiters
   self.waiters = nil
-  if ws == nil then return true end
+  if ws == nil then
+    -- no task waits: code outside tasks may be driving the loop for this value, and
+    -- a loop that ran this set from a timer would next block in its poll (libuv
+    -- runs timers before polling); the idle dispatcher makes that poll return at once
+    loop:wake()
+    return true
+  end
   if getmetatable(ws) == Task then          -- the one waiter, as wait() keeps it
     schedule(ws)
   else
