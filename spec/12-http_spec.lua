@@ -18,6 +18,7 @@ local function get(opts)
 end
 
 describe("http", function()
+  after_each(H.cleanup)
   local usock, userver, dir
   setup(function()
     dir = H.tmpdir()

@@ -21,6 +21,7 @@ local function valid_doc()
 end
 
 describe("flame runner", function()
+  after_each(H.cleanup)
   describe("refuses a FLAME_PARENT it cannot use, with status 2 and the reason", function()
     local cases = {
       { "a newer protocol", function(d) d.v = 2 end, "protocol version 2, this runner speaks 1" },

@@ -22,6 +22,7 @@ local function which_runner()
 end
 
 describe("a parent that computes on its main thread", function()
+  after_each(H.cleanup)
   for _, backend in ipairs { "local", "process" } do
     it("keeps its runners for 10 s, and a call running meanwhile completes (" .. backend .. ")",
       function()
@@ -52,6 +53,7 @@ end)
 local alive = H.alive
 
 describe("the hub", function()
+  after_each(H.cleanup)
   it("declares a silent runner lost, and its caller gets runner_down", function()
     local p = H.pool { name = "frozen", backend = "process", max = 1, shutdown_timeout = 200,
                        link = { heartbeat_interval = 200, heartbeat_misses = 3 } }
@@ -72,6 +74,7 @@ describe("the hub", function()
 end)
 
 describe("pool:shutdown()", function()
+  after_each(H.cleanup)
   it("returns once the runner processes are gone", function()
     local p = flame.pool { name = "gone-at-return", backend = "process", min = 2, max = 2,
                            link = LINK }
@@ -97,6 +100,7 @@ describe("pool:shutdown()", function()
 end)
 
 describe("a backend step that computes without end", function()
+  after_each(H.cleanup)
   it("fails its boot within the bound while other runners keep their heartbeats", function()
     local busy = H.pool { name = "steady", backend = "process", max = 1, link = LINK }
     local first = flame.call(busy, which_runner)

@@ -76,7 +76,10 @@ function H.gate(path)
 end
 
 --- Pools made through H.pool are shut down after each test; a test that leaves any
--- pool (made any way) running fails.
+-- pool (made any way) running fails. Every file that makes pools runs H.cleanup
+-- after each test: busted loads flame afresh for each file, and a pool left to a
+-- later file's cleanup belongs to a copy of flame whose tasks nobody runs any more,
+-- so its shutdown waits out its whole bound (36 s a pool).
 local made = {}
 function H.pool(opts)
   local flame = require "flame"
