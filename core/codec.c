@@ -18,7 +18,7 @@
 
 enum {
   T_NIL, T_FALSE, T_TRUE, T_INT, T_FLOAT, T_STR, T_TABLE, T_TABLE_MT, T_REF,
-  T_ENV, T_NAME, T_FUNC
+  T_ENV, T_NAME, T_FUNC, T_MODULE
 };
 enum { U_VALUE, U_SHARED };                 /* how one upvalue of a function travels */
 
@@ -30,6 +30,9 @@ enum { U_VALUE, U_SHARED };                 /* how one upvalue of a function tra
                                                as references (both sides agree) */
 
 static const char NAMES_KEY[] = "flame.codec.names";
+#define CODEC_PATH_MAX 1024                 /* "app.util" NUL "sub" NUL "resize" */
+#define MODS_DEPTH 3                        /* fields followed below a module */
+#define MODS_VISITS 20000                   /* fields looked at, at most, per build */
 static const char MTS_KEY[] = "flame.codec.mt";
 
 /* The libraries whose C functions and tables travel by name. */
@@ -45,6 +48,7 @@ void codec_opts_init(codec_opts *o) {
   o->max_depth = CODEC_MAX_DEPTH;
   o->max_size = CODEC_DEFAULT_MAX_SIZE;
   o->max_items = CODEC_DEFAULT_MAX_ITEMS;
+  o->modules = 0;
 }
 
 /* [-0, +1, m] The registry table at key, created empty on first use. */
@@ -118,6 +122,281 @@ void codec_names(lua_State *L) {
   lua_pop(L, 1);
 }
 
+static int is_lib(const char *name) {
+  for (const char *const *lib = codec_libs; *lib; lib++)
+    if (strcmp(*lib, name) == 0) return 1;
+  return 0;
+}
+
+/* A module name or field key that can be part of a path. */
+static int path_part(lua_State *L, int idx, size_t most) {
+  size_t len;
+  if (lua_type(L, idx) != LUA_TSTRING) return 0;
+  const char *s = lua_tolstring(L, idx, &len);
+  return len > 0 && len <= most && memchr(s, '\0', len) == NULL;
+}
+
+/* What tells one package.loaded from another cheaply: its names and values'
+ * identities, mixed. The index is rebuilt when it changes (a module loaded or
+ * replaced); a field added to a loaded module later is not seen until then. */
+static lua_Integer mods_fingerprint(lua_State *L, int loaded) {
+  uint64_t h = 1469598103934665603u;
+  lua_pushnil(L);
+  while (lua_next(L, loaded)) {
+    h = (h ^ (uint64_t)(uintptr_t)lua_topointer(L, -1)) * 1099511628211u;
+    h = (h ^ (uint64_t)(uintptr_t)lua_topointer(L, -2)) * 1099511628211u;
+    lua_pop(L, 1);
+  }
+  return (lua_Integer)h;
+}
+
+/* Fields of the table at t, whose path is at t - 1: C functions and userdata get
+ * their path; tables are followed to MODS_DEPTH. */
+static void mods_walk(lua_State *L, int index, int t, int depth, int *visits) {
+  luaL_checkstack(L, 6, "codec: module index");
+  lua_pushnil(L);
+  while (lua_next(L, t)) {
+    if (++*visits > MODS_VISITS) {
+      lua_pop(L, 2);
+      return;
+    }
+    if (path_part(L, -2, 64)) {
+      int vt = lua_type(L, -1);
+      int named = (vt == LUA_TFUNCTION && lua_iscfunction(L, -1)) || vt == LUA_TUSERDATA
+                  || vt == LUA_TLIGHTUSERDATA;
+      if (named || (vt == LUA_TTABLE && depth < MODS_DEPTH)) {
+        lua_pushvalue(L, t - 1);                         /* the prefix */
+        lua_pushlstring(L, "\0", 1);
+        lua_pushvalue(L, -4);                            /* the key */
+        lua_concat(L, 3);                                /* [.. k v path] */
+        if (named) {
+          lua_pushvalue(L, -2);
+          if (lua_rawget(L, index) == LUA_TNIL) {        /* the shortest path wins */
+            lua_pop(L, 1);
+            lua_pushvalue(L, -2);
+            lua_pushvalue(L, -2);
+            lua_rawset(L, index);
+          } else {
+            lua_pop(L, 1);
+          }
+          lua_pop(L, 1);
+        } else {
+          lua_pushvalue(L, -2);                          /* [.. k v path v] */
+          mods_walk(L, index, lua_gettop(L), depth + 1, visits);
+          lua_pop(L, 2);
+        }
+      }
+    }
+    lua_pop(L, 1);
+  }
+}
+
+/* The module index's cache, one table per state at the address of MODS_CACHE in
+ * the registry: [1] the index, [2] the version it was built for, [3] true when
+ * package.loaded is hooked, [4] the hook's count of modules added, [5] the hook's
+ * metatable, [6] which module names are Lua files (mods_pure_lua). */
+static char MODS_CACHE;                  /* its address is the key */
+/* The index itself while package.loaded is hooked and no module was added since it
+ * was built (the hook drops it): what most encodes look up. */
+static char MODS_INDEX;
+
+static void mods_cache(lua_State *L) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &MODS_CACHE) == LUA_TTABLE) return;
+  lua_pop(L, 1);
+  lua_createtable(L, 5, 0);
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &MODS_CACHE);
+}
+
+/* package.loaded's __newindex (upvalue: the cache): a new module, as require
+ * stores it, counts as a change of package.loaded. */
+static int mods_newindex(lua_State *L) {
+  lua_settop(L, 3);
+  lua_rawset(L, 1);
+  lua_pushnil(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &MODS_INDEX);
+  lua_rawgeti(L, lua_upvalueindex(1), 4);
+  lua_Integer n = lua_tointeger(L, -1);
+  lua_pushinteger(L, n + 1);
+  lua_rawseti(L, lua_upvalueindex(1), 4);
+  return 0;
+}
+
+/* Which package.loaded the index was built for, cheaply: with package.loaded
+ * hooked (by us, when it had no metatable), the count its __newindex keeps; else a
+ * fingerprint of its names and values, O(modules) per encode. *hooked says which. */
+static lua_Integer mods_version(lua_State *L, int cache, int loaded, int *hooked) {
+  if (!lua_getmetatable(L, loaded)) {
+    lua_createtable(L, 0, 1);
+    lua_pushvalue(L, cache);
+    lua_pushcclosure(L, mods_newindex, 1);
+    lua_setfield(L, -2, "__newindex");
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, cache, 5);
+    lua_setmetatable(L, loaded);
+    *hooked = 1;
+  } else {
+    lua_rawgeti(L, cache, 5);
+    *hooked = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+  }
+  if (!*hooked) return mods_fingerprint(L, loaded);
+  lua_rawgeti(L, cache, 4);
+  lua_Integer n = lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  return n;
+}
+
+/* The index is stale: the next mods_push builds it again. */
+static void mods_invalidate(lua_State *L) {
+  lua_pushnil(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &MODS_INDEX);
+  mods_cache(L);
+  lua_pushnil(L);
+  lua_rawseti(L, -2, 2);
+  lua_pop(L, 1);
+}
+
+/* Whether path (as the index has it) still leads to the value at idx in this
+ * state's package.loaded: a module replaced or removed since the index was built
+ * is found out here. */
+static int mods_current(lua_State *L, int idx, const char *path, size_t len) {
+  luaL_checkstack(L, 4, "codec: module index");
+  int top = lua_gettop(L);
+  const char *end = path + len, *k = path;
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  for (;;) {
+    const char *nul = memchr(k, '\0', (size_t)(end - k));
+    size_t klen = nul ? (size_t)(nul - k) : (size_t)(end - k);
+    if (!lua_istable(L, -1)) break;
+    lua_pushlstring(L, k, klen);
+    lua_rawget(L, -2);
+    lua_remove(L, -2);
+    if (nul == NULL) break;
+    k = nul + 1;
+  }
+  int same = lua_rawequal(L, -1, idx);
+  lua_settop(L, top);
+  return same;
+}
+
+/* Whether the module named at name_idx is a Lua file on this state's package.path
+ * (package.searchpath finds it), flame aside: such a module's table still travels by
+ * value, as before modules travelled by name, because a runner need not have the
+ * file (a container's image has none of the application's modules) until code_sync
+ * ships them. C modules (cjson), modules no file made, and flame (every worker has
+ * its own) travel by name. Cached per name in the cache's [6]. */
+static int mods_pure_lua(lua_State *L, int cache, int loaded, int name_idx) {
+  name_idx = lua_absindex(L, name_idx);
+  luaL_checkstack(L, 6, "codec: module index");
+  int top = lua_gettop(L);
+  if (strcmp(lua_tostring(L, name_idx), "flame") == 0) return 0;
+  if (lua_rawgeti(L, cache, 6) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, cache, 6);
+  }
+  lua_pushvalue(L, name_idx);
+  if (lua_rawget(L, -2) == LUA_TBOOLEAN) {
+    int pure = lua_toboolean(L, -1);
+    lua_settop(L, top);
+    return pure;
+  }
+  lua_pop(L, 1);
+  int pure = 0;
+  lua_pushliteral(L, "package");
+  if (lua_rawget(L, loaded) == LUA_TTABLE) {              /* [seen package] */
+    lua_getfield(L, -1, "searchpath");
+    lua_getfield(L, -2, "path");
+    if (lua_iscfunction(L, -2) && lua_type(L, -1) == LUA_TSTRING) {
+      lua_pushvalue(L, name_idx);
+      lua_insert(L, -2);                                  /* [.. searchpath name path] */
+      pure = lua_pcall(L, 2, 1, 0) == LUA_OK && lua_type(L, -1) == LUA_TSTRING;
+    }
+  }
+  lua_settop(L, top + 1);                                 /* [seen] */
+  lua_pushvalue(L, name_idx);
+  lua_pushboolean(L, pure);
+  lua_rawset(L, -3);
+  lua_settop(L, top);
+  return pure;
+}
+
+/* [-0, +1, m] The state's module index: each table that is package.loaded[name]
+ * (the standard libraries aside: they travel by library name) maps to "name", each
+ * C function or userdata reachable from one to "name\0key\0key". Lua functions are
+ * not in it: they travel as bytecode, as before modules travelled by name. */
+static void mods_push(lua_State *L) {
+  luaL_checkstack(L, 10, "codec: module index");
+  /* the common case, one lookup (every encode that meets a table comes here): an
+   * index the hook has not dropped since it was built */
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &MODS_INDEX) == LUA_TTABLE) return;
+  lua_pop(L, 1);
+  mods_cache(L);
+  int cache = lua_gettop(L);
+
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  int loaded = lua_gettop(L);
+  if (!lua_istable(L, loaded)) {
+    lua_pop(L, 2);
+    lua_newtable(L);
+    return;
+  }
+  int hooked;
+  lua_Integer fp = mods_version(L, cache, loaded, &hooked);
+  if (lua_rawgeti(L, cache, 2) == LUA_TNUMBER && lua_tointeger(L, -1) == fp
+      && lua_rawgeti(L, cache, 3) == LUA_TBOOLEAN && lua_toboolean(L, -1) == hooked
+      && lua_rawgeti(L, cache, 1) == LUA_TTABLE) {
+    lua_replace(L, cache);
+    lua_settop(L, cache);
+    return;
+  }
+  lua_settop(L, loaded);
+  lua_newtable(L);
+  int index = lua_gettop(L);
+  lua_pushnil(L);
+  while (lua_next(L, loaded)) {                          /* the modules first */
+    if (path_part(L, -2, CODEC_NAME_MAX) && !is_lib(lua_tostring(L, -2))
+        && lua_type(L, -1) == LUA_TTABLE && !mods_pure_lua(L, cache, loaded, -2)) {
+      lua_pushvalue(L, -1);
+      if (lua_rawget(L, index) == LUA_TNIL) {
+        lua_pop(L, 1);
+        lua_pushvalue(L, -1);
+        lua_pushvalue(L, -3);
+        lua_rawset(L, index);
+      } else {
+        lua_pop(L, 1);
+      }
+    }
+    lua_pop(L, 1);
+  }
+  int visits = 0;
+  lua_pushnil(L);
+  while (lua_next(L, loaded)) {                          /* then what is in them */
+    if (path_part(L, -2, CODEC_NAME_MAX) && !is_lib(lua_tostring(L, -2))
+        && lua_type(L, -1) == LUA_TTABLE) {
+      lua_pushvalue(L, -2);
+      lua_pushvalue(L, -2);                              /* [k v name v] */
+      mods_walk(L, index, lua_gettop(L), 1, &visits);
+      lua_pop(L, 2);
+    }
+    lua_pop(L, 1);
+  }
+  lua_pushvalue(L, index);
+  lua_rawseti(L, cache, 1);
+  lua_pushinteger(L, fp);
+  lua_rawseti(L, cache, 2);
+  lua_pushboolean(L, hooked);
+  lua_rawseti(L, cache, 3);
+  if (hooked) {
+    lua_pushvalue(L, index);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &MODS_INDEX);
+  }
+  lua_replace(L, cache);
+  lua_settop(L, cache);
+}
+
 void codec_register(lua_State *L, const char *name, int mtidx) {
   mtidx = lua_absindex(L, mtidx);
   registry_table(L, MTS_KEY);
@@ -145,6 +424,7 @@ typedef struct enc {
   buf *out;
   const codec_opts *o;
   int seen, upvals, names, mts, env, globals;   /* stack indices of scratch tables */
+  int mods;               /* the module index, or nil until a value needs it */
   lua_Integer nextid;
   int depth, valueno, nseg;
   seg path[CODEC_MAX_DEPTH + 2];
@@ -294,6 +574,37 @@ static int e_mark(enc *E, int idx) {
       return 1;
     }
     lua_pop(L, 1);
+    int vt = lua_type(L, idx);
+    if (vt == LUA_TTABLE || vt == LUA_TUSERDATA || vt == LUA_TLIGHTUSERDATA
+        || (vt == LUA_TFUNCTION && lua_iscfunction(L, idx))) {
+      if (lua_isnil(L, E->mods)) {           /* built (or found current) once per encode */
+        mods_push(L);
+        lua_replace(L, E->mods);
+      }
+      lua_pushvalue(L, idx);
+      if (lua_rawget(L, E->mods) == LUA_TSTRING) {        /* a module, or in one */
+        size_t len;
+        const char *path = lua_tolstring(L, -1, &len);
+        if (!mods_current(L, idx, path, len)) {           /* replaced since: again */
+          lua_pop(L, 1);
+          mods_invalidate(L);
+          mods_push(L);
+          lua_replace(L, E->mods);
+          lua_pushvalue(L, idx);
+          if (lua_rawget(L, E->mods) != LUA_TSTRING) {
+            lua_pop(L, 1);
+            goto not_module;
+          }
+          path = lua_tolstring(L, -1, &len);
+        }
+        e_byte(E, T_MODULE);
+        e_string(E, path, len);
+        lua_pop(L, 1);
+        return 1;
+      }
+      lua_pop(L, 1);
+    }
+  not_module:
     lua_pushvalue(L, idx);
   } else {                    /* long strings by identity: cheap, no hashing */
     lua_pushlightuserdata(L, (void *)lua_topointer(L, idx));
@@ -400,8 +711,8 @@ static void e_function(enc *E, int idx) {
   if (!E->o->functions) e_fail(E, "function cannot be sent here");
   if (e_mark(E, idx)) return;
   if (lua_iscfunction(L, idx))
-    e_fail(E, "C function cannot be sent (only standard library functions travel, "
-              "by name)");
+    e_fail(E, "C function cannot be sent (only functions of the standard library and of "
+              "loaded modules travel, by name)");
   e_enter(E);
   lua_Integer fid = e_remember(E, idx);
   e_byte(E, T_FUNC);
@@ -476,7 +787,9 @@ static void e_value(enc *E, int idx) {
     case LUA_TTABLE: e_table(E, idx); break;
     case LUA_TFUNCTION: e_function(E, idx); break;
     case LUA_TTHREAD: e_fail(E, "coroutine cannot be sent");
-    default: e_fail(E, "userdata cannot be sent");
+    default:
+      if (e_mark(E, idx)) break;            /* one a loaded module holds: by its path */
+      e_fail(E, "userdata cannot be sent");
   }
 }
 
@@ -496,6 +809,8 @@ static int e_main(lua_State *L) {
   E->mts = lua_gettop(L);
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
   E->globals = lua_gettop(L);
+  lua_pushnil(L);
+  E->mods = lua_gettop(L);
   e_byte(E, CODEC_MAGIC0);
   e_byte(E, CODEC_MAGIC1);
   e_byte(E, CODEC_VERSION);
@@ -708,6 +1023,78 @@ static void d_name(dec *D) {
   lua_remove(L, -2);
 }
 
+/* A module by name, or a value in one by its path ("cjson" NUL "encode"): looked up
+ * in the receiver's package.loaded (raw: no code of the receiver runs to find it),
+ * the module required first when opts.modules allows it (a runner's work). */
+static void d_module(dec *D) {
+  lua_State *L = D->L;
+  size_t len = d_count(D, 1, "truncated input");
+  if (len == 0 || len > CODEC_PATH_MAX) d_fail(D, "bad module path");
+  const char *s = (const char *)d_take(D, len);
+  const char *end = s + len, *nul = memchr(s, '\0', len);
+  size_t nlen = nul ? (size_t)(nul - s) : len;
+  if (nlen == 0) d_fail(D, "bad module path");
+  luaL_checkstack(L, 6, "decode: module");
+  lua_pushlstring(L, s, nlen);                          /* [name] */
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_pushvalue(L, -2);
+  int t = lua_istable(L, -2) ? lua_rawget(L, -2) : LUA_TNIL;   /* [name loaded v] */
+  if (t == LUA_TNIL) {
+    if (!D->o->modules) {
+      lua_pushfstring(L, "module '%s' is not loaded here (what comes back may name only "
+                      "modules this program has loaded)", lua_tostring(L, -3));
+      d_fail(D, lua_tostring(L, -1));
+    }
+    lua_pop(L, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+    lua_pushliteral(L, "require");
+    if (lua_rawget(L, -2) != LUA_TFUNCTION) {
+      lua_pushfstring(L, "module '%s' is not loaded here, and there is no require",
+                      lua_tostring(L, -4));
+      d_fail(D, lua_tostring(L, -1));
+    }
+    lua_remove(L, -2);                                  /* [name loaded require] */
+    lua_pushvalue(L, -3);
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {              /* [name loaded err] */
+      const char *err = lua_tostring(L, -1);
+      size_t elen = 0;
+      if (err) elen = strcspn(err, "\n");
+      lua_pushfstring(L, "module '%s' cannot be loaded here (install it where the work "
+                      "runs): %s", lua_tostring(L, -3), err ? "" : "(an error that is "
+                      "not a string)");
+      if (err) {
+        lua_pushlstring(L, err, elen);
+        lua_concat(L, 2);
+      }
+      d_fail(D, lua_tostring(L, -1));
+    }
+    t = lua_type(L, -1);
+  }
+  lua_remove(L, -2);                                    /* [name v] */
+  for (const char *k = nul; k && k < end; ) {           /* each field of the path */
+    k++;
+    const char *next = memchr(k, '\0', (size_t)(end - k));
+    size_t klen = next ? (size_t)(next - k) : (size_t)(end - k);
+    if (klen == 0) d_fail(D, "bad module path");
+    lua_pushlstring(L, k, klen);                        /* [name v key] */
+    t = lua_istable(L, -2) ? lua_rawget(L, -2) : LUA_TNIL;
+    if (t == LUA_TNIL) {
+      luaL_Buffer b;                                     /* the path, dots for NULs */
+      lua_pushnil(L);                                   /* keeps the indices below */
+      luaL_buffinit(L, &b);
+      for (size_t i = 0; i < len; i++) luaL_addchar(&b, s[i] ? s[i] : '.');
+      luaL_pushresult(&b);
+      lua_pushfstring(L, "'%s' is not available here (module '%s' has no such field)",
+                      lua_tostring(L, -1), lua_tostring(L, -5));
+      d_fail(D, lua_tostring(L, -1));
+    }
+    lua_remove(L, -2);                                  /* [name v'] */
+    k = next;
+  }
+  if (t == LUA_TFUNCTION && !D->o->functions) d_fail(D, "functions are refused here");
+  lua_remove(L, -2);                                    /* [v] */
+}
+
 /* lua_dump writes the prototype's upvalue count right after the 31-byte header of
  * a Lua 5.4 chunk; this writer keeps those 32 bytes and stops the dump there. */
 typedef struct head { unsigned char b[32]; size_t n; } head;
@@ -819,6 +1206,7 @@ static void d_value(dec *D) {
     case T_ENV: lua_pushvalue(L, D->env); break;
     case T_NAME: d_name(D); break;
     case T_FUNC: d_function(D); break;
+    case T_MODULE: d_module(D); break;
     default: d_fail(D, "unknown tag");
   }
 }

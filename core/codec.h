@@ -8,7 +8,12 @@
  *   strings of 32 bytes or more sent once and then referenced,
  *   Lua functions (bytecode and upvalues; shared upvalues stay shared), standard
  *   library C functions and library tables (by name), and the globals table and
- *   every upvalue named _ENV (as "the receiver's environment"). Anything else fails with a message naming the
+ *   every upvalue named _ENV (as "the receiver's environment"), and modules by
+ *   name: a table that is package.loaded[name] travels as name (but one that is a
+ *   Lua file on package.path, flame aside, still by value), a C function or
+ *   userdata reachable from one through string keys (cjson.encode, cjson.null) as its
+ *   path; the receiver looks them up in its own package.loaded (requiring the module
+ *   when opts.modules says so). Anything else fails with a message naming the
  *   path to the value: "upvalue 'conn' of work: userdata cannot be sent".
  * - codec_decode is total: any byte string gives values or an error message, never
  *   a crash. It is bounded (input size, nesting depth, element count) and, unless
@@ -35,6 +40,8 @@ typedef struct codec_opts {
   int max_depth;      /* nesting of tables and functions, at most CODEC_MAX_DEPTH */
   size_t max_size;    /* decode: input bytes at most */
   size_t max_items;   /* decode: values at most */
+  int modules;        /* decode: require a named module that is not loaded yet (a
+                         runner's work); 0: only modules already loaded resolve */
 } codec_opts;
 
 void codec_opts_init(codec_opts *o);

@@ -711,6 +711,7 @@ static int sb_run_main(lua_State *L) {
   lua_pushvalue(L, 1);
   lua_setfield(L, LUA_REGISTRYINDEX, RUNENV_KEY);
   o.env = 1;
+  o.modules = 1;                             /* a module the work names is required */
   int n = codec_decode(L, r->work, r->len, &o);
   if (n < 0) {
     r->rc = sb_emit(L, out, SANDBOX_DECODE, 1, "message");

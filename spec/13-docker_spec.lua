@@ -169,6 +169,33 @@ describe("docker backend #docker", function()
     assert.is_true(wait_no_containers(engine, "dk-calls", H.patience))
   end)
 
+  it("sends modules by name: flame is the runner's own, a module the image lacks is a "
+    .. "decode error naming it, and the program's own Lua module travels by value", function()
+    if not need_engine() then return end
+    local p = pool("dk-modules")
+    local fl = require("flame")
+    assert.are.equal("docker", flame.call(p, function() return fl.parent().backend end))
+    local json = require("cjson")                 -- the runner image has no lua-cjson
+    local ok, err = pcall(flame.call, p, function() return json.encode({}) end)
+    assert.is_false(ok)
+    assert.are.equal("decode", err.kind, tostring(err))
+    assert.matches("module 'cjson' cannot be loaded here (install it where the work runs)",
+      err.message, 1, true)
+    local dir = H.tmpdir()
+    local f = assert(io.open(dir .. "/spec_dk_own.lua", "w"))
+    f:write("local M = {}\nfunction M.twice(x) return 2 * x end\nreturn M\n")
+    f:close()
+    local saved = package.path
+    package.path = dir .. "/?.lua;" .. package.path
+    local own = require("spec_dk_own")           -- loaded here, and not in the image
+    local ok2, got = pcall(flame.call, p, function() return own.twice(21) end)
+    package.path = saved
+    package.loaded["spec_dk_own"] = nil
+    H.rmdir(dir)
+    assert.is_true(ok2, tostring(got))
+    assert.are.equal(42, got)
+  end)
+
   it("keeps its runner while the parent computes for 10 s; shutdown returns with the "
     .. "container removed", function()
     if not need_engine() then return end

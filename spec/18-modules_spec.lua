@@ -61,6 +61,7 @@ for _, backend in ipairs { "local", "process" } do
       package.path = saved
       package.loaded["spec_runner_only"] = nil
       package.loaded["spec_ghost"] = nil
+      package.loaded["spec_worker_made"] = nil
       H.cleanup()
       H.rmdir(dir)
     end)
@@ -92,12 +93,32 @@ for _, backend in ipairs { "local", "process" } do
     it("refuses a result naming a module the parent has not loaded, and loads nothing",
       function()
         local p = pool("refused")
-        local ok, err = pcall(flame.call, p, function() return require("spec_runner_only") end)
+        local ok, err = pcall(flame.call, p, function()
+          -- a module only the runner has, and no file made (those travel by value)
+          package.loaded["spec_worker_made"] = { where = "runner" }
+          return package.loaded["spec_worker_made"]
+        end)
         assert.is_false(ok)
         assert.are.equal("decode", err.kind, tostring(err))
-        assert.matches("module 'spec_runner_only' is not loaded here", err.message, 1, true)
-        assert.is_nil(package.loaded["spec_runner_only"])
+        assert.matches("module 'spec_worker_made' is not loaded here", err.message, 1, true)
+        assert.is_nil(package.loaded["spec_worker_made"])
       end)
+
+    it("sends a module of the program's own Lua files by value, as before modules "
+      .. "travelled by name", function()
+      -- the runner does not see the file (a container's image has none of the
+      -- program's modules until code_sync ships them), yet the work runs
+      local m = require("spec_runner_only")
+      local runner_path = backend == "process" and "/nonexistent/?.lua" or nil
+      local p = H.pool { name = "by-value-" .. backend, backend = backend, link = LINK,
+                         backend_opts = runner_path and { env = { LUA_PATH = runner_path } } }
+      assert.are.equal("runner", flame.call(p, function() return m.where end))
+      if runner_path then
+        local ok, err = pcall(flame.call, p, function() return require("spec_runner_only") end)
+        assert.is_false(ok)
+        assert.matches("module 'spec_runner_only' not found", err.message, 1, true)
+      end
+    end)
 
     it("fails a call naming a module the runner cannot load, saying which", function()
       local p = pool("ghost")
