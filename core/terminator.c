@@ -346,7 +346,9 @@ static void spawn(term *t, int64_t id, buf *msg) {
     answer(t, id, SANDBOX_KILLED, sandbox_kill_name(early));
     return;
   }
-  if (msg->len < WIRE_SPAWN_HEADER) {
+  uint64_t timeout;
+  int linked;
+  if (wire_spawn_parse(msg->data, msg->len, &timeout, &linked) != 0) {
     lost(t, "protocol: malformed SPAWN");
     return;
   }
@@ -355,9 +357,6 @@ static void spawn(term *t, int64_t id, buf *msg) {
     lost(t, why);
     return;
   }
-  uint64_t timeout = 0;
-  for (int i = 0; i < 8; i++) timeout |= (uint64_t)msg->data[i] << (8 * i);
-  int linked = msg->data[8] == 1;
   call *c = calloc(1, sizeof *c);
   if (c == NULL) {
     answer(t, id, SANDBOX_ERROR, "the runner could not start the call: not enough memory");

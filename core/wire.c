@@ -60,3 +60,12 @@ void wire_spawn_header(unsigned char out[WIRE_SPAWN_HEADER], int64_t timeout_ms,
   for (int i = 0; i < 8; i++) out[i] = (unsigned char)(t >> (8 * i));
   out[8] = link ? 1 : 0;
 }
+
+int wire_spawn_parse(const unsigned char *data, size_t len, uint64_t *timeout_ms, int *link) {
+  if (len < WIRE_SPAWN_HEADER) return -1;
+  uint64_t t = 0;
+  for (int i = 0; i < 8; i++) t |= (uint64_t)data[i] << (8 * i);
+  *timeout_ms = t;
+  *link = data[8] == 1;
+  return 0;
+}

@@ -30,6 +30,10 @@ enum {
 /* Writes SPAWN's header into out: timeout_ms < 0 is no deadline. */
 void wire_spawn_header(unsigned char out[WIRE_SPAWN_HEADER], int64_t timeout_ms, int link);
 
+/* Reads SPAWN's header from a payload of len bytes: 0, or -1 when it is shorter than
+ * the header. *timeout_ms 0 is no deadline; *link is 1 only for the byte 1. */
+int wire_spawn_parse(const unsigned char *data, size_t len, uint64_t *timeout_ms, int *link);
+
 /* One end's heartbeat count (both ends keep one): messages heard at the last tick,
  * and silent ticks in a row. Ticks, not milliseconds: a late tick of a busy loop
  * runs before the waiting messages are read, and must not blame the peer. */
