@@ -33,6 +33,8 @@ static const char NAMES_KEY[] = "flame.codec.names";
 #define CODEC_PATH_MAX 1024                 /* "app.util" NUL "sub" NUL "resize" */
 #define MODS_DEPTH 3                        /* fields followed below a module */
 #define MODS_VISITS 20000                   /* fields looked at, at most, per build */
+#define MODS_MARK "\1"                      /* a module's path in the index, not a library
+                                               name (no name starts with it) */
 static const char MTS_KEY[] = "flame.codec.mt";
 
 /* The libraries whose C functions and tables travel by name. */
@@ -323,10 +325,13 @@ static int mods_pure_lua(lua_State *L, int cache, int loaded, int name_idx) {
   return pure;
 }
 
-/* [-0, +1, m] The state's module index: each table that is package.loaded[name]
- * (the standard libraries aside: they travel by library name) maps to "name", each
- * C function or userdata reachable from one to "name\0key\0key". Lua functions are
- * not in it: they travel as bytecode, as before modules travelled by name. */
+/* [-0, +1, m] The state's index of what travels by name, for the encoder: the
+ * library names (value -> "string.format", as names_push has them), then each table
+ * that is package.loaded[name] (the standard libraries and Lua files aside, see
+ * mods_pure_lua) -> MODS_MARK "name", each C function or userdata reachable from one
+ * -> MODS_MARK "name\0key\0key". One table, so that a value costs the encoder one
+ * lookup, as before modules travelled by name. Lua functions are not in it: they
+ * travel as bytecode. */
 static void mods_push(lua_State *L) {
   luaL_checkstack(L, 10, "codec: module index");
   /* the common case, one lookup (every encode that meets a table comes here): an
@@ -340,7 +345,7 @@ static void mods_push(lua_State *L) {
   int loaded = lua_gettop(L);
   if (!lua_istable(L, loaded)) {
     lua_pop(L, 2);
-    lua_newtable(L);
+    names_push(L);
     return;
   }
   int hooked;
@@ -355,15 +360,29 @@ static void mods_push(lua_State *L) {
   lua_settop(L, loaded);
   lua_newtable(L);
   int index = lua_gettop(L);
+  names_push(L);                      /* the library names first: one lookup a value */
   lua_pushnil(L);
-  while (lua_next(L, loaded)) {                          /* the modules first */
+  while (lua_next(L, -2)) {
+    if (lua_type(L, -2) != LUA_TSTRING) {
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_rawset(L, index);
+    } else {
+      lua_pop(L, 1);
+    }
+  }
+  lua_pop(L, 1);
+  lua_pushnil(L);
+  while (lua_next(L, loaded)) {                          /* the modules */
     if (path_part(L, -2, CODEC_NAME_MAX) && !is_lib(lua_tostring(L, -2))
         && lua_type(L, -1) == LUA_TTABLE && !mods_pure_lua(L, cache, loaded, -2)) {
       lua_pushvalue(L, -1);
       if (lua_rawget(L, index) == LUA_TNIL) {
         lua_pop(L, 1);
         lua_pushvalue(L, -1);
-        lua_pushvalue(L, -3);
+        lua_pushliteral(L, MODS_MARK);
+        lua_pushvalue(L, -4);
+        lua_concat(L, 2);
         lua_rawset(L, index);
       } else {
         lua_pop(L, 1);
@@ -376,8 +395,10 @@ static void mods_push(lua_State *L) {
   while (lua_next(L, loaded)) {                          /* then what is in them */
     if (path_part(L, -2, CODEC_NAME_MAX) && !is_lib(lua_tostring(L, -2))
         && lua_type(L, -1) == LUA_TTABLE) {
-      lua_pushvalue(L, -2);
-      lua_pushvalue(L, -2);                              /* [k v name v] */
+      lua_pushliteral(L, MODS_MARK);
+      lua_pushvalue(L, -3);
+      lua_concat(L, 2);
+      lua_pushvalue(L, -2);                              /* [k v "\1name" v] */
       mods_walk(L, index, lua_gettop(L), 1, &visits);
       lua_pop(L, 2);
     }
@@ -424,7 +445,7 @@ typedef struct enc {
   buf *out;
   const codec_opts *o;
   int seen, upvals, names, mts, env, globals;   /* stack indices of scratch tables */
-  int mods;               /* the module index, or nil until a value needs it */
+  int indexed;            /* names holds mods_push's index (not only the library names) */
   lua_Integer nextid;
   int depth, valueno, nseg;
   seg path[CODEC_MAX_DEPTH + 2];
@@ -564,41 +585,43 @@ static int e_mark(enc *E, int idx) {
     return 1;
   }
   if (lua_type(L, idx) != LUA_TSTRING) {
-    lua_pushvalue(L, idx);
-    if (lua_rawget(L, E->names) == LUA_TSTRING) {
-      size_t len;
-      const char *name = lua_tolstring(L, -1, &len);
-      e_byte(E, T_NAME);
-      e_string(E, name, len);
-      lua_pop(L, 1);
-      return 1;
-    }
-    lua_pop(L, 1);
     int vt = lua_type(L, idx);
-    if (vt == LUA_TTABLE || vt == LUA_TUSERDATA || vt == LUA_TLIGHTUSERDATA
-        || (vt == LUA_TFUNCTION && lua_iscfunction(L, idx))) {
-      if (lua_isnil(L, E->mods)) {           /* built (or found current) once per encode */
+    if (vt != LUA_TFUNCTION || lua_iscfunction(L, idx)) {   /* a Lua function has no name */
+      if (!E->indexed) {                   /* built (or found current) once per encode */
         mods_push(L);
-        lua_replace(L, E->mods);
+        lua_replace(L, E->names);
+        E->indexed = 1;
       }
       lua_pushvalue(L, idx);
-      if (lua_rawget(L, E->mods) == LUA_TSTRING) {        /* a module, or in one */
+      if (lua_rawget(L, E->names) == LUA_TSTRING) {
         size_t len;
-        const char *path = lua_tolstring(L, -1, &len);
-        if (!mods_current(L, idx, path, len)) {           /* replaced since: again */
+        const char *name = lua_tolstring(L, -1, &len);
+        if (name[0] != MODS_MARK[0]) {                    /* a library's */
+          e_byte(E, T_NAME);
+          e_string(E, name, len);
+          lua_pop(L, 1);
+          return 1;
+        }
+        if (!mods_current(L, idx, name + 1, len - 1)) {   /* replaced since: again */
           lua_pop(L, 1);
           mods_invalidate(L);
           mods_push(L);
-          lua_replace(L, E->mods);
+          lua_replace(L, E->names);
           lua_pushvalue(L, idx);
-          if (lua_rawget(L, E->mods) != LUA_TSTRING) {
+          if (lua_rawget(L, E->names) != LUA_TSTRING) {
             lua_pop(L, 1);
             goto not_module;
           }
-          path = lua_tolstring(L, -1, &len);
+          name = lua_tolstring(L, -1, &len);
+          if (name[0] != MODS_MARK[0]) {
+            e_byte(E, T_NAME);
+            e_string(E, name, len);
+            lua_pop(L, 1);
+            return 1;
+          }
         }
-        e_byte(E, T_MODULE);
-        e_string(E, path, len);
+        e_byte(E, T_MODULE);                              /* a module, or in one */
+        e_string(E, name + 1, len - 1);
         lua_pop(L, 1);
         return 1;
       }
@@ -809,8 +832,7 @@ static int e_main(lua_State *L) {
   E->mts = lua_gettop(L);
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
   E->globals = lua_gettop(L);
-  lua_pushnil(L);
-  E->mods = lua_gettop(L);
+  E->indexed = 0;
   e_byte(E, CODEC_MAGIC0);
   e_byte(E, CODEC_MAGIC1);
   e_byte(E, CODEC_VERSION);
