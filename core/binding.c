@@ -94,6 +94,7 @@ int luaopen_flame_core(lua_State *L) {
   flame_crypto_open(L);
   flame_proc_open(L);
   flame_http_open(L);
+  flame_pack_open(L);
   lua_pushcfunction(L, l_pid);
   lua_setfield(L, -2, "pid");
   lua_pushcfunction(L, l_cwd);

@@ -33,6 +33,8 @@ static const char NAMES_KEY[] = "flame.codec.names";
 #define CODEC_PATH_MAX 1024                 /* "app.util" NUL "sub" NUL "resize" */
 #define MODS_DEPTH 3                        /* fields followed below a module */
 #define MODS_VISITS 20000                   /* fields looked at, at most, per build */
+#define MODS_SYNC "\2"                      /* the same, in a Lua-file module: by name only
+                                               where code_sync ships it (opts.synced) */
 #define MODS_MARK "\1"                      /* a module's path in the index, not a library
                                                name (no name starts with it) */
 static const char MTS_KEY[] = "flame.codec.mt";
@@ -51,6 +53,7 @@ void codec_opts_init(codec_opts *o) {
   o->max_size = CODEC_DEFAULT_MAX_SIZE;
   o->max_items = CODEC_DEFAULT_MAX_ITEMS;
   o->modules = 0;
+  o->synced = 0;
 }
 
 /* [-0, +1, m] The registry table at key, created empty on first use. */
@@ -152,9 +155,24 @@ static lua_Integer mods_fingerprint(lua_State *L, int loaded) {
   return (lua_Integer)h;
 }
 
+/* The globals or package.loaded: reachable from a module (M.env = _G), but what is
+ * in them is not the module's (a global of the main chunk would get its path). */
+static int is_shared(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+  int same = lua_rawequal(L, -1, idx);
+  lua_pop(L, 1);
+  if (same) return 1;
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  same = lua_rawequal(L, -1, idx);
+  lua_pop(L, 1);
+  return same;
+}
+
 /* Fields of the table at t, whose path is at t - 1: C functions and userdata get
- * their path; tables are followed to MODS_DEPTH. */
-static void mods_walk(lua_State *L, int index, int t, int depth, int *visits) {
+ * their path; tables are followed to MODS_DEPTH. With all (a Lua-file module's
+ * fields), Lua functions and the tables themselves get theirs too. */
+static void mods_walk(lua_State *L, int index, int t, int depth, int *visits, int all) {
   luaL_checkstack(L, 6, "codec: module index");
   lua_pushnil(L);
   while (lua_next(L, t)) {
@@ -164,16 +182,18 @@ static void mods_walk(lua_State *L, int index, int t, int depth, int *visits) {
     }
     if (path_part(L, -2, 64)) {
       int vt = lua_type(L, -1);
-      int named = (vt == LUA_TFUNCTION && lua_iscfunction(L, -1)) || vt == LUA_TUSERDATA
-                  || vt == LUA_TLIGHTUSERDATA;
-      if (named || (vt == LUA_TTABLE && depth < MODS_DEPTH)) {
+      int named = (vt == LUA_TFUNCTION && (all || lua_iscfunction(L, -1)))
+                  || vt == LUA_TUSERDATA || vt == LUA_TLIGHTUSERDATA;
+      int shared = vt == LUA_TTABLE && is_shared(L, -1);
+      int follow = vt == LUA_TTABLE && depth < MODS_DEPTH && !shared;
+      if (named || follow || (all && vt == LUA_TTABLE && !shared)) {
         lua_pushvalue(L, t - 1);                         /* the prefix */
         lua_pushlstring(L, "\0", 1);
         lua_pushvalue(L, -4);                            /* the key */
         lua_concat(L, 3);                                /* [.. k v path] */
-        if (named) {
+        if (named || all) {
           lua_pushvalue(L, -2);
-          if (lua_rawget(L, index) == LUA_TNIL) {        /* the shortest path wins */
+          if (lua_rawget(L, index) == LUA_TNIL) {        /* the first path found wins */
             lua_pop(L, 1);
             lua_pushvalue(L, -2);
             lua_pushvalue(L, -2);
@@ -181,12 +201,13 @@ static void mods_walk(lua_State *L, int index, int t, int depth, int *visits) {
           } else {
             lua_pop(L, 1);
           }
-          lua_pop(L, 1);
-        } else {
-          lua_pushvalue(L, -2);                          /* [.. k v path v] */
-          mods_walk(L, index, lua_gettop(L), depth + 1, visits);
-          lua_pop(L, 2);
         }
+        if (follow) {
+          lua_pushvalue(L, -2);                          /* [.. k v path v] */
+          mods_walk(L, index, lua_gettop(L), depth + 1, visits, all);
+          lua_pop(L, 1);
+        }
+        lua_pop(L, 1);
       }
     }
     lua_pop(L, 1);
@@ -372,37 +393,45 @@ static void mods_push(lua_State *L) {
     }
   }
   lua_pop(L, 1);
-  lua_pushnil(L);
-  while (lua_next(L, loaded)) {                          /* the modules */
-    if (path_part(L, -2, CODEC_NAME_MAX) && !is_lib(lua_tostring(L, -2))
-        && lua_type(L, -1) == LUA_TTABLE && !mods_pure_lua(L, cache, loaded, -2)) {
-      lua_pushvalue(L, -1);
-      if (lua_rawget(L, index) == LUA_TNIL) {
-        lua_pop(L, 1);
+  /* the modules, those that are Lua files after the others (and marked apart): a
+   * value in both is named by the module every runner can resolve */
+  for (int pure = 0; pure <= 1; pure++) {
+    lua_pushnil(L);
+    while (lua_next(L, loaded)) {
+      if (path_part(L, -2, CODEC_NAME_MAX) && !is_lib(lua_tostring(L, -2))
+          && lua_type(L, -1) == LUA_TTABLE && mods_pure_lua(L, cache, loaded, -2) == pure) {
         lua_pushvalue(L, -1);
-        lua_pushliteral(L, MODS_MARK);
-        lua_pushvalue(L, -4);
-        lua_concat(L, 2);
-        lua_rawset(L, index);
-      } else {
-        lua_pop(L, 1);
+        if (lua_rawget(L, index) == LUA_TNIL) {
+          lua_pop(L, 1);
+          lua_pushvalue(L, -1);
+          if (pure) lua_pushliteral(L, MODS_SYNC);
+          else lua_pushliteral(L, MODS_MARK);
+          lua_pushvalue(L, -4);
+          lua_concat(L, 2);
+          lua_rawset(L, index);
+        } else {
+          lua_pop(L, 1);
+        }
       }
+      lua_pop(L, 1);
     }
-    lua_pop(L, 1);
   }
   int visits = 0;
-  lua_pushnil(L);
-  while (lua_next(L, loaded)) {                          /* then what is in them */
-    if (path_part(L, -2, CODEC_NAME_MAX) && !is_lib(lua_tostring(L, -2))
-        && lua_type(L, -1) == LUA_TTABLE) {
-      lua_pushliteral(L, MODS_MARK);
-      lua_pushvalue(L, -3);
-      lua_concat(L, 2);
-      lua_pushvalue(L, -2);                              /* [k v "\1name" v] */
-      mods_walk(L, index, lua_gettop(L), 1, &visits);
-      lua_pop(L, 2);
+  for (int pure = 0; pure <= 1; pure++) {                /* then what is in them */
+    lua_pushnil(L);
+    while (lua_next(L, loaded)) {
+      if (path_part(L, -2, CODEC_NAME_MAX) && !is_lib(lua_tostring(L, -2))
+          && lua_type(L, -1) == LUA_TTABLE && mods_pure_lua(L, cache, loaded, -2) == pure) {
+        if (pure) lua_pushliteral(L, MODS_SYNC);
+        else lua_pushliteral(L, MODS_MARK);
+        lua_pushvalue(L, -3);
+        lua_concat(L, 2);
+        lua_pushvalue(L, -2);                            /* [k v "\1name" v] */
+        mods_walk(L, index, lua_gettop(L), 1, &visits, pure);
+        lua_pop(L, 2);
+      }
+      lua_pop(L, 1);
     }
-    lua_pop(L, 1);
   }
   lua_pushvalue(L, index);
   lua_rawseti(L, cache, 1);
@@ -445,6 +474,7 @@ typedef struct enc {
   buf *out;
   const codec_opts *o;
   int seen, upvals, names, mts, env, globals;   /* stack indices of scratch tables */
+  int synced;             /* stack index of opts.synced's set of module names, or 0 */
   int indexed;            /* names holds mods_push's index (not only the library names) */
   lua_Integer nextid;
   int depth, valueno, nseg;
@@ -576,6 +606,20 @@ static void e_enter(enc *E) {
   luaL_checkstack(E->L, 8, "codec: nesting");
 }
 
+static int is_mod_path(const char *name) {
+  return name[0] == MODS_MARK[0] || name[0] == MODS_SYNC[0];
+}
+
+/* Whether the module of path (name, then "\0" and keys) is in opts.synced. */
+static int e_synced(enc *E, const char *path, size_t len) {
+  if (!E->synced) return 0;
+  const char *nul = memchr(path, '\0', len);
+  lua_pushlstring(E->L, path, nul ? (size_t)(nul - path) : len);
+  int yes = lua_rawget(E->L, E->synced) != LUA_TNIL && lua_toboolean(E->L, -1);
+  lua_pop(E->L, 1);
+  return yes;
+}
+
 /* Values that travel as a mark: the environment, a library name, or a reference
  * to a table or function met before. Returns 1 when idx was written. */
 static int e_mark(enc *E, int idx) {
@@ -586,7 +630,8 @@ static int e_mark(enc *E, int idx) {
   }
   if (lua_type(L, idx) != LUA_TSTRING) {
     int vt = lua_type(L, idx);
-    if (vt != LUA_TFUNCTION || lua_iscfunction(L, idx)) {   /* a Lua function has no name */
+    /* a Lua function has no name, unless it is in a module code_sync ships */
+    if (vt != LUA_TFUNCTION || lua_iscfunction(L, idx) || E->synced) {
       if (!E->indexed) {                   /* built (or found current) once per encode */
         mods_push(L);
         lua_replace(L, E->names);
@@ -596,7 +641,7 @@ static int e_mark(enc *E, int idx) {
       if (lua_rawget(L, E->names) == LUA_TSTRING) {
         size_t len;
         const char *name = lua_tolstring(L, -1, &len);
-        if (name[0] != MODS_MARK[0]) {                    /* a library's */
+        if (!is_mod_path(name)) {                         /* a library's */
           e_byte(E, T_NAME);
           e_string(E, name, len);
           lua_pop(L, 1);
@@ -613,12 +658,16 @@ static int e_mark(enc *E, int idx) {
             goto not_module;
           }
           name = lua_tolstring(L, -1, &len);
-          if (name[0] != MODS_MARK[0]) {
+          if (!is_mod_path(name)) {
             e_byte(E, T_NAME);
             e_string(E, name, len);
             lua_pop(L, 1);
             return 1;
           }
+        }
+        if (name[0] == MODS_SYNC[0] && !e_synced(E, name + 1, len - 1)) {
+          lua_pop(L, 1);                                  /* the runner lacks its file */
+          goto not_module;
         }
         e_byte(E, T_MODULE);                              /* a module, or in one */
         e_string(E, name + 1, len - 1);
@@ -816,11 +865,12 @@ static void e_value(enc *E, int idx) {
   }
 }
 
-/* Protected body of codec_encode: [enc*, env|nil, v1 .. vn]. */
+/* Protected body of codec_encode: [enc*, env|nil, synced|nil, v1 .. vn]. */
 static int e_main(lua_State *L) {
   enc *E = lua_touserdata(L, 1);
-  int n = lua_gettop(L) - 2;
+  int n = lua_gettop(L) - 3;
   E->env = lua_isnil(L, 2) ? 0 : 2;
+  E->synced = lua_isnil(L, 3) ? 0 : 3;
   E->nextid = 1;                            /* ids match the decoder's refs[1..] */
   lua_newtable(L);
   E->seen = lua_gettop(L);
@@ -840,7 +890,7 @@ static int e_main(lua_State *L) {
   for (int i = 1; i <= n; i++) {
     E->valueno = i;
     E->nseg = 0;
-    e_value(E, 2 + i);
+    e_value(E, 3 + i);
   }
   return 0;
 }
@@ -852,8 +902,9 @@ int codec_encode(lua_State *L, int n, const codec_opts *o, buf *out) {
   E.out = out;
   E.o = o;
   int env = o->env ? lua_absindex(L, o->env) : 0;
+  int synced = o->synced ? lua_absindex(L, o->synced) : 0;
   int base = lua_gettop(L) - n + 1;
-  if (!lua_checkstack(L, 3)) {
+  if (!lua_checkstack(L, 4)) {
     lua_pop(L, n);
     lua_pushliteral(L, "codec: stack overflow");
     return -1;
@@ -862,9 +913,11 @@ int codec_encode(lua_State *L, int n, const codec_opts *o, buf *out) {
   lua_pushlightuserdata(L, &E);
   if (env) lua_pushvalue(L, env);
   else lua_pushnil(L);
-  lua_rotate(L, base, 3);
+  if (synced) lua_pushvalue(L, synced);
+  else lua_pushnil(L);
+  lua_rotate(L, base, 4);
   size_t start = out->len;
-  if (lua_pcall(L, n + 2, 0, 0) != LUA_OK) {
+  if (lua_pcall(L, n + 3, 0, 0) != LUA_OK) {
     out->len = start;
     return -1;
   }
@@ -1343,24 +1396,32 @@ static int l_encode(lua_State *L) {
   int boxed = lua_istable(L, 1) && opt_bool(L, 1, "buffer", 0);
   size_t room = boxed ? (size_t)opt_int(L, 1, "head", 0, 0, 64) : 0;
   int n = lua_gettop(L) - 1;
-  int env = 0;
-  if (lua_istable(L, 1) && lua_getfield(L, 1, "env") != LUA_TNIL) {
-    luaL_checktype(L, -1, LUA_TTABLE);
-    lua_insert(L, 2);
-    env = 2;
-  } else if (lua_istable(L, 1)) {
-    lua_pop(L, 1);
+  int at = 2;                                /* where the next helper value goes */
+  if (lua_istable(L, 1)) {
+    if (lua_getfield(L, 1, "env") != LUA_TNIL) {
+      luaL_checktype(L, -1, LUA_TTABLE);
+      lua_insert(L, at);
+      o.env = at++;
+    } else {
+      lua_pop(L, 1);
+    }
+    if (lua_getfield(L, 1, "synced") != LUA_TNIL) {
+      if (!lua_istable(L, -1)) return luaL_error(L, "bad option 'synced' (table expected)");
+      lua_insert(L, at);
+      o.synced = at++;
+    } else {
+      lua_pop(L, 1);
+    }
   }
-  o.env = env;
   buf *b = boxed ? &buf_bytes_new(L, room)->b : buf_box(L);
-  lua_insert(L, env ? 3 : 2);
+  lua_insert(L, at);
   if (codec_encode(L, n, &o, b) != 0) {
     lua_pushnil(L);
     lua_insert(L, -2);
     return 2;
   }
   if (boxed) {
-    lua_settop(L, env ? 3 : 2);              /* the flame.bytes */
+    lua_settop(L, at);                       /* the flame.bytes */
     return 1;
   }
   lua_pushlstring(L, (const char *)b->data, b->len);

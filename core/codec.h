@@ -42,6 +42,10 @@ typedef struct codec_opts {
   size_t max_items;   /* decode: values at most */
   int modules;        /* decode: require a named module that is not loaded yet (a
                          runner's work); 0: only modules already loaded resolve */
+  int synced;         /* encode: stack index of a set of module names ({ ["app.util"]
+                         = true }) that are Lua files the receiver has (code_sync):
+                         they, and what is in them (Lua functions and tables too),
+                         travel by name; 0: such modules travel by value */
 } codec_opts;
 
 void codec_opts_init(codec_opts *o);

@@ -27,6 +27,13 @@ int crypto_hmac_sha256(const void *key, size_t klen, const void *data, size_t dl
   return 0;
 }
 
+int crypto_sha256(const void *data, size_t len, unsigned char out[CRYPTO_HMAC_LEN]) {
+  unsigned int olen = 0;
+  if (EVP_Digest(data, len, out, &olen, EVP_sha256(), NULL) != 1 || olen != CRYPTO_HMAC_LEN)
+    return -1;
+  return 0;
+}
+
 int crypto_init(void) {
   /* with its configuration, as the first HMAC would load it: loading it on the
    * calling thread keeps that thread's error state off other threads */

@@ -1,6 +1,7 @@
 /*
  * crypto.h - the few primitives of the link's handshake, over OpenSSL's libcrypto:
- * HMAC-SHA256, a constant-time comparison, base64. Pure functions: any thread.
+ * HMAC-SHA256, a constant-time comparison, base64; and SHA-256, a code pack's
+ * identity. Pure functions: any thread.
  */
 #ifndef FLAME_CRYPTO_H
 #define FLAME_CRYPTO_H
@@ -21,6 +22,8 @@ void crypto_thread_end(void);
 /* 0, or -1 when libcrypto failed. */
 int crypto_hmac_sha256(const void *key, size_t klen, const void *data, size_t dlen,
                        unsigned char out[CRYPTO_HMAC_LEN]);
+/* SHA-256 of len bytes (a code pack's identity): 0, or -1 when libcrypto failed. */
+int crypto_sha256(const void *data, size_t len, unsigned char out[CRYPTO_HMAC_LEN]);
 /* 1 when a and b hold the same bytes; time depends on the lengths only. */
 int crypto_equal(const void *a, size_t la, const void *b, size_t lb);
 /* Base64 of len bytes into out (room for crypto_b64_size(len) bytes, NUL included):

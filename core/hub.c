@@ -19,7 +19,7 @@
  *   "up", ref, tid, pid, host      a runner proved itself and reported REMOTE_UP
  *   "message", tid, type, id, payload [, status]
  *                                        RESULT (its status byte apart) or
- *                                        REMOTE_SHUTDOWN from a runner
+ *                                        REMOTE_SHUTDOWN or CODE from a runner
  *   "lost", tid, reason            its link ended (closed, protocol, heartbeats)
  *   "refused", text / "dropped", text    an unauthenticated connection turned away
  *   "closed"                       the hub has let go of everything after close
@@ -313,7 +313,7 @@ static void on_message(link_conn *c, void *ud, int type, uint64_t id, buf *msg) 
   if (hc->stage == H_REFUSED) return;
   hc->msgs++;
   if (hc->stage == H_UP) {
-    if (type == WIRE_RESULT || type == WIRE_REMOTE_SHUTDOWN) {
+    if (type == WIRE_RESULT || type == WIRE_REMOTE_SHUTDOWN || type == WIRE_CODE) {
       event *e = calloc(1, sizeof *e);
       if (e == NULL) {
         link_close(hc->c, "not enough memory for a runner's message");

@@ -91,6 +91,10 @@ static int decode_settings(check *c, const cJSON *s, parent_settings *ps) {
   if (ic && !cJSON_IsNull(ic) && !cJSON_IsBool(ic))
     return fail(c, "setting idle_check is not a boolean");
   ps->idle_check = cJSON_IsTrue(ic);
+  const cJSON *cs = cJSON_GetObjectItemCaseSensitive(s, "code_sync");
+  if (cs && !cJSON_IsNull(cs) && !cJSON_IsBool(cs))
+    return fail(c, "setting code_sync is not a boolean");
+  ps->code_sync = cJSON_IsTrue(cs);
   ps->profile = SANDBOX_APPLICATION;
   ps->memory_limit = 0;
   const cJSON *sb = cJSON_GetObjectItemCaseSensitive(s, "sandbox");

@@ -27,6 +27,7 @@ typedef struct parent_settings {
   sandbox_profile profile;
   int64_t memory_limit;
   int idle_check;                        /* the pool sends an idle check (CONFIG) */
+  int code_sync;                         /* the pool sends a code pack (CODE) first */
 } parent_settings;
 
 typedef struct parent {

@@ -27,6 +27,7 @@
  * the next message from the parent, so a spec can make a KILL overtake its SPAWN
  * (on loopback the race cannot be forced otherwise). Named in docs/protocol.md.
  */
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,10 +42,12 @@
 #include "flame.h"
 #include "buf.h"
 #include "codec.h"
+#include "codedir.h"
 #include "crypto.h"
 #include "executor.h"
 #include "link.h"
 #include "loop.h"
+#include "pack.h"
 #include "parent.h"
 #include "sandbox.h"
 #include "terminator.h"
@@ -61,6 +64,8 @@
 #define ATTEMPT_MIN 1000                 /* ms an attempt gets at least, time allowing */
 
 typedef enum { S_CONNECTING, S_HANDSHAKE, S_UP, S_DRAINING, S_DONE } stage_t;
+/* code_sync: no pack expected, waiting for it, unpacking, unpacked */
+typedef enum { C_NONE, C_WAITING, C_UNPACKING, C_READY } code_stage_t;
 
 typedef struct call {
   flame_handle base;                     /* first: its timer's data, freed on close */
@@ -123,6 +128,11 @@ typedef struct term {
   buf idle_check;                        /* codec bytes of the pool's check, or empty */
   int checking;
   uv_timer_t idle_timer, check_timer, drain_timer, flush_timer;
+  /* code_sync: with it, the executor starts once the code is unpacked */
+  code_stage_t cstage;
+  char code_dir[CODEDIR_PATH_MAX];       /* "" until unpacked */
+  unsigned char code_hash[CRYPTO_HMAC_LEN];
+  buf requires;                          /* --require's list (NUL-terminated), kept */
 } term;
 
 static void say(const char *fmt, ...) {
@@ -264,7 +274,7 @@ static void on_challenge(term *t, const buf *msg) {
     return;
   }
   char why[300];
-  if (executor_ready(t->ex, why, sizeof why) != 0) {
+  if (t->ex && executor_ready(t->ex, why, sizeof why) != 0) {
     char text[sizeof why + 32];               /* the parent learns why, and nothing runs */
     snprintf(text, sizeof text, "the runner cannot start: %s", why);
     send_msg(t, WIRE_CLOSE, 0, text, strlen(text));
@@ -294,7 +304,7 @@ static void on_challenge(term *t, const buf *msg) {
   if (t->stage != S_HANDSHAKE || t->conn == NULL) return;
   link_limits(t->conn, (size_t)t->s->max_message, LINK_PARTIALS_MAX);   /* proved: trusted */
   t->stage = S_UP;
-  idle_start(t);
+  if (t->cstage == C_NONE) idle_start(t);      /* else once the code is there */
 }
 
 /* ------------------------------------------------------------------ work ---- */
@@ -366,8 +376,9 @@ static void spawn(term *t, int64_t id, buf *msg) {
   c->t = t;
   c->id = id;
   c->linked = linked;
-  const char *err;
-  if (executor_submit(t->ex, id, msg, WIRE_SPAWN_HEADER, EXECUTOR_WORK, &err) != 0) {
+  const char *err = "its code (code_sync) has not arrived yet";
+  if (t->ex == NULL
+      || executor_submit(t->ex, id, msg, WIRE_SPAWN_HEADER, EXECUTOR_WORK, &err) != 0) {
     free(c);
     char text[128];
     snprintf(text, sizeof text, "the runner could not start the call: %s", err);
@@ -392,7 +403,7 @@ static void spawn(term *t, int64_t id, buf *msg) {
 
 static void kill_call(term *t, int64_t id, const buf *msg) {
   int reason = kill_reason(msg->data, msg->len);
-  if (call_find(t, id)) {
+  if (call_find(t, id) && t->ex) {
     executor_kill(t->ex, id, reason);
   } else if (id > 0) {                      /* a KILL can overtake a long SPAWN */
     early_put(t, id, reason);
@@ -411,7 +422,7 @@ static void on_check_limit(uv_timer_t *h) {
 
 static void on_idle(uv_timer_t *h) {
   term *t = h->data;
-  if (t->ncalls > 0 || t->stage != S_UP || t->checking) return;
+  if (t->ncalls > 0 || t->stage != S_UP || t->checking || t->ex == NULL) return;
   if (t->idle_check.len == 0) {
     if (t->s->idle_check) idle_start(t);     /* its check has not come yet: wait for it */
     else go_idle(t);
@@ -476,6 +487,112 @@ static void on_done(void *ud, int64_t id, buf *out, int truthy) {
   }
 }
 
+/* -------------------------------------------------------------- executor ---- */
+
+/* The workers and their first sandbox: path (NULL: the environment's) is their
+ * package.path, code_dir (or NULL) what flame.parent().code_dir says. 0, or -1 with
+ * why filled in. */
+static int start_executor(term *t, const char *path, const char *code_dir, char *why,
+                          size_t whylen) {
+  const char *kv[] = { "ref", t->p.ref, "backend", t->p.backend, "node_base", t->p.node_base,
+                       "host_env", t->p.host_env, "flame_vsn", t->p.flame_vsn,
+                       "code_dir", code_dir };
+  buf info;
+  buf_init(&info);
+  if (codec_encode_strings(&info, kv, 6) != 0) {
+    snprintf(why, whylen, "out of memory");
+    return -1;
+  }
+  sandbox_config cfg = { t->s->profile, (size_t)t->s->memory_limit,
+                         t->requires.len > 1 ? (const char *)t->requires.data : NULL,
+                         (const char *)info.data, info.len, path, NULL };
+  const char *err;
+  t->ex = executor_new(&t->loop, (int)t->s->max_concurrency, &cfg, EXECUTOR_PRESTART, on_done,
+                       t, &err);
+  buf_free(&info);
+  if (t->ex == NULL) {
+    snprintf(why, whylen, "%s", err);
+    return -1;
+  }
+  return 0;
+}
+
+/* ------------------------------------------------------------- code_sync ---- */
+
+static void code_answer(term *t, const char *text) {
+  send_msg(t, WIRE_CODE, 0, text, strlen(text));
+}
+
+static void code_unpacked(void *ud, int ok, const char *dir, long files,
+                          const unsigned char hash[CRYPTO_HMAC_LEN], const char *why) {
+  term *t = ud;
+  t->cstage = ok ? C_READY : C_WAITING;
+  char text[1024];
+  if (ok) {
+    snprintf(t->code_dir, sizeof t->code_dir, "%s", dir);
+    memcpy(t->code_hash, hash, CRYPTO_HMAC_LEN);
+  }
+  if (t->stage != S_UP) {                    /* stopping meanwhile: nothing to start */
+    maybe_end(t);
+    return;
+  }
+  if (!ok) {
+    snprintf(text, sizeof text, "e%s", why);
+    code_answer(t, text);
+    say("%s", why);
+    return;
+  }
+  char *path = codedir_lua_path(dir);
+  char err[300];
+  if (path == NULL || start_executor(t, path, dir, err, sizeof err) != 0
+      || executor_ready(t->ex, err, sizeof err) != 0) {
+    if (path == NULL) snprintf(err, sizeof err, "out of memory");
+    free(path);
+    snprintf(text, sizeof text, "ethe runner cannot start: %s", err);
+    code_answer(t, text);
+    snprintf(t->failed, sizeof t->failed, "cannot start: %s", err);
+    t->cstage = C_READY;
+    t->code = 1;
+    stop(t, "cannot start");                 /* the answer goes out first */
+    return;
+  }
+  free(path);
+  text[0] = 'o';
+  for (int i = 0; i < CRYPTO_HMAC_LEN; i++) snprintf(text + 1 + 2 * i, 3, "%02x", hash[i]);
+  code_answer(t, text);
+  say("code_sync: %ld files in %s", files, dir);
+  idle_start(t);
+}
+
+/* CODE from the parent: unpacked off the loop; the answer goes back when done. */
+static void code_arrived(term *t, buf *msg) {
+  if (t->cstage == C_NONE) {
+    code_answer(t, "ethis runner was not started with code_sync");
+    return;
+  }
+  if (t->cstage == C_READY) {                  /* code reaches a runner once */
+    unsigned char got[CRYPTO_HMAC_LEN];
+    int same = msg->len >= CRYPTO_HMAC_LEN && memcmp(msg->data, t->code_hash, sizeof got) == 0;
+    char text[2 * CRYPTO_HMAC_LEN + 2] = "o";
+    for (int i = 0; same && i < CRYPTO_HMAC_LEN; i++)
+      snprintf(text + 1 + 2 * i, 3, "%02x", t->code_hash[i]);
+    code_answer(t, same ? text : "ethis runner has its code already (it comes once, at boot)");
+    return;
+  }
+  if (t->cstage == C_UNPACKING) {
+    code_answer(t, "ea code pack is being unpacked already");
+    return;
+  }
+  const char *why;
+  if (codedir_start(&t->loop, msg, code_unpacked, t, &why) != 0) {
+    char text[256];
+    snprintf(text, sizeof text, "e%s", why);
+    code_answer(t, text);
+    return;
+  }
+  t->cstage = C_UNPACKING;
+}
+
 /* -------------------------------------------------------------- messages ---- */
 
 static void handle(term *t, int type, int64_t id, buf *msg) {
@@ -486,6 +603,8 @@ static void handle(term *t, int type, int64_t id, buf *msg) {
     buf_free(&t->idle_check);              /* work, run in a sandbox when idle */
     t->idle_check = *msg;
     buf_init(msg);
+  } else if (type == WIRE_CODE) {
+    code_arrived(t, msg);
   } else if (type != WIRE_PING) say("ignoring a message of unknown type %d", type);
 }
 
@@ -578,7 +697,7 @@ static void lost(term *t, const char *reason) {
   uv_timer_stop(&t->handshake_timer);
   for (int b = 0; b < CALL_BUCKETS; b++)
     for (call *k = t->calls[b]; k; k = k->next)
-      if (k->linked) executor_kill(t->ex, k->id, SANDBOX_KILL_CANCEL);
+      if (k->linked && t->ex) executor_kill(t->ex, k->id, SANDBOX_KILL_CANCEL);
   if (t->stage == S_UP) {
     drain(t, "parent_lost");
   } else if (t->stage != S_DRAINING) {       /* refused or lost before it was up */
@@ -614,7 +733,9 @@ static void on_flush_limit(uv_timer_t *h) {
 
 /* The loop ends once the link has closed and the killed work has come back. */
 static void maybe_end(term *t) {
-  if (t->stopping && t->conn == NULL && t->ncalls == 0 && !t->checking) uv_stop(&t->loop);
+  if (t->stopping && t->conn == NULL && t->ncalls == 0 && !t->checking
+      && t->cstage != C_UNPACKING)
+    uv_stop(&t->loop);
 }
 
 /* The end: calls still running are killed, the last messages go out (up to
@@ -984,40 +1105,34 @@ int terminator_main(int argc, char **argv) {
   const char *hold = getenv("FLAME_TEST_HOLD_SPAWN");
   t->hold_spawn = hold && strcmp(hold, "1") == 0;
 
-  /* flame.parent() in the work */
-  const char *kv[] = { "ref", t->p.ref, "backend", t->p.backend, "node_base", t->p.node_base,
-                       "host_env", t->p.host_env, "flame_vsn", t->p.flame_vsn };
-  buf info;
-  buf_init(&info);
-  if (buf_byte(&requires, 0) != 0 || codec_encode_strings(&info, kv, 5) != 0) {
+  if (buf_byte(&requires, 0) != 0) {
     say("out of memory");
     buf_free(&requires);
     parent_free(&t->p);
     return 1;
   }
+  t->requires = requires;
   int rc = uv_loop_init(&t->loop);
   if (rc != 0) {
     say("cannot start: cannot make the event loop: %s", uv_strerror(rc));
-    buf_free(&requires);
-    buf_free(&info);
+    buf_free(&t->requires);
     parent_free(&t->p);
     return 1;
   }
-  sandbox_config cfg = { t->s->profile, (size_t)t->s->memory_limit,
-                         requires.len > 1 ? (const char *)requires.data : NULL,
-                         (const char *)info.data, info.len, NULL, NULL };
-  const char *err;
   uv_thread_t warm;                          /* OpenSSL's first use costs a millisecond:
                                                paid beside the connect, not after it */
   int warming = uv_thread_create(&warm, crypto_warm, NULL) == 0;
-  t->ex = executor_new(&t->loop, (int)t->s->max_concurrency, &cfg, EXECUTOR_PRESTART, on_done,
-                       t, &err);
-  buf_free(&requires);
-  buf_free(&info);
-  if (t->ex == NULL) {
+  char err[300];
+  if (t->s->code_sync) {
+    /* the workers start once the code is there, with it first on their path (and
+     * --require finds it); what earlier runners left behind goes first */
+    t->cstage = C_WAITING;
+    codedir_sweep();
+  } else if (start_executor(t, NULL, NULL, err, sizeof err) != 0) {
     say("cannot start: %s", err);
     if (warming) uv_thread_join(&warm);
     uv_loop_close(&t->loop);
+    buf_free(&t->requires);
     parent_free(&t->p);
     return 1;
   }
@@ -1038,8 +1153,11 @@ int terminator_main(int argc, char **argv) {
     } else {
       try_next(t);
       uv_run(&t->loop, UV_RUN_DEFAULT);
+      while (t->cstage == C_UNPACKING) uv_run(&t->loop, UV_RUN_ONCE);   /* its files end */
     }
   }
+  if (t->code_dir[0] && pack_remove_tree(t->code_dir) != 0)
+    say("code_sync: cannot remove %s: %s", t->code_dir, strerror(errno));
   if (warming) uv_thread_join(&warm);
   if (t->failed[0]) say("%s", t->failed);
   else if (t->code == 0) say("stopping (%s)", t->stop_reason ? t->stop_reason : "stopped");
@@ -1055,7 +1173,7 @@ int terminator_main(int argc, char **argv) {
     fflush(NULL);
     _exit(t->code);
   }
-  executor_close(t->ex, 1);
+  if (t->ex) executor_close(t->ex, 1);
   if (t->conn) link_close(t->conn, "runner stopped");
   t->conn = NULL;
   uv_walk(&t->loop, close_walk, t);
@@ -1063,6 +1181,7 @@ int terminator_main(int argc, char **argv) {
   if (uv_loop_close(&t->loop) != 0) say("the loop still had handles at exit");
   buf_free(&t->idle_check);
   buf_free(&t->held);
+  buf_free(&t->requires);
   parent_free(&t->p);
   return t->code;
 }

@@ -10,7 +10,7 @@
 const char *wire_type_name(int type) {
   static const char *const names[] = {
     NULL, "HELLO", "CHALLENGE", "PROOF", "REMOTE_UP", "SPAWN", "RESULT", "KILL", NULL,
-    "SHUTDOWN", "REMOTE_SHUTDOWN", "PING", NULL, "CONFIG", "CLOSE"
+    "SHUTDOWN", "REMOTE_SHUTDOWN", "PING", NULL, "CONFIG", "CLOSE", "CODE"
   };
   return type >= 0 && type < (int)(sizeof names / sizeof names[0]) ? names[type] : NULL;
 }

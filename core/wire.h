@@ -20,8 +20,12 @@
 enum {
   WIRE_HELLO = 1, WIRE_CHALLENGE = 2, WIRE_PROOF = 3, WIRE_REMOTE_UP = 4, WIRE_SPAWN = 5,
   WIRE_RESULT = 6, WIRE_KILL = 7, WIRE_SHUTDOWN = 9, WIRE_REMOTE_SHUTDOWN = 10,
-  WIRE_PING = 11, WIRE_CONFIG = 13, WIRE_CLOSE = 14
+  WIRE_PING = 11, WIRE_CONFIG = 13, WIRE_CLOSE = 14, WIRE_CODE = 15
 };
+
+/* CODE (code_sync): parent -> runner, the pack's SHA-256 (32 bytes) and the pack
+ * (pack.h), once, right after REMOTE_UP; runner -> parent, once it is unpacked (and
+ * the workers can start), "o" and the SHA-256 in hex, or "e" and why not. */
 
 /* SPAWN's payload: a header of the deadline (u64 little-endian, ms; 0 is none) and
  * the link flag (u8), then the work's codec bytes. */

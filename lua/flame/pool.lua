@@ -5,6 +5,7 @@
 -- One deadline per call: from entering flame.call to its result (docs/pools.md).
 -- @module flame.pool
 local core = require "flame.core"
+local code_sync = require "flame.code_sync"
 local errors = require "flame.errors"
 local task = require "flame.task"
 local logmod = require "flame.log"
@@ -88,6 +89,9 @@ OPTIONS.link = { "{ bind, port, advertise, heartbeat_interval, heartbeat_misses 
     return (v.heartbeat_interval == nil or v.heartbeat_interval > 0)
       and (v.heartbeat_misses == nil or v.heartbeat_misses >= 1)
   end, {} }
+
+OPTIONS.code_sync = { "true, false or { paths, modules, max_bytes }",
+  function(v) return type(v) == "boolean" or type(v) == "table" end, false }
 
 local CALL_OPTIONS = {
   timeout = { "milliseconds (a number > 0, or math.huge)",
@@ -277,6 +281,14 @@ local function backend_server(pool, runner)
         sandbox = sandbox_settings(o.sandbox),
       },
     }
+    if o.code_sync and o.backend ~= "local" then
+      -- what to ship, now: modules loaded since the last boot are in it
+      local code, err = code_sync.pack(o.code_sync, pool.code)
+      if not code then error(err, 0) end
+      pool:code_ready(code)
+      runner.code = code
+      p.settings.code_sync = true
+    end
     hub:expect(p)
     runner.parents[#runner.parents + 1] = p.ref
     return p
@@ -292,6 +304,13 @@ local function backend_server(pool, runner)
     local term, err = hub:await(p, timeout or pool.opts.boot_timeout)
     runner.awaiting = nil
     if not term then return nil, err end
+    if runner.code then                       -- its code first, before any call
+      local ok, why = term:sync_code(runner.code, pool.opts.boot_timeout)
+      if not ok then
+        term:close("code_sync failed")
+        return nil, why
+      end
+    end
     return keep(term, "terminator")
   end
 
@@ -545,6 +564,14 @@ function M.new(opts)
       invalid("flame.pool: the backend table cannot be copied into a backend state: " .. err, 2)
     end
   end
+  local cs, why = code_sync.check(o.code_sync)
+  if why then invalid("flame.pool: option 'code_sync' " .. why, 2) end
+  o.code_sync = cs
+  local code
+  if cs and o.backend ~= "local" then        -- a local runner reads this program's files
+    code, why = code_sync.pack(cs)           -- what cannot be shipped is said now
+    if not code then invalid("flame.pool: " .. why, 2) end
+  end
   if require("flame").parent() ~= nil then o.min = 0 end  -- a runner boots no runners
   local pool = setmetatable({
     name = o.name, opts = o, nmin = 0,
@@ -554,6 +581,7 @@ function M.new(opts)
     -- the call goes to the runner's terminator without entering the backend state
     direct = type(mod.remote_spawn_monitor) ~= "function",
   }, Pool)
+  if code then pool:code_ready(code) end
   pools[o.name] = pool
   for _ = 1, o.min do pool:grow() end
   return pool
@@ -569,6 +597,17 @@ end
 -- Calls one runner takes at once: 1 for single-use runners.
 local function slots(pool)
   return pool.opts.single_use and 1 or pool.opts.max_concurrency
+end
+
+-- code_sync: the pack runners booted from now get, and how calls are encoded for
+-- them (the modules it holds travel by name).
+function Pool:code_ready(code)
+  code.how = { name = "work", buffer = true, head = SPAWN_HEADER, synced = code.synced }
+  if code ~= self.code then
+    self.log.info("code_sync: %d files, %d bytes, sha256 %s", code.files, code.bytes,
+      code.hash:sub(1, 12))
+  end
+  self.code = code
 end
 
 -- The up runner with the fewest calls that has a free slot, or nil.
@@ -1045,7 +1084,7 @@ local ATTEMPT_GUARD = { __close = function(g)
 end }
 
 -- One try of a call: a slot, the work sent, its answer (or why there is none).
-function Pool:attempt(bytes, deadline, link)
+function Pool:attempt(bytes, deadline, link, work, code)
   local asked = self.queue_waits and core.hrtime()
   local r = self:checkout(deadline)
   if asked then                              -- a benchmark asked for queue waits
@@ -1059,6 +1098,15 @@ function Pool:attempt(bytes, deadline, link)
     self:untake(r)                            -- nothing ran, another runner may take it
     return "unsent", nil, nil, ("runner %s was %s before the call was sent")
       :format(r.id, r.status == "draining" and "shutting down" or "gone"), r
+  end
+  if r.code ~= code then                     -- code_sync: a runner booted with other code
+    local how = r.code and r.code.how or ENCODE_WORK  -- names only modules it has
+    local ok, b, err = pcall(core.encode, how, work)
+    if not (ok and b) then
+      self:untake(r)
+      errors.raise("encode", tostring(ok and err or b), { pool = self.name })
+    end
+    bytes = b
   end
   next_call = next_call + 1
   local id = next_call
@@ -1117,7 +1165,8 @@ function Pool:call(work, opts, level)
   local deadline = task.now() + timeout
   -- encoded once, into C's memory with room in front for SPAWN's header: the bytes
   -- go to the runner's socket (or a local worker) as they are, copied by no one
-  local how = ENCODE_WORK
+  local code = self.code
+  local how = code and code.how or ENCODE_WORK
   local bytes, err = core.encode(how, work)
   if not bytes then errors.raise("encode", err, { pool = self.name }) end
 
@@ -1128,7 +1177,7 @@ function Pool:call(work, opts, level)
       bytes, err = core.encode(how, work)
       if not bytes then errors.raise("encode", err, { pool = self.name }) end
     end
-    status, payload, why, detail, r = self:attempt(bytes, deadline, o.link ~= false)
+    status, payload, why, detail, r = self:attempt(bytes, deadline, o.link ~= false, work, code)
     -- a runner found gone before the work was sent, or going away when the call
     -- reached it (it refused the call unstarted): the call goes to another runner,
     -- within the same deadline

@@ -38,6 +38,26 @@ function Term:configure(idle_check)
   self.hub.c:send(self.tid, wire.CONFIG, 0, bytes)
 end
 
+--- code_sync: sends the pack (code_sync.pack's record) and waits until the runner
+-- has unpacked it and started its workers: true, or nil and why not.
+function Term:sync_code(code, timeout)
+  if self.closed then return nil, "code_sync: the runner's link is closed" end
+  local f = task.future()
+  self.code_wait = f
+  self.hub.c:send(self.tid, wire.CODE, 0, code.pack, code.raw)
+  local timer = loop:timer(timeout, function()
+    f:set(nil, ("code_sync: the runner did not take its code within %d ms (a runner of an "
+      .. "older flame ignores it: run the same flame on both sides)"):format(timeout))
+  end)
+  local answer, err = f:wait()
+  timer:stop()
+  self.code_wait = nil
+  if not answer then return nil, err end
+  if answer:sub(1, 1) == "o" and answer:sub(2) == code.hash then return true end
+  if answer:sub(1, 1) == "e" then return nil, answer:sub(2) end
+  return nil, "code_sync: the runner's answer does not match the pack sent: " .. answer:sub(1, 80)
+end
+
 --- Asks the runner to stop taking work, drain and exit.
 function Term:shutdown()
   if not self.closed then self.hub.c:send(self.tid, wire.SHUTDOWN, 0, "") end
@@ -71,6 +91,8 @@ function Term:lost(reason)
   self.gone = true
   self.closed = true                      -- the hub has closed its link already
   self.hub.terms[self.tid] = nil
+  if self.code_wait then self.code_wait:set(nil, "code_sync: lost the link to the runner: "
+    .. tostring(reason)) end
   self:emit("lost", reason)
 end
 
@@ -155,6 +177,8 @@ function Hub:event(kind, a, b, c, d, e)
       term:emit("result", c, e, d)           -- the hub gives the status byte apart
     elseif b == wire.REMOTE_SHUTDOWN then
       term:emit("remote_shutdown", d)
+    elseif b == wire.CODE then
+      if term.code_wait then term.code_wait:set(d) end
     end
   elseif kind == "lost" then
     local term = self.terms[a]

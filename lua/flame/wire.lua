@@ -19,6 +19,8 @@ M.REMOTE_SHUTDOWN = 10  -- runner -> parent: reason ("idle", "parent_lost", ...)
 M.PING = 11             -- either way, every heartbeat interval
 M.CONFIG = 13           -- parent -> runner: codec { idle_check = fn }    (after PROOF)
 M.CLOSE = 14            -- either way, last message: why the link is closed
+M.CODE = 15             -- parent -> runner: SHA-256 (32 bytes), code pack  (code_sync)
+                        -- runner -> parent: "o" .. hex SHA-256, or "e" .. why
 
 M.NAMES = {}
 for k, v in pairs(M) do if type(v) == "number" and k ~= "PROTOCOL" then M.NAMES[v] = k end end
