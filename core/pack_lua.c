@@ -10,6 +10,7 @@
  *       directories are not followed (no loops)
  *   core.file_info(path) -> "file"|"directory"|"other", size, mtime_ns | nil, message
  *   core.remove_tree(dir) -> true | nil, message
+ *   core.sha256(bytes) -> hex
  *   core.lua_system_dirs() -> { dir, ... }  the absolute directories of Lua's own
  *       default package.path and cpath (where the system's modules are)
  * Reads and writes the file system on the calling thread: made for a boot, not for
@@ -119,6 +120,12 @@ static int read_file(const char *path, buf *out) {
   return 0;
 }
 
+static void push_hex(lua_State *L, const unsigned char *d, size_t n) {
+  char hex[2 * CRYPTO_HMAC_LEN + 1];
+  for (size_t i = 0; i < n && i < CRYPTO_HMAC_LEN; i++) snprintf(hex + 2 * i, 3, "%02x", d[i]);
+  lua_pushlstring(L, hex, 2 * (n < CRYPTO_HMAC_LEN ? n : CRYPTO_HMAC_LEN));
+}
+
 static int l_code_pack(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_Integer max = luaL_checkinteger(L, 2);
@@ -195,11 +202,9 @@ static int l_code_pack(lua_State *L) {
   unsigned char digest[CRYPTO_HMAC_LEN];
   if (crypto_sha256(pack->data, pack->len, digest) != 0)
     return luaL_error(L, "code_pack: SHA-256 failed in libcrypto");
-  char hex[2 * CRYPTO_HMAC_LEN + 1];
-  for (int i = 0; i < CRYPTO_HMAC_LEN; i++) snprintf(hex + 2 * i, 3, "%02x", digest[i]);
   lua_pushlstring(L, (const char *)pack->data, pack->len);
   buf_free(pack);
-  lua_pushstring(L, hex);
+  push_hex(L, digest, sizeof digest);
   lua_pushinteger(L, (lua_Integer)read_total);
   return 3;
 }
@@ -307,6 +312,15 @@ static int l_file_info(lua_State *L) {
   return 3;
 }
 
+static int l_sha256(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  unsigned char d[CRYPTO_HMAC_LEN];
+  if (crypto_sha256(s, len, d) != 0) return luaL_error(L, "sha256: libcrypto failed");
+  push_hex(L, d, sizeof d);
+  return 1;
+}
+
 static int l_remove_tree(lua_State *L) {
   const char *dir = luaL_checkstring(L, 1);
   if (pack_remove_tree(dir) != 0) {
@@ -345,7 +359,7 @@ void flame_pack_open(lua_State *L) {
   static const luaL_Reg fns[] = {
     { "code_pack", l_code_pack }, { "code_unpack", l_code_unpack },
     { "list_files", l_list_files }, { "file_info", l_file_info },
-    { "remove_tree", l_remove_tree }, { "lua_system_dirs", l_lua_system_dirs },
+    { "remove_tree", l_remove_tree }, { "sha256", l_sha256 }, { "lua_system_dirs", l_lua_system_dirs },
     { NULL, NULL }
   };
   luaL_setfuncs(L, fns, 0);

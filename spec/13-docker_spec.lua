@@ -196,6 +196,44 @@ describe("docker backend #docker", function()
     assert.are.equal(42, got)
   end)
 
+  it("ships the program's modules with code_sync: a closure holding one, { module, fn, "
+    .. "args } and require in the work run in containers whose image lacks them", function()
+    if not need_engine() then return end
+    local dir = H.tmpdir()
+    os.execute("mkdir -p " .. H.q(dir .. "/lib/spec_dk") .. " " .. H.q(dir .. "/tmp"))
+    os.execute("chmod 1777 " .. H.q(dir .. "/tmp"))
+    local f = assert(io.open(dir .. "/lib/spec_dk/thumbs.lua", "w"))
+    f:write("local M = { size = { w = 4 } }\n"
+      .. "function M.resize(x) return x * M.size.w end\nreturn M\n")
+    f:close()
+    local saved = package.path
+    package.path = dir .. "/lib/?.lua;" .. package.path
+    local ok, err = pcall(function()
+      local thumbs = require "spec_dk.thumbs"
+      local resize = thumbs.resize
+      -- the container's /tmp is a directory of ours: its sync directory can be seen
+      local p = pool("dk-code-sync", { code_sync = true, max = 1,
+        backend_opts = { volumes = { dir .. "/tmp:/tmp" } } })
+      local r = { flame.call(p, function()
+        return thumbs.resize(2), resize(3), thumbs == require("spec_dk.thumbs"),
+          resize == require("spec_dk.thumbs").resize, require("flame").parent().code_dir
+      end) }
+      assert.are.same({ 8, 12, true, true }, { table.unpack(r, 1, 4) })
+      assert.matches("^/tmp/flame%-code%-%d+%-", r[5])
+      assert.are.equal(20, flame.call(p, { "spec_dk.thumbs", "resize", { 5 } }))
+      assert.are.equal(24, flame.call(p, function() return require("spec_dk.thumbs").resize(6) end))
+      local host_dir = dir .. r[5]
+      assert.is_truthy(core.file_info(host_dir .. "/spec_dk/thumbs.lua"))
+      p:shutdown()
+      assert.are.same({}, containers(engine, "dk-code-sync"))
+      assert.is_nil(core.file_info(host_dir), "the runner's sync directory is left behind")
+    end)
+    package.path = saved
+    package.loaded["spec_dk.thumbs"] = nil
+    H.rmdir(dir)
+    assert.is_true(ok, tostring(err))
+  end)
+
   it("keeps its runner while the parent computes for 10 s; shutdown returns with the "
     .. "container removed", function()
     if not need_engine() then return end

@@ -203,6 +203,99 @@ describe("flame runner", function()
     P.stop()
   end)
 
+  describe("code_sync's CODE", function()
+    local function hex_raw(h) return (h:gsub("..", function(x) return string.char(tonumber(x, 16)) end)) end
+    local function entry(path, content) return string.pack("<s2BI8", path, 0, #content) .. content end
+    local function pack(...)
+      local e = { ... }
+      return "FLPK\1" .. string.pack("<I4", #e) .. table.concat(e)
+    end
+    local function code(p) return hex_raw(core.sha256(p)) .. p end
+    local function answers(P)
+      local out = {}
+      for _, m in ipairs(P.got) do if m.type == wire.CODE then out[#out + 1] = m.payload end end
+      return out
+    end
+
+    it("checks the pack's hash, unpacks it once, runs work with it, and removes it at the end", function()
+      local tmp = H.tmpdir()
+      local P = fake_parent { settings = { code_sync = true }, env = { TMPDIR = tmp } }
+      P.wait(function() return P.up ~= nil end, "REMOTE_UP")
+      -- no workers before the code: a call is refused, unstarted
+      P.conn:send(wire.SPAWN, 1, spawn_bytes(function() return 1 end))
+      P.wait(function() return P.message(wire.RESULT, 1) end, "the refusal")
+      local status, why = result(P.message(wire.RESULT, 1))
+      assert.are.equal("e", status)
+      assert.matches("its code (code_sync) has not arrived yet", why, 1, true)
+      -- damaged on the way: refused, nothing unpacked
+      local good = pack(entry("specpk/mod.lua", "return { n = 7 }\n"))
+      local bad = code(good):sub(1, -2) .. "X"
+      P.conn:send(wire.CODE, 0, bad)
+      P.wait(function() return #answers(P) == 1 end, "the answer to a damaged pack")
+      assert.matches("^ecode_sync: the pack's SHA%-256 is not the one it was sent with", answers(P)[1])
+      assert.are.same({}, core.list_files(tmp))
+      P.conn:send(wire.CODE, 0, code(good))
+      P.wait(function() return #answers(P) == 2 end, "the answer to the pack")
+      assert.are.equal("o" .. core.sha256(good), answers(P)[2])
+      P.conn:send(wire.SPAWN, 2, spawn_bytes(function()
+        return require("specpk.mod").n, require("flame").parent().code_dir
+      end))
+      P.wait(function() return P.message(wire.RESULT, 2) end, "the result")
+      local m = P.message(wire.RESULT, 2)
+      local ok, n, dir = core.decode(m.payload:sub(2))
+      assert.is_true(ok, tostring(n))
+      assert.are.equal(7, n)
+      assert.are.equal(tmp, dir:match("^(.*)/flame%-code%-"))
+      -- the same pack again is answered, not unpacked; another is refused
+      P.conn:send(wire.CODE, 0, code(good))
+      P.conn:send(wire.CODE, 0, code(pack(entry("other.lua", "return 1"))))
+      P.wait(function() return #answers(P) == 4 end, "the answers to two more packs")
+      assert.are.equal("o" .. core.sha256(good), answers(P)[3])
+      assert.matches("has its code already", answers(P)[4], 1, true)
+      local unpacked = 0
+      for _, l in ipairs(P.output) do if l:find("code_sync: 1 files in", 1, true) then unpacked = unpacked + 1 end end
+      assert.are.equal(1, unpacked, P.text())
+      P.conn:send(wire.SHUTDOWN, 0, "")
+      P.wait(function() return P.exit ~= nil end, "the runner to exit")
+      assert.are.equal(0, P.exit.code, P.text())
+      assert.is_nil(core.file_info(dir), "its directory is left behind")
+      P.stop()
+      H.rmdir(tmp)
+    end)
+
+    it("refuses a pack whose paths would leave its directory, and writes nothing", function()
+      local tmp = H.tmpdir()
+      local P = fake_parent { settings = { code_sync = true }, env = { TMPDIR = tmp } }
+      P.wait(function() return P.up ~= nil end, "REMOTE_UP")
+      P.conn:send(wire.CODE, 0, code(pack(entry("a.lua", "x"), entry("b/../../../escaped", "y"))))
+      P.wait(function() return #answers(P) == 1 end, "the answer")
+      assert.matches("a path a runner may not write", answers(P)[1], 1, true)
+      assert.are.same({}, core.list_files(tmp))
+      assert.is_nil(core.file_info(tmp .. "/../escaped"))
+      P.stop()
+      H.rmdir(tmp)
+    end)
+
+    it("is refused by a runner started without code_sync", function()
+      local P = fake_parent()
+      P.wait(function() return P.up ~= nil end, "REMOTE_UP")
+      P.conn:send(wire.CODE, 0, code(pack()))
+      P.wait(function() return #answers(P) == 1 end, "the answer")
+      assert.are.equal("ethis runner was not started with code_sync", answers(P)[1])
+      P.stop()
+    end)
+
+    it("fails its boot after the code when a --require module is in neither", function()
+      local P = fake_parent { settings = { code_sync = true }, args = { "--require", "specpk.none" } }
+      P.wait(function() return P.up ~= nil end, "REMOTE_UP")
+      P.conn:send(wire.CODE, 0, code(pack(entry("specpk/mod.lua", "return {}"))))
+      P.wait(function() return P.exit ~= nil end, "the runner to exit")
+      assert.are.equal(1, P.exit.code)
+      assert.matches("^ethe runner cannot start: module 'specpk.none' not found", answers(P)[1])
+      P.stop()
+    end)
+  end)
+
   it("runs calls that arrive together side by side, up to max_concurrency", function()
     local dir = H.tmpdir()
     local go = dir .. "/go"

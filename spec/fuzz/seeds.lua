@@ -1,8 +1,9 @@
--- Writes the seed corpora of the fuzz targets into DIR/decode, DIR/parent and
+-- Writes the seed corpora of the fuzz targets into DIR/decode, DIR/parent, DIR/pack and
 -- DIR/link (made by the caller): real encodings of varied values for the codec
 -- decoder (decode_fuzz.c); FLAME_PARENT documents as lua/flame/parent.lua makes
 -- them, and broken ones (parent_fuzz.c); link streams of whole, chunked and
--- malformed frames (link_fuzz.c). Each target's header says what its bytes mean.
+-- malformed frames (link_fuzz.c); code packs, good and refused (pack_fuzz.c). Each
+-- target's header says what its bytes mean.
 -- usage: lua5.4 spec/fuzz/seeds.lua DIR
 local flame = require "flame"
 local codec = flame.codec
@@ -118,4 +119,22 @@ local links = {
   "\0\0" .. frame(0, 11, 1, 0) .. frame(0, 11, 1, 0),            -- empty messages
 }
 write("link", links)
-print(("seeds: %d written to %s/{decode,parent,link}"):format(total, dir))
+
+-- code packs (pack.h): good ones, and one of each refusal
+local function entry(path, content, mode)
+  return string.pack("<s2BI8", path, mode or 0, #content) .. content
+end
+local function pack(...)
+  local e = { ... }
+  return "FLPK\1" .. string.pack("<I4", #e) .. table.concat(e)
+end
+write("pack", {
+  pack(),
+  pack(entry("app/util.lua", "return {}\n"), entry("app/z/init.lua", "return 1", 1)),
+  pack(entry("a", ""), entry("b", "x"), entry("b/c", "y")),
+  pack(entry("../x", "")),
+  pack(entry("b", ""), entry("a", "")),
+  pack(entry("a", "xyz")):sub(1, -2),
+  "FLPK\2\0\0\0\0",
+})
+print(("seeds: %d written to %s/{decode,parent,link,pack}"):format(total, dir))
