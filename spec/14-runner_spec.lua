@@ -211,6 +211,14 @@ describe("flame runner", function()
       return "FLPK\1" .. string.pack("<I4", #e) .. table.concat(e)
     end
     local function code(p) return hex_raw(core.sha256(p)) .. p end
+    -- what the runner left in its TMPDIR (valgrind's own files aside)
+    local function ours(tmp)
+      local out = {}
+      for _, f in ipairs(core.list_files(tmp)) do
+        if not f:find("^vgdb") then out[#out + 1] = f end
+      end
+      return out
+    end
     local function answers(P)
       local out = {}
       for _, m in ipairs(P.got) do if m.type == wire.CODE then out[#out + 1] = m.payload end end
@@ -233,7 +241,7 @@ describe("flame runner", function()
       P.conn:send(wire.CODE, 0, bad)
       P.wait(function() return #answers(P) == 1 end, "the answer to a damaged pack")
       assert.matches("^ecode_sync: the pack's SHA%-256 is not the one it was sent with", answers(P)[1])
-      assert.are.same({}, core.list_files(tmp))
+      assert.are.same({}, ours(tmp))
       P.conn:send(wire.CODE, 0, code(good))
       P.wait(function() return #answers(P) == 2 end, "the answer to the pack")
       assert.are.equal("o" .. core.sha256(good), answers(P)[2])
@@ -270,7 +278,7 @@ describe("flame runner", function()
       P.conn:send(wire.CODE, 0, code(pack(entry("a.lua", "x"), entry("b/../../../escaped", "y"))))
       P.wait(function() return #answers(P) == 1 end, "the answer")
       assert.matches("a path a runner may not write", answers(P)[1], 1, true)
-      assert.are.same({}, core.list_files(tmp))
+      assert.are.same({}, ours(tmp))
       assert.is_nil(core.file_info(tmp .. "/../escaped"))
       P.stop()
       H.rmdir(tmp)
