@@ -351,7 +351,10 @@ function B.init(opts, flame)
   if state.auto_remove == nil then state.auto_remove = true end
   local me = flame.parent_info()
   state.me = me
-  state.parent = flame.parent_new { node_base = state.runner_id, host_env = "HOSTNAME" }
+  -- nil and why when the parent cannot make one (code_sync's pack over its limit)
+  local parent, why = flame.parent_new { node_base = state.runner_id, host_env = "HOSTNAME" }
+  if not parent then error(why, 0) end
+  state.parent = parent
   state.env = flame.merge(state.env, { FLAME_PARENT = flame.parent_encode(state.parent) })
   state.labels = flame.merge(state.labels, {
     ["flame.pool"] = state.pool, ["flame.runner"] = state.runner_id,

@@ -16,7 +16,10 @@ function B.init(opts, flame)
     error("process backend: option 'command' must be a list like { \"/usr/bin/flame\", \"runner\" }", 0)
   end
   state.command = state.command or { flame.flame_bin(), "runner" }
-  state.parent = flame.parent_new { node_base = state.runner_id, host_env = "HOSTNAME" }
+  -- nil and why when the parent cannot make one (code_sync's pack over its limit)
+  local parent, why = flame.parent_new { node_base = state.runner_id, host_env = "HOSTNAME" }
+  if not parent then error(why, 0) end
+  state.parent = parent
   -- a runner on this machine finds modules as this program does now: its
   -- package.path and package.cpath (a lib/ it added at run time included) and its
   -- working directory, unless the options say otherwise

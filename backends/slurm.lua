@@ -403,7 +403,10 @@ function B.init(opts, flame)
   state.poll_interval = state.poll_interval or 1000
   local me = flame.parent_info()
   state.me = me
-  state.parent = flame.parent_new { node_base = state.runner_id, host_env = "SLURMD_NODENAME" }
+  -- nil and why when the parent cannot make one (code_sync's pack over its limit)
+  local parent, why = flame.parent_new { node_base = state.runner_id, host_env = "SLURMD_NODENAME" }
+  if not parent then error(why, 0) end
+  state.parent = parent
   local env = {}
   for _, name in ipairs(state.export or EXPORT) do
     local v = flame.getenv(name)

@@ -269,6 +269,19 @@ return M
     end) })
   end)
 
+  it("fails a boot whose code grew over its limit since the pool was made, naming the file", function()
+    require "app.util"
+    local p = pool("cs-grown", { code_sync = { modules = true, max_bytes = 6000 } })
+    write(dir .. "/lib/app/big.lua", "return { s = '" .. string.rep("x", 8000) .. "' }\n")
+    require "app.big"
+    local ok, err = pcall(flame.call, p, function() return 1 end)
+    package.loaded["app.big"] = nil
+    assert.is_false(ok)
+    assert.are.equal("boot", err.kind, tostring(err))
+    assert.matches("over its limit of 5.9 KB; largest files: " .. dir .. "/lib/app/big.lua",
+      err.message, 1, true)
+  end)
+
   it("refuses bad options, naming them", function()
     local cases = {
       { 5, "option 'code_sync' must be true, false or {" },
