@@ -32,7 +32,7 @@ enum { U_VALUE, U_SHARED };                 /* how one upvalue of a function tra
 static const char NAMES_KEY[] = "flame.codec.names";
 #define CODEC_PATH_MAX 1024                 /* "app.util" NUL "sub" NUL "resize" */
 #define MODS_DEPTH 3                        /* fields followed below a module */
-#define MODS_VISITS 20000                   /* fields looked at, at most, per build */
+#define MODS_VISITS 20000                   /* fields looked at, at most, per module */
 #define MODS_SYNC "\2"                      /* the same, in a Lua-file module: by name only
                                                where code_sync ships it (opts.synced) */
 #define MODS_MARK "\1"                      /* a module's path in the index, not a library
@@ -133,6 +133,10 @@ static int is_lib(const char *name) {
   return 0;
 }
 
+static int is_mod_path(const char *name) {
+  return name[0] == MODS_MARK[0] || name[0] == MODS_SYNC[0];
+}
+
 /* A module name or field key that can be part of a path. */
 static int path_part(lua_State *L, int idx, size_t most) {
   size_t len;
@@ -169,6 +173,88 @@ static int is_shared(lua_State *L, int idx) {
   return same;
 }
 
+static void mods_cache(lua_State *L);
+
+/* Whether the module name of path p (after its mark, up to its first NUL) is one a
+ * receiver can require: a file on package.path or package.cpath has it (cjson, not
+ * an alias package.loaded.json = cjson). Cached per name in the cache's [7]. */
+static int mods_findable(lua_State *L, const char *p, size_t len) {
+  luaL_checkstack(L, 8, "codec: module index");
+  int top = lua_gettop(L);
+  const char *nul = memchr(p + 1, '\0', len - 1);
+  lua_pushlstring(L, p + 1, nul ? (size_t)(nul - p - 1) : len - 1);
+  int name = lua_gettop(L);
+  mods_cache(L);
+  if (lua_rawgeti(L, -1, 7) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, -3, 7);
+  }
+  int seen = lua_gettop(L);
+  lua_pushvalue(L, name);
+  if (lua_rawget(L, seen) == LUA_TBOOLEAN) {
+    int yes = lua_toboolean(L, -1);
+    lua_settop(L, top);
+    return yes;
+  }
+  int yes = 0;
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  if (lua_istable(L, -1) && lua_getfield(L, -1, "package") == LUA_TTABLE) {
+    int pkg = lua_gettop(L);
+    for (int i = 0; i < 2 && !yes; i++) {
+      lua_getfield(L, pkg, "searchpath");
+      lua_pushvalue(L, name);
+      lua_getfield(L, pkg, i == 0 ? "path" : "cpath");
+      yes = lua_isfunction(L, -3) && lua_type(L, -1) == LUA_TSTRING
+            && lua_pcall(L, 2, 1, 0) == LUA_OK && lua_type(L, -1) == LUA_TSTRING;
+      lua_settop(L, pkg);
+    }
+  }
+  lua_pushvalue(L, name);
+  lua_pushboolean(L, yes);
+  lua_rawset(L, seen);
+  lua_settop(L, top);
+  return yes;
+}
+
+/* Path a is better than b: in a module every runner resolves (MODS_MARK) before one
+ * code_sync may not have shipped (MODS_SYNC), then fewer steps, then a module a
+ * receiver can require before an alias, then byte order. So a value reachable in
+ * several ways (cjson.encode, app.json.encode, package.loaded.json = cjson) gets
+ * the same path whatever order package.loaded is walked in. */
+static int mods_better(lua_State *L, const char *a, size_t al, const char *b, size_t bl) {
+  if (a[0] != b[0]) return a[0] == MODS_MARK[0];
+  size_t da = 0, db = 0;
+  for (size_t i = 0; i < al; i++) da += a[i] == '\0';
+  for (size_t i = 0; i < bl; i++) db += b[i] == '\0';
+  if (da != db) return da < db;
+  int fa = mods_findable(L, a, al), fb = mods_findable(L, b, bl);
+  if (fa != fb) return fa;
+  int c = memcmp(a, b, al < bl ? al : bl);
+  return c < 0 || (c == 0 && al < bl);
+}
+
+/* index[value at v] = the path at path, unless it has a better one already. */
+static void mods_put(lua_State *L, int index, int v, int path) {
+  v = lua_absindex(L, v);
+  path = lua_absindex(L, path);
+  lua_pushvalue(L, v);
+  if (lua_rawget(L, index) == LUA_TSTRING) {
+    size_t ol, nl;
+    const char *old = lua_tolstring(L, -1, &ol);
+    const char *now = lua_tolstring(L, path, &nl);
+    int keep = !(is_mod_path(old) && mods_better(L, now, nl, old, ol));
+    lua_pop(L, 1);
+    if (keep) return;
+  } else {
+    lua_pop(L, 1);
+  }
+  lua_pushvalue(L, v);
+  lua_pushvalue(L, path);
+  lua_rawset(L, index);
+}
+
 /* Fields of the table at t, whose path is at t - 1: C functions and userdata get
  * their path; tables are followed to MODS_DEPTH. With all (a Lua-file module's
  * fields), Lua functions and the tables themselves get theirs too. */
@@ -191,17 +277,7 @@ static void mods_walk(lua_State *L, int index, int t, int depth, int *visits, in
         lua_pushlstring(L, "\0", 1);
         lua_pushvalue(L, -4);                            /* the key */
         lua_concat(L, 3);                                /* [.. k v path] */
-        if (named || all) {
-          lua_pushvalue(L, -2);
-          if (lua_rawget(L, index) == LUA_TNIL) {        /* the first path found wins */
-            lua_pop(L, 1);
-            lua_pushvalue(L, -2);
-            lua_pushvalue(L, -2);
-            lua_rawset(L, index);
-          } else {
-            lua_pop(L, 1);
-          }
-        }
+        if (named || all) mods_put(L, index, -2, -1);
         if (follow) {
           lua_pushvalue(L, -2);                          /* [.. k v path v] */
           mods_walk(L, index, lua_gettop(L), depth + 1, visits, all);
@@ -221,6 +297,9 @@ static void mods_walk(lua_State *L, int index, int t, int depth, int *visits, in
 static char MODS_CACHE;                  /* its address is the key */
 /* The index itself while package.loaded is hooked and no module was added since it
  * was built (the hook drops it): what most encodes look up. */
+/* A program that sets a metatable of its own on package.loaded later takes the hook
+ * away: a C function or userdata the index then misses makes the encoder build it
+ * again (e_mark_again), and from then on the fingerprint keeps it current. */
 static char MODS_INDEX;
 
 static void mods_cache(lua_State *L) {
@@ -400,18 +479,12 @@ static void mods_push(lua_State *L) {
     while (lua_next(L, loaded)) {
       if (path_part(L, -2, CODEC_NAME_MAX) && !is_lib(lua_tostring(L, -2))
           && lua_type(L, -1) == LUA_TTABLE && mods_pure_lua(L, cache, loaded, -2) == pure) {
-        lua_pushvalue(L, -1);
-        if (lua_rawget(L, index) == LUA_TNIL) {
-          lua_pop(L, 1);
-          lua_pushvalue(L, -1);
-          if (pure) lua_pushliteral(L, MODS_SYNC);
-          else lua_pushliteral(L, MODS_MARK);
-          lua_pushvalue(L, -4);
-          lua_concat(L, 2);
-          lua_rawset(L, index);
-        } else {
-          lua_pop(L, 1);
-        }
+        if (pure) lua_pushliteral(L, MODS_SYNC);
+        else lua_pushliteral(L, MODS_MARK);
+        lua_pushvalue(L, -3);
+        lua_concat(L, 2);
+        mods_put(L, index, -2, -1);
+        lua_pop(L, 1);
       }
       lua_pop(L, 1);
     }
@@ -427,6 +500,8 @@ static void mods_push(lua_State *L) {
         lua_pushvalue(L, -3);
         lua_concat(L, 2);
         lua_pushvalue(L, -2);                            /* [k v "\1name" v] */
+        visits = 0;                           /* each module its own budget: a big one
+                                                 does not hide the others' functions */
         mods_walk(L, index, lua_gettop(L), 1, &visits, pure);
         lua_pop(L, 2);
       }
@@ -476,6 +551,7 @@ typedef struct enc {
   int seen, upvals, names, mts, env, globals;   /* stack indices of scratch tables */
   int synced;             /* stack index of opts.synced's set of module names, or 0 */
   int indexed;            /* names holds mods_push's index (not only the library names) */
+  int rebuilt;            /* the index was built again in this encode, after a miss */
   lua_Integer nextid;
   int depth, valueno, nseg;
   seg path[CODEC_MAX_DEPTH + 2];
@@ -604,10 +680,6 @@ static void e_enter(enc *E) {
     e_fail(E, msg);
   }
   luaL_checkstack(E->L, 8, "codec: nesting");
-}
-
-static int is_mod_path(const char *name) {
-  return name[0] == MODS_MARK[0] || name[0] == MODS_SYNC[0];
 }
 
 /* Whether the module of path (name, then "\0" and keys) is in opts.synced. */
@@ -778,13 +850,27 @@ static int count_upvalues(lua_State *L, int idx) {
   return n;
 }
 
+/* A C function or userdata the index does not know: a module replaced under its
+ * name, or a field added to one, since the index was built. Built again once per
+ * encode before the value is refused. 1 when it was found then. */
+static int e_mark_again(enc *E, int idx) {
+  if (E->rebuilt) return 0;
+  E->rebuilt = 1;
+  mods_invalidate(E->L);
+  mods_push(E->L);
+  lua_replace(E->L, E->names);
+  E->indexed = 1;
+  return e_mark(E, idx);
+}
+
 static void e_function(enc *E, int idx) {
   lua_State *L = E->L;
   if (!E->o->functions) e_fail(E, "function cannot be sent here");
   if (e_mark(E, idx)) return;
-  if (lua_iscfunction(L, idx))
+  if (lua_iscfunction(L, idx) && !e_mark_again(E, idx))
     e_fail(E, "C function cannot be sent (only functions of the standard library and of "
               "loaded modules travel, by name)");
+  if (lua_iscfunction(L, idx)) return;
   e_enter(E);
   lua_Integer fid = e_remember(E, idx);
   e_byte(E, T_FUNC);
@@ -860,7 +946,7 @@ static void e_value(enc *E, int idx) {
     case LUA_TFUNCTION: e_function(E, idx); break;
     case LUA_TTHREAD: e_fail(E, "coroutine cannot be sent");
     default:
-      if (e_mark(E, idx)) break;            /* one a loaded module holds: by its path */
+      if (e_mark(E, idx) || e_mark_again(E, idx)) break;   /* in a loaded module: by path */
       e_fail(E, "userdata cannot be sent");
   }
 }
@@ -1110,7 +1196,13 @@ static void d_module(dec *D) {
   size_t nlen = nul ? (size_t)(nul - s) : len;
   if (nlen == 0) d_fail(D, "bad module path");
   luaL_checkstack(L, 6, "decode: module");
+  int steps = 0;                                        /* what the encoder can write: */
+  for (const char *k = nul; k && k < end; k = memchr(k + 1, '\0', (size_t)(end - k - 1)))
+    steps++;
+  if (steps > MODS_DEPTH) d_fail(D, "bad module path (deeper than a module's index)");
   lua_pushlstring(L, s, nlen);                          /* [name] */
+  if (is_lib(lua_tostring(L, -1)))                      /* libraries go by their names */
+    d_fail(D, "bad module path (a standard library is not sent as a module)");
   lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   lua_pushvalue(L, -2);
   int t = lua_istable(L, -2) ? lua_rawget(L, -2) : LUA_TNIL;   /* [name loaded v] */
@@ -1151,6 +1243,8 @@ static void d_module(dec *D) {
     const char *next = memchr(k, '\0', (size_t)(end - k));
     size_t klen = next ? (size_t)(next - k) : (size_t)(end - k);
     if (klen == 0) d_fail(D, "bad module path");
+    if (lua_istable(L, -1) && is_shared(L, -1))
+      d_fail(D, "bad module path (it goes through the globals or package.loaded)");
     lua_pushlstring(L, k, klen);                        /* [name v key] */
     t = lua_istable(L, -2) ? lua_rawget(L, -2) : LUA_TNIL;
     if (t == LUA_TNIL) {
@@ -1167,6 +1261,12 @@ static void d_module(dec *D) {
     k = next;
   }
   if (t == LUA_TFUNCTION && !D->o->functions) d_fail(D, "functions are refused here");
+  /* only what an index holds: tables, functions, userdata; never the globals or
+   * package.loaded (a hostile sender could name them through a module's field) */
+  if ((t != LUA_TTABLE && t != LUA_TFUNCTION && t != LUA_TUSERDATA && t != LUA_TLIGHTUSERDATA)
+      || (t == LUA_TTABLE && is_shared(L, -1)))
+    d_fail(D, "bad module path (it names no module, nor a function, table or userdata "
+              "in one)");
   lua_remove(L, -2);                                    /* [v] */
 }
 

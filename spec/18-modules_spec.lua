@@ -34,6 +34,93 @@ describe("the codec, modules by name", function()
     assert.matches("module 'spec_late_module' is not loaded here", err, 1, true)
   end)
 
+  it("gives a value reachable in several ways the same path, whatever the hash order", function()
+    -- aliases of cjson before and after it in byte order, and a module holding
+    -- cjson.encode deeper: the path is cjson's own, in every one of 20 fresh indexes
+    for i = 1, 20 do
+      local names = { "a_json_" .. i, "zz_json_" .. i, "aaa_holder_" .. i }
+      package.loaded[names[1]] = json
+      package.loaded[names[2]] = json
+      package.loaded[names[3]] = { deep = { enc = json.encode } }
+      local b1 = assert(core.encode(nil, json))
+      local b2 = assert(core.encode(nil, json.encode))
+      for _, n in ipairs(names) do package.loaded[n] = nil end
+      assert.is_nil(b1:find("json_", 1, true), "cjson went under an alias")
+      assert.matches("cjson", b1, 1, true)
+      assert.matches("cjson\0encode", b2, 1, true)
+    end
+  end)
+
+  it("finds a module's C function after package.loaded got a metatable of the program's", function()
+    assert(core.encode(nil, {}))              -- an index made under flame's hook
+    local saved = getmetatable(package.loaded)
+    setmetatable(package.loaded, { __index = function() return nil end })
+    package.loaded["spec_after_mt"] = { f = string.gmatch("", "") }
+    local ok, bytes = pcall(core.encode, nil, package.loaded["spec_after_mt"].f)
+    package.loaded["spec_after_mt"] = nil
+    setmetatable(package.loaded, saved)
+    assert.is_true(ok, tostring(bytes))
+    assert.is_string(bytes)
+    assert.matches("spec_after_mt", bytes, 1, true)
+  end)
+
+  it("finds a C function added to a loaded module after its index was made", function()
+    package.loaded["spec_grown"] = {}
+    assert(core.encode(nil, package.loaded["spec_grown"]))
+    package.loaded["spec_grown"].later = string.gmatch("", "")
+    local bytes, err = core.encode(nil, package.loaded["spec_grown"].later)
+    package.loaded["spec_grown"] = nil
+    assert.is_string(bytes, tostring(err))
+    assert.matches("spec_grown\0later", bytes, 1, true)
+  end)
+
+  it("indexes every module, also after one holding a big table", function()
+    package.loaded["aaa_spec_big"] = { data = {} }
+    for i = 1, 30000 do package.loaded["aaa_spec_big"].data["k" .. i] = i end
+    for i = 1, 10 do package.loaded["spec_small_" .. i] = { f = string.gmatch("", "") } end
+    local missing = {}
+    for i = 1, 10 do
+      if not core.encode(nil, package.loaded["spec_small_" .. i].f) then missing[#missing + 1] = i end
+    end
+    package.loaded["aaa_spec_big"] = nil
+    for i = 1, 10 do package.loaded["spec_small_" .. i] = nil end
+    assert.are.same({}, missing)
+  end)
+
+  it("refuses module paths an encoder never writes: libraries, the globals, package.loaded", function()
+    -- the bytes of a real path, then its path swapped for another (a hostile runner's
+    -- result could name any path): T_MODULE is its tag, a length, the path
+    package.loaded["spec_sw"] = { fn = string.gmatch("", "") }
+    package.loaded["spec_sw2"] = package.loaded      -- a module that is package.loaded
+    package.loaded["spec_s3"] = { ggg = _G }          -- the globals in a module's field
+    local base = assert(core.encode(nil, package.loaded["spec_sw"].fn))
+    local function swapped(to)
+      local from = "spec_sw\0fn"
+      local i = assert(base:find(from, 1, true))
+      assert(base:byte(i - 1) == #from and #to < 128)
+      return base:sub(1, i - 2) .. string.char(#to) .. to .. base:sub(i + #from)
+    end
+    local ok1, v1 = core.decode(swapped("spec_sw\0fn"), { functions = true })
+    assert.is_true(ok1, tostring(v1))
+    assert.are.equal(package.loaded["spec_sw"].fn, v1)
+    local cases = {
+      { "_G\0print", "a standard library is not sent as a module" },
+      { "io\0write", "a standard library is not sent as a module" },
+      { "package\0loaded", "a standard library is not sent as a module" },
+      { "spec_sw2\0table\0sort", "it goes through the globals or package.loaded" },
+      { "spec_s3\0ggg\0print", "it goes through the globals or package.loaded" },
+      { "spec_s3\0ggg", "it names no module, nor a function, table or userdata in one" },
+      { "spec_sw2", "it names no module, nor a function, table or userdata in one" },
+      { "spec_sw\0a\0b\0c\0d", "deeper than a module's index" },
+    }
+    for _, c in ipairs(cases) do
+      local ok, err = core.decode(swapped(c[1]), { functions = true })
+      assert.is_false(ok, c[1])
+      assert.matches(c[2], err, 1, true)
+    end
+    for _, m in ipairs { "spec_sw", "spec_sw2", "spec_s3" } do package.loaded[m] = nil end
+  end)
+
   it("refuses a path to a field the receiver's module lacks", function()
     package.loaded["spec_fields"] = { f = string.gmatch("", "") }
     local bytes = assert(core.encode(nil, package.loaded["spec_fields"].f))
