@@ -1227,7 +1227,7 @@ static void d_module(dec *D) {
       size_t elen = 0;
       if (err) elen = strcspn(err, "\n");
       lua_pushfstring(L, "module '%s' cannot be loaded here (install it where the work "
-                      "runs): %s", lua_tostring(L, -3), err ? "" : "(an error that is "
+                      "runs, or ship a Lua module with the pool's code_sync): %s", lua_tostring(L, -3), err ? "" : "(an error that is "
                       "not a string)");
       if (err) {
         lua_pushlstring(L, err, elen);

@@ -179,7 +179,8 @@ describe("docker backend #docker", function()
     local ok, err = pcall(flame.call, p, function() return json.encode({}) end)
     assert.is_false(ok)
     assert.are.equal("decode", err.kind, tostring(err))
-    assert.matches("module 'cjson' cannot be loaded here (install it where the work runs)",
+    assert.matches("module 'cjson' cannot be loaded here (install it where the work runs, or "
+      .. "ship a Lua module with the pool's code_sync)",
       err.message, 1, true)
     local dir = H.tmpdir()
     local f = assert(io.open(dir .. "/spec_dk_own.lua", "w"))
@@ -214,15 +215,17 @@ describe("docker backend #docker", function()
       -- the container's /tmp is a directory of ours: its sync directory can be seen
       local p = pool("dk-code-sync", { code_sync = true, max = 1,
         backend_opts = { volumes = { dir .. "/tmp:/tmp" } } })
+      local size = thumbs.size                -- a nested field of the module
       local r = { flame.call(p, function()
         return thumbs.resize(2), resize(3), thumbs == require("spec_dk.thumbs"),
-          resize == require("spec_dk.thumbs").resize, require("flame").parent().code_dir
+          resize == require("spec_dk.thumbs").resize, size == require("spec_dk.thumbs").size,
+          size.w, require("flame").parent().code_dir
       end) }
-      assert.are.same({ 8, 12, true, true }, { table.unpack(r, 1, 4) })
-      assert.matches("^/tmp/flame%-code%-%d+%-", r[5])
+      assert.are.same({ 8, 12, true, true, true, 4 }, { table.unpack(r, 1, 6) })
+      assert.matches("^/tmp/flame%-code%-%d+%-", r[7])
       assert.are.equal(20, flame.call(p, { "spec_dk.thumbs", "resize", { 5 } }))
       assert.are.equal(24, flame.call(p, function() return require("spec_dk.thumbs").resize(6) end))
-      local host_dir = dir .. r[5]
+      local host_dir = dir .. r[7]
       assert.is_truthy(core.file_info(host_dir .. "/spec_dk/thumbs.lua"))
       p:shutdown()
       assert.are.same({}, containers(engine, "dk-code-sync"))

@@ -215,7 +215,7 @@ for _, backend in ipairs { "local", "process" } do
       assert.is_false(ok)
       assert.are.equal("decode", err.kind, tostring(err))
       assert.matches("module 'spec_ghost' cannot be loaded here (install it where the work "
-        .. "runs): module 'spec_ghost' not found", err.message, 1, true)
+        .. "runs, or ship a Lua module with the pool's code_sync): module 'spec_ghost' not found", err.message, 1, true)
       assert.are.equal(2, flame.call(p, function() return 1 + 1 end))   -- the runner goes on
     end)
   end)
