@@ -543,3 +543,105 @@ describe("remote runners", function()
     H.rmdir(dir)
   end)
 end)
+
+describe("the backend environment", function()
+  after_each(H.cleanup)
+
+  -- A backend whose boot runs one command with proc.run and fails with what it got,
+  -- so the test reads the result in the boot error.
+  local function run_backend(o)
+    return {
+      init = function(opts, env) return env.merge({}, opts) end,
+      remote_boot = function(state, env)
+        local r, err = env.proc.run(state.run)
+        if not r then return nil, "ERR[" .. tostring(err) .. "]" end
+        return nil, ("code=%s signal=%s stdout=[%s] stderr=[%s] truncated=%s"):format(
+          r.code, r.signal, r.stdout, r.stderr, tostring(r.truncated))
+      end,
+    }, o
+  end
+
+  local function boot_error(name, run)
+    local b = run_backend()
+    local p = H.pool { name = name, backend = b, backend_opts = { run = run } }
+    local ok, err = pcall(flame.call, p, function() end)
+    assert.is_false(ok)
+    assert.are.equal("boot", err.kind, tostring(err))
+    return err.message
+  end
+
+  it("runs a command to its end with proc.run: exit code, stdout and stderr", function()
+    local msg = boot_error("proc-run", { path = "/bin/sh",
+      args = { "-c", "echo one; echo two; echo oops >&2; exit 3" } })
+    assert.matches("code=3 signal=0 stdout=[one\ntwo\n] stderr=[oops\n] truncated=false", msg, 1, true)
+  end)
+
+  it("kills a command past its timeout with proc.run, its children too", function()
+    local marker = ("%d.%03d"):format(math.random(100, 999), math.random(0, 999))
+    local msg = boot_error("proc-run-timeout", { path = "/bin/sh",
+      args = { "-c", "sleep " .. marker .. " & sleep " .. marker .. "; echo never" }, timeout = 300 })
+    assert.matches("ERR[proc.run: /bin/sh did not end within 300 ms (killed)]", msg, 1, true)
+    -- no sleep with the marker is left
+    local function left()
+      local n = 0
+      for pid in io.popen("ls /proc"):lines() do
+        if pid:match("^%d+$") then
+          local f = io.open("/proc/" .. pid .. "/cmdline")
+          local c = f and f:read("a") or ""
+          if f then f:close() end
+          if c:find(marker, 1, true) and H.alive(pid) then n = n + 1 end
+        end
+      end
+      return n
+    end
+    assert.is_true(H.wait_for(function() return left() == 0 end), "the command's children outlived it")
+  end)
+
+  it("says why proc.run cannot start a command, bounds its output, and checks its options", function()
+    assert.matches("ERR[proc.run: cannot start /nonexistent/cmd:",
+      boot_error("proc-run-missing", { path = "/nonexistent/cmd" }), 1, true)
+    assert.matches("stdout=[aaaa\n] stderr=[] truncated=true",
+      boot_error("proc-run-max", { path = "/bin/sh", args = { "-c", "echo aaaa; echo bbbbbbbbbb" },
+                                   max_output = 8 }), 1, true)
+    assert.matches("proc.run: timeout must be milliseconds > 0",
+      boot_error("proc-run-bad", { path = "/bin/true", timeout = -1 }), 1, true)
+  end)
+
+  it("tells handle_info when the link to a runner is lost, and its reason reaches the callers", function()
+    local b = {
+      init = function(opts, env) return env.merge({}, opts) end,
+      remote_boot = function(state, env)
+        state.parent = env.parent_new { node_base = "linklost" }
+        local proc, err = env.proc.spawn { path = env.flame_bin(), args = { "runner" },
+          env = { FLAME_PARENT = env.parent_encode(state.parent) }, group = true }
+        if not proc then return nil, err end
+        state.proc = proc
+        local term, why = env.await_remote_up(state.parent, state.boot_timeout)
+        if not term then proc:kill("SIGKILL", true) return nil, why end
+        return term, state
+      end,
+      handle_info = function(msg, state, env)
+        if msg.event == "link_lost" then
+          return nil, "the backend heard: " .. msg.reason
+        end
+        return state                           -- the exit says nothing here
+      end,
+    }
+    local p = H.pool { name = "link-lost", backend = b, link = LINK }
+    local pid = flame.call(p, function()
+      local f = io.open("/proc/self/stat")
+      local n = f:read("n")
+      f:close()
+      return n
+    end)
+    local t = flame.spawn(function()
+      return pcall(flame.call, p, function() os.execute("sleep 30") end)
+    end)
+    assert.is_true(H.wait_for(function() return p:stats().busy == 1 end))
+    os.execute("kill -9 " .. pid)
+    local ok, err = t:await()
+    assert.is_false(ok)
+    assert.are.equal("runner_down", err.kind)
+    assert.matches("the backend heard: lost the link to the runner", err.message, 1, true)
+  end)
+end)

@@ -78,7 +78,8 @@ local function bootstrap(spec)
   end
   function env.spawn_monitor(term, work) return request("spawn_monitor", plain(term), work) end
   function env.send_after(ms, msg) return request("send_after", ms, plain(msg)) end
-  env.proc = { spawn = function(o) return handle(request("proc_spawn", plain(o))) end }
+  env.proc = { spawn = function(o) return handle(request("proc_spawn", plain(o))) end,
+               run = function(o) return request("proc_run", plain(o)) end }
   env.http = {
     request = function(o) return request("http_request", plain(o)) end,
     watch = function(o, tag) return request("http_watch", plain(o), tag) end,

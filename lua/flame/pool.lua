@@ -376,6 +376,57 @@ local function backend_server(pool, runner)
     return keep(proc, "process", { process_id = proc:pid() })
   end
 
+  --- Runs a command to its end and returns what it said: { code, signal, stdout,
+  -- stderr, truncated }, or nil and why (it could not start, or ran past its
+  -- timeout and was killed with its process group). For backends that drive a
+  -- cluster through its tools (sbatch, squeue, scancel).
+  function S.proc_run(o)
+    if type(o) ~= "table" or type(o.path) ~= "string" then
+      error("proc.run: a table with a path expected", 0)
+    end
+    if o.args ~= nil and type(o.args) ~= "table" then error("proc.run: args must be a list", 0) end
+    if o.env ~= nil and type(o.env) ~= "table" then error("proc.run: env must be a table", 0) end
+    local timeout = o.timeout or 60000
+    if type(timeout) ~= "number" or timeout <= 0 then
+      error("proc.run: timeout must be milliseconds > 0", 0)
+    end
+    local max = o.max_output or 1024 * 1024
+    if math.type(max) ~= "integer" or max < 0 then
+      error("proc.run: max_output must be an integer >= 0", 0)
+    end
+    local out = { stdout = {}, stderr = {} }
+    local size, truncated = 0, false
+    local f = task.future()
+    local proc, err
+    proc, err = core.spawn {
+      path = o.path, args = o.args, env = o.env, cwd = o.cwd, group = true,
+      on_output = function(stream, line)
+        if size + #line + 1 > max then truncated = true return end
+        size = size + #line + 1
+        local t = out[stream]
+        t[#t + 1] = line
+      end,
+      on_exit = function(code, signal)
+        runner.procs[proc] = nil
+        pool:ended_check(runner)
+        f:set(code, signal)
+      end,
+    }
+    if not proc then return nil, "proc.run: " .. tostring(err) end   -- "cannot start PATH: ..."
+    runner.procs[proc] = true                 -- a shutdown waits for it, or kills it
+    local timer = loop:timer(timeout, function()
+      if f:set(nil, ("proc.run: %s did not end within %s ms (killed)"):format(o.path, timeout)) then
+        pcall(proc.kill, proc, "SIGKILL", true)
+      end
+    end)
+    local code, signal = f:wait()
+    timer:stop()
+    if not code then return nil, signal end
+    local function text(t) return #t > 0 and table.concat(t, "\n") .. "\n" or "" end
+    return { code = code, signal = signal, stdout = text(out.stdout), stderr = text(out.stderr),
+             truncated = truncated }
+  end
+
   -- The request options a backend may give (its functions never cross).
   local function http_opts(o, what)
     if type(o) ~= "table" or type(o.url) ~= "string" then
@@ -790,6 +841,8 @@ function Pool:grow()
             self:runner_down(runner, runner.leaving, true)
           else
             local reason = "lost the link to the runner: " .. tostring(a)
+            -- the backend hears of it too: it may know more (an exit, a node gone)
+            self:info(runner, { event = "link_lost", reason = reason })
             loop:timer(LOST_GRACE, function() self:runner_down(runner, reason) end)
           end
         end
