@@ -714,6 +714,14 @@ static int sb_run_main(lua_State *L) {
   o.modules = 1;                             /* a module the work names is required */
   int n = codec_decode(L, r->work, r->len, &o);
   if (n < 0) {
+    int killed = sandbox_killed(r->s);       /* in a module's require: its kill, not a
+                                                module to install */
+    if (killed) {
+      lua_settop(L, 0);
+      lua_pushstring(L, sandbox_kill_name(killed));
+      r->rc = sb_emit(L, out, SANDBOX_KILLED, 1, "reason");
+      return 0;
+    }
     r->rc = sb_emit(L, out, SANDBOX_DECODE, 1, "message");
     return 0;
   }

@@ -282,6 +282,19 @@ return M
       err.message, 1, true)
   end)
 
+  it("reports a module whose loading on the runner runs past the call's timeout as a timeout", function()
+    write(dir .. "/lib/app/slow.lua",
+      "if require('flame').parent() then while true do end end\nreturn { ok = true }\n")
+    local slow = require "app.slow"           -- on the parent it loads at once; in the
+    local p = pool("cs-slow-require")         -- pack of the runner booted now
+    flame.call(p, function() return true end)   -- warm: the timeout below is the work's
+    local ok, err = pcall(flame.call, p, function() return slow.ok end, { timeout = 1500 })
+    package.loaded["app.slow"] = nil
+    assert.is_false(ok)
+    assert.are.equal("timeout", err.kind, tostring(err))
+    assert.are.equal("run", err.phase)
+  end)
+
   it("refuses bad options, naming them", function()
     local cases = {
       { 5, "option 'code_sync' must be true, false or {" },
