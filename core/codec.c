@@ -70,6 +70,10 @@ static void registry_table(lua_State *L, const char *key) {
  * and each name back to its value. Built once per state from package.loaded with
  * raw access only (no metamethod of the state's runs), so a sandbox names what it
  * has. Sandboxes build it before any work runs (codec_names). */
+static int is_mod_path(const char *name) {
+  return name[0] == MODS_MARK[0] || name[0] == MODS_SYNC[0];
+}
+
 static void names_push(lua_State *L) {
   if (lua_getfield(L, LUA_REGISTRYINDEX, NAMES_KEY) == LUA_TTABLE) return;
   lua_pop(L, 1);
@@ -96,7 +100,9 @@ static void names_push(lua_State *L) {
     }
     lua_pushnil(L);
     while (lua_next(L, t)) {
-      if (lua_type(L, -2) == LUA_TSTRING && lua_iscfunction(L, -1)) {
+      /* a global named like a module path ("\1...") would be read as one */
+      if (lua_type(L, -2) == LUA_TSTRING && lua_iscfunction(L, -1)
+          && !(global && is_mod_path(lua_tostring(L, -2)))) {
         lua_pushvalue(L, -1);
         if (lua_rawget(L, names) == LUA_TNIL) {      /* first name wins */
           lua_pop(L, 1);
@@ -133,9 +139,6 @@ static int is_lib(const char *name) {
   return 0;
 }
 
-static int is_mod_path(const char *name) {
-  return name[0] == MODS_MARK[0] || name[0] == MODS_SYNC[0];
-}
 
 /* A module name or field key that can be part of a path. */
 static int path_part(lua_State *L, int idx, size_t most) {
@@ -460,6 +463,11 @@ static void mods_push(lua_State *L) {
   lua_settop(L, loaded);
   lua_newtable(L);
   int index = lua_gettop(L);
+  lua_createtable(L, 0, 1);                  /* weak keys: the index keeps no module's
+                                                value alive once it is unloaded */
+  lua_pushliteral(L, "k");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, index);
   names_push(L);                      /* the library names first: one lookup a value */
   lua_pushnil(L);
   while (lua_next(L, -2)) {
