@@ -13,6 +13,7 @@
 
 #include <signal.h>
 #include <stdio.h>
+#include <string.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -46,6 +47,24 @@ static int l_cwd(lua_State *L) {
     return 2;
   }
   lua_pushlstring(L, dir, n);
+  return 1;
+}
+
+extern char **environ;
+
+/* environ([prefix]) -> { NAME = value }: the process's environment, or the part of
+ * it whose names start with prefix (a backend forwarding AWS_*, say) */
+static int l_environ(lua_State *L) {
+  size_t plen = 0;
+  const char *prefix = luaL_optlstring(L, 1, "", &plen);
+  lua_newtable(L);
+  for (char **e = environ; e && *e; e++) {
+    const char *eq = strchr(*e, '=');
+    if (eq == NULL || eq == *e || strncmp(*e, prefix, plen) != 0) continue;
+    lua_pushlstring(L, *e, (size_t)(eq - *e));
+    lua_pushstring(L, eq + 1);
+    lua_rawset(L, -3);
+  }
   return 1;
 }
 
@@ -97,6 +116,8 @@ int luaopen_flame_core(lua_State *L) {
   flame_pack_open(L);
   lua_pushcfunction(L, l_pid);
   lua_setfield(L, -2, "pid");
+  lua_pushcfunction(L, l_environ);
+  lua_setfield(L, -2, "environ");
   lua_pushcfunction(L, l_cwd);
   lua_setfield(L, -2, "cwd");
   lua_pushcfunction(L, l_exit);

@@ -607,6 +607,29 @@ describe("the backend environment", function()
       boot_error("proc-run-bad", { path = "/bin/true", timeout = -1 }), 1, true)
   end)
 
+  it("lists the parent's environment, whole or by prefix", function()
+    local b = {
+      init = function(opts, env) return env.merge({}, opts) end,
+      remote_boot = function(state, env)
+        local some, all = env.environ("PA"), env.environ()
+        local bad = {}
+        for k in pairs(some) do
+          if k:sub(1, 2) ~= "PA" then bad[#bad + 1] = k end
+        end
+        local _, err = env.environ(5)
+        return nil, ("bad=[%s] prefixed=%s whole=%s home=%s refused=%s"):format(
+          table.concat(bad, ","), tostring(some.PATH == state.path),
+          tostring(all.PATH == state.path), tostring(all.HOME == state.home), tostring(err))
+      end,
+    }
+    local p = H.pool { name = "environ", backend = b,
+                       backend_opts = { path = os.getenv("PATH"), home = os.getenv("HOME") } }
+    local ok, err = pcall(flame.call, p, function() end)
+    assert.is_false(ok)
+    assert.matches("bad=[] prefixed=true whole=true home=true "
+      .. "refused=environ: a prefix string expected", err.message, 1, true)
+  end)
+
   it("tells handle_info when the link to a runner is lost, and its reason reaches the callers", function()
     local b = {
       init = function(opts, env) return env.merge({}, opts) end,

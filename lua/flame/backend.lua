@@ -66,7 +66,7 @@ local function bootstrap(spec)
     for k, v in pairs(b or {}) do out[k] = v end
     return out
   end
-  for _, name in ipairs { "config", "random_id", "parent_new", "parent_encode", "getenv",
+  for _, name in ipairs { "config", "random_id", "parent_new", "parent_encode", "getenv", "environ",
                           "flame_bin", "sleep", "exit", "now", "code_paths" } do
     env[name] = function(a) return request(name, plain(a)) end
   end

@@ -235,6 +235,10 @@ local function backend_server(pool, runner)
   S.random_id = parentmod.random_id
   S.parent_encode = parentmod.encode
   S.getenv = os.getenv
+  function S.environ(prefix)
+    if prefix ~= nil and type(prefix) ~= "string" then error("environ: a prefix string expected", 0) end
+    return core.environ(prefix)
+  end
   S.flame_bin = flame_bin
   -- where this program finds its modules now: a runner on this machine that is
   -- given them finds the same ones (a lib/ put on package.path at run time too)
