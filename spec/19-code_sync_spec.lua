@@ -170,7 +170,7 @@ return M
   it("runs { module, fn, args } and require in the work with synced modules", function()
     require "app.util"
     require "app.geometry"
-    local p = pool("cs-mfa")
+    local p = pool("cs-mfa", { boot_timeout = math.huge })   -- no bound on the wait too
     assert.are.equal(12, flame.call(p, { "app.geometry", "area", { 3, 4 } }))
     assert.are.equal(15, flame.call(p, function() return require("app.util").resize(5) end))
   end)

@@ -45,12 +45,12 @@ function Term:sync_code(code, timeout)
   local f = task.future()
   self.code_wait = f
   self.hub.c:send(self.tid, wire.CODE, 0, code.pack, code.raw)
-  local timer = loop:timer(timeout, function()
+  local timer = timeout < math.huge and loop:timer(timeout, function()
     f:set(nil, ("code_sync: the runner did not take its code within %d ms (a runner of an "
       .. "older flame ignores it: run the same flame on both sides)"):format(timeout))
   end)
   local answer, err = f:wait()
-  timer:stop()
+  if timer then timer:stop() end
   self.code_wait = nil
   if not answer then return nil, err end
   if answer:sub(1, 1) == "o" and answer:sub(2) == code.hash then return true end
