@@ -121,6 +121,33 @@ describe("the codec, modules by name", function()
     for _, m in ipairs { "spec_sw", "spec_sw2", "spec_s3" } do package.loaded[m] = nil end
   end)
 
+  it("never sends a stale path: a module replaced under its name", function()
+    local old_f, new_f = string.gmatch("", ""), string.gmatch("", "")
+    package.loaded["spec_rep"] = { f = old_f }
+    assert(core.encode(nil, old_f))            -- indexed: spec_rep.f is old_f
+    package.loaded["spec_rep"] = { f = new_f } -- replaced: no __newindex for that
+    local bytes, err = core.encode(nil, old_f)
+    local ok, back = core.decode(bytes or "", { functions = true })
+    local nb = core.encode(nil, new_f)
+    local ok2, back2 = core.decode(nb, { functions = true })
+    package.loaded["spec_rep"] = nil
+    assert.is_nil(bytes, "the old function went under the new one's path")
+    assert.matches("C function cannot be sent", err, 1, true)
+    assert.is_false(ok and back == new_f)
+    assert.is_true(ok2)
+    assert.are.equal(new_f, back2)
+  end)
+
+  it("refuses a module's function where functions are refused (a result)", function()
+    local bytes = assert(core.encode(nil, json.encode))
+    local ok, err = core.decode(bytes)         -- functions = false: what results get
+    assert.is_false(ok)
+    assert.matches("functions are refused here", err, 1, true)
+    local ok2, t = core.decode(assert(core.encode(nil, json)))   -- a table: fine
+    assert.is_true(ok2)
+    assert.are.equal(json, t)
+  end)
+
   it("refuses a path to a field the receiver's module lacks", function()
     package.loaded["spec_fields"] = { f = string.gmatch("", "") }
     local bytes = assert(core.encode(nil, package.loaded["spec_fields"].f))
