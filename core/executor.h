@@ -16,6 +16,11 @@
  * - executor_close kills running work ("shutdown"), joins the workers, and frees
  *   everything once the loop has closed the async handle (or at once when the
  *   loop is gone).
+ * - A worker with nothing to do may wait awake for the next job a short while
+ *   before it sleeps (a caller calling one call after another then costs no
+ *   wake-up): at most one worker of the process at a time, only while at most one
+ *   job of the process is undelivered, never on one core. FLAME_WORKER_SPIN_US sets
+ *   how long (default 50, 0 turns it off); stats' `spun` counts the jobs so taken.
  * Threads and locks: the loop thread submits, kills and closes; workers run jobs.
  * Lock order: executor.lock, then a sandbox's lock (sandbox_kill, sandbox_rearm).
  */
@@ -37,6 +42,7 @@ typedef void (*executor_done_fn)(void *ud, int64_t id, buf *out, int truthy);
 
 typedef struct executor_stats {
   int workers, max_workers, idle, running, peak, queued;
+  long spun;                  /* jobs taken by a worker waiting awake (spin_for_job) */
 } executor_stats;
 
 /* Flags of executor_new: EXECUTOR_PRESTART starts the first worker (and its
