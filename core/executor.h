@@ -16,6 +16,10 @@
  * - executor_close kills running work ("shutdown"), joins the workers, and frees
  *   everything once the loop has closed the async handle (or at once when the
  *   loop is gone).
+ * - Workers are woken one at a time: a job wakes (or starts) a worker only when
+ *   none is on its way already, and a worker that takes a job with more pending
+ *   wakes the next. Every job still gets a worker while jobs last (up to
+ *   `workers`); a burst of short ones is served by the workers already awake.
  * - A worker with nothing to do may wait awake for the next job a short while
  *   before it sleeps (a caller calling one call after another then costs no
  *   wake-up): at most one worker of the process at a time, only while at most one
