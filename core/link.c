@@ -1,9 +1,10 @@
 /*
  * link.c - framed messages over TCP (contract in link.h, wire in docs/protocol.md).
  * Writes: short messages (one chunk) wait in one queue, long ones in another; at most
- * LINK_WRITES_MAX chunks are in flight, and the short queue is served first, so a
+ * LINK_WRITES_MAX writes are in flight, and the short queue is served first, so a
  * heartbeat or a small call never waits behind a 64 MB result. Each chunk is written
- * as two buffers, its header and its slice of the message: no copy on the way out.
+ * as two buffers, its header and its slice of the message: no copy on the way out;
+ * the chunks queued while writes were in flight leave together, in one write.
  * Reads land in the connection's own buffer (made at the first read) and are
  * parsed before on_read returns. Finishing writes what is queued, then shuts the
  * write side down (FIN) and reads, discarding, until the peer closes: closing a
@@ -18,7 +19,9 @@
 #include "link.h"
 #include "loop.h"
 
-#define LINK_WRITES_MAX 2           /* chunks in flight: small messages jump ahead */
+#define LINK_WRITES_MAX 2           /* writes in flight: small messages jump ahead */
+#define LINK_BATCH 32               /* chunks in one write: short messages queued while
+                                       writes were in flight leave in one system call */
 #define LINK_READ (64 * 1024)
 
 typedef struct outmsg {
@@ -30,10 +33,12 @@ typedef struct outmsg {
   int pending;                      /* chunk writes not yet completed */
 } outmsg;
 
+/* One write: up to LINK_BATCH chunks, each its header and its slice. */
 typedef struct wreq {
   uv_write_t req;
-  unsigned char header[LINK_HEADER];
-  outmsg *msg;
+  int n;
+  outmsg *msg[LINK_BATCH];
+  unsigned char header[LINK_BATCH][LINK_HEADER];
 } wreq;
 
 typedef struct partial {
@@ -152,16 +157,20 @@ static void finish_writes(link_conn *c) {
     link_close(c, NULL);
 }
 
-static void on_write(uv_write_t *req, int status) {
-  wreq *w = (wreq *)req;
-  link_conn *c = req->handle->data;
-  outmsg *m = w->msg;
-  free(w);
-  c->writes--;
+/* A chunk of m written (or cancelled): m is freed after its last. */
+static void chunk_done(outmsg *m) {
   if (--m->pending == 0 && m->off == m->len) {
     free(m->data);
     free(m);
   }
+}
+
+static void on_write(uv_write_t *req, int status) {
+  wreq *w = (wreq *)req;
+  link_conn *c = req->handle->data;
+  for (int i = 0; i < w->n; i++) chunk_done(w->msg[i]);
+  free(w);
+  c->writes--;
   if (status < 0) {
     if (status != UV_ECANCELED) conn_fail(c, "write", status);
     return;
@@ -169,53 +178,68 @@ static void on_write(uv_write_t *req, int status) {
   pump(c);
 }
 
-/* Starts chunk writes while fewer than LINK_WRITES_MAX are in flight: whole short
- * messages first, then the next chunk of the oldest long one. */
+/* The next chunk to write, or NULL: whole short messages first, then the next chunk
+ * of the oldest long one. Takes it off the queues when it is the message's last and
+ * fills in its header. */
+static outmsg *next_chunk(link_conn *c, unsigned char *header, uv_buf_t *data) {
+  int from_small = c->small != NULL;
+  outmsg *m = from_small ? c->small : c->big;
+  if (m == NULL) return NULL;
+  size_t n = m->len - m->off;
+  if (n > LINK_CHUNK) n = LINK_CHUNK;
+  int last = m->off + n == m->len;
+  put_u32(header, (uint32_t)n);
+  header[4] = m->type;
+  header[5] = last ? 1 : 0;
+  put_u64(header + 6, m->id);
+  *data = uv_buf_init((char *)m->data + m->off, (unsigned)n);
+  m->off += n;
+  m->pending++;
+  c->queued -= n;
+  if (last) {                       /* the message leaves its queue; freed on write */
+    if (from_small) {
+      c->small = m->next;
+      if (!c->small) c->small_tail = NULL;
+    } else {
+      c->big = m->next;
+      if (!c->big) c->big_tail = NULL;
+    }
+  }
+  return m;
+}
+
+/* Starts writes while fewer than LINK_WRITES_MAX are in flight. A write takes what
+ * the queues hold, up to LINK_BATCH chunks and at most one chunk of a long message,
+ * so a burst of results (or calls) queued behind the writes in flight goes out in
+ * one system call, and a long message still interleaves with short ones. */
 static void pump(link_conn *c) {
   while (!c->closing && c->writes < LINK_WRITES_MAX) {
-    outmsg *m;
-    int from_small = c->small != NULL;
-    if (from_small) m = c->small;
-    else if (c->big) m = c->big;
-    else {
+    if (c->small == NULL && c->big == NULL) {
       if (c->finishing && c->writes == 0) finish_writes(c);
       return;
     }
-    size_t n = m->len - m->off;
-    if (n > LINK_CHUNK) n = LINK_CHUNK;
-    int last = m->off + n == m->len;
     wreq *w = malloc(sizeof *w);
     if (w == NULL) {
       link_close(c, "not enough memory");
       return;
     }
-    put_u32(w->header, (uint32_t)n);
-    w->header[4] = m->type;
-    w->header[5] = last ? 1 : 0;
-    put_u64(w->header + 6, m->id);
-    w->msg = m;
-    uv_buf_t bufs[2] = { uv_buf_init((char *)w->header, LINK_HEADER),
-                         uv_buf_init((char *)m->data + m->off, (unsigned)n) };
-    m->off += n;
-    m->pending++;
-    c->queued -= n;
-    if (last) {                     /* the message leaves its queue; freed on write */
-      if (from_small) {
-        c->small = m->next;
-        if (!c->small) c->small_tail = NULL;
-      } else {
-        c->big = m->next;
-        if (!c->big) c->big_tail = NULL;
-      }
+    uv_buf_t bufs[2 * LINK_BATCH];
+    unsigned nb = 0;
+    w->n = 0;
+    while (w->n < LINK_BATCH) {
+      int long_one = c->small == NULL;
+      uv_buf_t data;
+      outmsg *m = next_chunk(c, w->header[w->n], &data);
+      if (m == NULL) break;
+      w->msg[w->n++] = m;
+      bufs[nb++] = uv_buf_init((char *)w->header[w->n - 1], LINK_HEADER);
+      if (data.len) bufs[nb++] = data;
+      if (long_one) break;          /* one chunk of a long message a write */
     }
-    int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, bufs, n ? 2 : 1, on_write);
+    int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, bufs, nb, on_write);
     if (rc != 0) {
-      m->pending--;
+      for (int i = 0; i < w->n; i++) chunk_done(w->msg[i]);
       free(w);
-      if (last && m->pending == 0) {
-        free(m->data);
-        free(m);
-      }
       conn_fail(c, "write", rc);
       return;
     }
