@@ -43,7 +43,7 @@ typedef struct worker {
   struct executor *ex;
   sandbox *sb;
   job *current;               /* guarded by ex->lock */
-  int fresh;                  /* started by wake_one: counted in ex->waking */
+  int fresh;                  /* just started: counted in ex->starting */
 } worker;
 
 struct executor {
@@ -57,8 +57,8 @@ struct executor {
   worker *workers;
   int nworkers, maxworkers, idle, running, peak;
   int spinning;               /* workers in spin_for_job: they take the next job */
-  int waking;                 /* workers signalled or started, not yet back (wake_one) */
   int signalled;              /* signals not yet taken by a worker leaving its wait */
+  int starting;               /* threads started, still making their sandbox */
   int spin_skip, spin_backoff;  /* idle turns left without a spin, and the next count */
   long spun;                  /* jobs a spinning worker took (stats) */
   int stopping;
@@ -135,7 +135,8 @@ static int first_is_true(sandbox *sb, const buf *out) {
  * condition costs its waker a futex call and itself a wake-up on another core: on
  * these VMs about 30 us of a local call's 76 us at the median (bench/call). So a
  * worker that finds nothing to do spins a while (spin_ns, 50 us unless
- * FLAME_WORKER_SPIN_US says otherwise; 0 turns it off) before it sleeps, when:
+ * FLAME_WORKER_SPIN_US says otherwise, up to 1 s; 0 turns it off) before it sleeps,
+ * when:
  * - the machine has more than one core (else the spin holds the submitter's core);
  * - no other worker of the process spins (one core, at most, goes to waiting);
  * - at most one job of the process is not yet delivered (its own: a caller waiting
@@ -156,7 +157,7 @@ static void spin_init(void) {
   if (e && *e) {
     char *end;
     long v = strtol(e, &end, 10);
-    if (*end == '\0' && v >= 0 && v <= 10000) us = v;
+    if (*end == '\0' && v >= 0 && v <= 1000000) us = v;
   }
   spin_ns = uv_available_parallelism() > 1 ? (uint64_t)us * 1000 : 0;
 }
@@ -226,19 +227,16 @@ static void worker_main(void *arg) {
     uv_cond_broadcast(&ex->ready_cond);
   }
   for (;;) {
-    if (w->fresh) {                       /* on its way no more: it is here */
+    if (w->fresh) {                       /* its sandbox is made: it is here */
       w->fresh = 0;
-      ex->waking--;
+      ex->starting--;
     }
     if (!ex->stopping && ex->pending == NULL) spin_for_job(ex);
     while (!ex->stopping && ex->pending == NULL) {
       ex->idle++;
       uv_cond_wait(&ex->cond, &ex->lock);
       ex->idle--;
-      if (ex->signalled > 0) {            /* a wake-up of wake_one's has arrived */
-        ex->signalled--;
-        ex->waking--;
-      }
+      if (ex->signalled > 0) ex->signalled--;   /* a wake-up of wake_one's arrived */
     }
     if (ex->stopping) break;
     job *j = ex->pending;
@@ -280,9 +278,13 @@ static void on_async(uv_async_t *h) {
   uv_mutex_unlock(&ex->lock);
   while (j) {
     job *next = j->next;
-    if (--ex->inflight == 0) uv_unref((uv_handle_t *)&ex->async);
-    __atomic_sub_fetch(&undelivered, 1, __ATOMIC_RELAXED);
-    if (!ex->closed) ex->done_fn(ex->done_ud, j->id, &j->out, j->truthy);
+    /* a done_fn that closed the executor (a single-use pool's shrink) took what was
+     * in flight off the counts already: the rest is only freed */
+    if (!ex->closed) {
+      if (--ex->inflight == 0) uv_unref((uv_handle_t *)&ex->async);
+      __atomic_sub_fetch(&undelivered, 1, __ATOMIC_RELAXED);
+      ex->done_fn(ex->done_ud, j->id, &j->out, j->truthy);
+    }
     job_free(j);
     j = next;
   }
@@ -329,28 +331,30 @@ static int worker_start(executor *ex) {
   int rc = uv_thread_create(&w->thread, worker_main, w);
   if (rc == 0) {
     ex->nworkers++;
-    ex->waking++;
+    ex->starting++;
   }
   return rc;
 }
 
 /* Puts one worker on its way to the pending jobs, unless one is on its way already
- * (waking) or spinning: an idle one signalled, else a new one started, else none
- * (every worker is running: the first to finish takes the next job). A worker that
+ * (signalled, not yet back from its wait) or spinning: an idle one signalled, else
+ * a new one started unless one is still starting, else none (every worker runs: the
+ * first to finish takes the next job). A thread still making its sandbox (loading
+ * `requires`, which can take long) does not count as on its way: an idle worker is
+ * signalled past it. A worker that
  * takes a job and sees more pending calls this again, so every job still gets a
  * worker of its own while the jobs last long; but a burst of short jobs is drained
  * by the few workers awake, not by one wake-up per job (on 2 cores a runner with 25
  * calls in flight spent half its time switching between workers). Lock held.
  * Returns 0, or the error of a thread that could not be started. */
 static int wake_one(executor *ex) {
-  if (ex->waking > 0 || ex->spinning > 0) return 0;
-  if (ex->idle > ex->signalled) {
+  if (ex->signalled > 0 || ex->spinning > 0) return 0;
+  if (ex->idle > 0) {
     ex->signalled++;
-    ex->waking++;
     uv_cond_signal(&ex->cond);
     return 0;
   }
-  if (ex->nworkers < ex->maxworkers) return worker_start(ex);
+  if (ex->starting == 0 && ex->nworkers < ex->maxworkers) return worker_start(ex);
   return 0;
 }
 
@@ -426,6 +430,7 @@ void executor_get_stats(executor *ex, executor_stats *st) {
   st->peak = ex->peak;
   st->queued = ex->npending;
   st->spun = ex->spun;
+  st->spin_us = (long)(spin_ns / 1000);
   uv_mutex_unlock(&ex->lock);
 }
 
@@ -573,7 +578,7 @@ static int exec_stats(lua_State *L) {
   executor *ex = exec_check(L);
   executor_stats st;
   executor_get_stats(ex, &st);
-  lua_createtable(L, 0, 7);
+  lua_createtable(L, 0, 8);
   lua_pushinteger(L, st.workers);
   lua_setfield(L, -2, "workers");
   lua_pushinteger(L, st.max_workers);
@@ -588,6 +593,8 @@ static int exec_stats(lua_State *L) {
   lua_setfield(L, -2, "queued");
   lua_pushinteger(L, st.spun);
   lua_setfield(L, -2, "spun");
+  lua_pushinteger(L, st.spin_us);
+  lua_setfield(L, -2, "spin_us");
   return 1;
 }
 

@@ -47,6 +47,7 @@ typedef void (*executor_done_fn)(void *ud, int64_t id, buf *out, int truthy);
 typedef struct executor_stats {
   int workers, max_workers, idle, running, peak, queued;
   long spun;                  /* jobs taken by a worker waiting awake (spin_for_job) */
+  long spin_us;               /* how long a worker waits awake: 0 when it never does */
 } executor_stats;
 
 /* Flags of executor_new: EXECUTOR_PRESTART starts the first worker (and its

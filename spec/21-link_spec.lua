@@ -5,8 +5,8 @@ local core = require "flame.core"
 local task = require "flame.task"
 local H = require "spec.helper"
 
--- A connected pair: the accepting side's connection, the connecting side's, and
--- what the accepting side receives.
+-- A connected pair: the listener, the connecting side's connection, the accepting
+-- side's, what the accepting side receives, and futures set with each side's end.
 local function pair()
   local got, closed = {}, task.future()
   local server_conn = task.future()
@@ -20,9 +20,10 @@ local function pair()
   core.connect { host = host, port = port, on_connect = function(c, e) f:set(c, e) end }
   local c, err = f:wait()
   assert(c, err)
-  c:start(function() end, function() end)
+  local cclosed = task.future()
+  c:start(function() end, function(reason) cclosed:set(reason) end)
   local s = server_conn:wait()
-  return l, c, s, got, closed
+  return l, c, s, got, closed, cclosed
 end
 
 describe("the link", function()
@@ -58,15 +59,17 @@ describe("the link", function()
     l:close()
   end)
 
-  it("writes everything queued before a finish, then closes", function()
-    local l, c, s, got, closed = pair()
+  it("writes everything queued before a finish, then its end reaches the peer", function()
+    local l, c, _, got, closed, cclosed = pair()
     for i = 1, 500 do assert(c:send(10, i, tostring(i))) end
     c:finish("done")
     assert.is_nil(c:send(10, 501, "too late"))   -- finishing: no more
-    assert.is_true(H.wait_for(function() return #got == 500 end), "got " .. #got)
+    -- the peer sees the end (the FIN after the last write) with nothing lost, and
+    -- closes; then the finishing side ends too
+    assert.are.equal("closed by peer", closed:wait())
+    assert.are.equal(500, #got)
     for i, m in ipairs(got) do assert.are.equal(tostring(i), m[3]) end
-    s:close()
-    assert.is_truthy(closed:wait())
+    assert.is_truthy(cclosed:wait())
     l:close()
   end)
 end)
