@@ -168,16 +168,6 @@ static inline void spin_pause(void) {
 #endif
 }
 
-/* One backoff step: a spin that found nothing makes the next 1, 2, 4 ... 64 skip. */
-static void backoff_step(int got, int *skip, int *backoff) {
-  if (got) {
-    *backoff = 0;
-  } else {
-    *backoff = *backoff == 0 ? 1 : *backoff >= 32 ? 64 : *backoff * 2;
-    *skip = *backoff;
-  }
-}
-
 static int spin_claim(void) {
   int zero = 0;
   return __atomic_compare_exchange_n(&process_spinner, &zero, 1, 0, __ATOMIC_ACQ_REL,
@@ -209,11 +199,17 @@ static void spin_for_job(executor *ex) {
   __atomic_store_n(&process_spinner, 0, __ATOMIC_RELEASE);
   uv_mutex_lock(&ex->lock);
   ex->spinning--;
-  if (got && ex->pending) ex->spun++;      /* it takes the job below */
-  backoff_step(got, &ex->spin_skip, &ex->spin_backoff);
+  if (got) {
+    if (ex->pending) ex->spun++;          /* it takes the job below */
+    ex->spin_backoff = 0;
+  } else {                                /* the next 1, 2, 4 ... 64 idle turns skip */
+    ex->spin_backoff = ex->spin_backoff == 0 ? 1
+                       : ex->spin_backoff >= 32 ? 64 : ex->spin_backoff * 2;
+    ex->spin_skip = ex->spin_backoff;
+  }
 }
 
-static int wake_one(executor *ex);
+static void wake_one(executor *ex);
 
 static void worker_main(void *arg) {
   worker *w = arg;
@@ -339,23 +335,21 @@ static int worker_start(executor *ex) {
 /* Puts one worker on its way to the pending jobs, unless one is on its way already
  * (signalled, not yet back from its wait) or spinning: an idle one signalled, else
  * a new one started unless one is still starting, else none (every worker runs: the
- * first to finish takes the next job). A thread still making its sandbox (loading
- * `requires`, which can take long) does not count as on its way: an idle worker is
- * signalled past it. A worker that
- * takes a job and sees more pending calls this again, so every job still gets a
- * worker of its own while the jobs last long; but a burst of short jobs is drained
- * by the few workers awake, not by one wake-up per job (on 2 cores a runner with 25
- * calls in flight spent half its time switching between workers). Lock held.
- * Returns 0, or the error of a thread that could not be started. */
-static int wake_one(executor *ex) {
-  if (ex->signalled > 0 || ex->spinning > 0) return 0;
+ * first to finish takes the next job; so does it when a thread cannot be started).
+ * A thread still making its sandbox (loading `requires`, which can take long) does
+ * not count as on its way: an idle worker is signalled past it. A worker that takes
+ * a job and sees more pending calls this again, so every job still gets a worker of
+ * its own while the jobs last long; but a burst of short jobs is drained by the few
+ * workers awake, not by one wake-up per job (on 2 cores a runner with 25 calls in
+ * flight spent half its time switching between workers). Lock held. */
+static void wake_one(executor *ex) {
+  if (ex->signalled > 0 || ex->spinning > 0) return;
   if (ex->idle > 0) {
     ex->signalled++;
     uv_cond_signal(&ex->cond);
-    return 0;
+  } else if (ex->starting == 0 && ex->nworkers < ex->maxworkers) {
+    (void)worker_start(ex);
   }
-  if (ex->starting == 0 && ex->nworkers < ex->maxworkers) return worker_start(ex);
-  return 0;
 }
 
 int executor_submit(executor *ex, int64_t id, buf *work, size_t skip, int kind,
@@ -382,7 +376,7 @@ int executor_submit(executor *ex, int64_t id, buf *work, size_t skip, int kind,
   __atomic_add_fetch(&undelivered, 1, __ATOMIC_RELAXED);
   push(&ex->pending, &ex->pending_tail, j);
   __atomic_add_fetch(&ex->npending, 1, __ATOMIC_RELAXED);
-  (void)wake_one(ex);                      /* a thread that cannot start: others will */
+  wake_one(ex);
   uv_mutex_unlock(&ex->lock);
   if (ex->inflight++ == 0) uv_ref((uv_handle_t *)&ex->async);
   return 0;

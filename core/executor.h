@@ -16,15 +16,17 @@
  * - executor_close kills running work ("shutdown"), joins the workers, and frees
  *   everything once the loop has closed the async handle (or at once when the
  *   loop is gone).
- * - Workers are woken one at a time: a job wakes (or starts) a worker only when
- *   none is on its way already, and a worker that takes a job with more pending
- *   wakes the next. Every job still gets a worker while jobs last (up to
- *   `workers`); a burst of short ones is served by the workers already awake.
+ * - Workers are woken one at a time: a job wakes an idle worker only when none is
+ *   on its way already, and starts a new one only when none is idle or starting;
+ *   a worker that takes a job with more pending wakes the next. Every job still
+ *   gets a worker while jobs last (up to `workers`); a burst of short ones is
+ *   served by the workers already awake.
  * - A worker with nothing to do may wait awake for the next job a short while
  *   before it sleeps (a caller calling one call after another then costs no
  *   wake-up): at most one worker of the process at a time, only while at most one
  *   job of the process is undelivered, never on one core. FLAME_WORKER_SPIN_US sets
- *   how long (default 50, 0 turns it off); stats' `spun` counts the jobs so taken.
+ *   how long in us (default 50, at most 1 s, 0 turns it off); stats give it as
+ *   `spin_us` and count the jobs so taken as `spun`.
  * Threads and locks: the loop thread submits, kills and closes; workers run jobs.
  * Lock order: executor.lock, then a sandbox's lock (sandbox_kill, sandbox_rearm).
  */

@@ -229,10 +229,11 @@ static void pump(link_conn *c) {
     while (w->n < LINK_BATCH) {
       int long_one = c->small == NULL;
       uv_buf_t data;
-      outmsg *m = next_chunk(c, w->header[w->n], &data);
+      unsigned char *header = w->header[w->n];
+      outmsg *m = next_chunk(c, header, &data);
       if (m == NULL) break;
       w->msg[w->n++] = m;
-      bufs[nb++] = uv_buf_init((char *)w->header[w->n - 1], LINK_HEADER);
+      bufs[nb++] = uv_buf_init((char *)header, LINK_HEADER);
       if (data.len) bufs[nb++] = data;
       if (long_one) break;          /* one chunk of a long message a write */
     }
