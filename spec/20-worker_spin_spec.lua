@@ -50,6 +50,29 @@ local function run(us, body)
       assert(done[id][1] == "r", "job " .. id .. ": " .. tostring(done[id][1]))
       return select(2, core.decode(done[id][2]))
     end
+    -- work that runs until the file gate is gone, then returns "released"
+    local function until_gone(gate)
+      return function()
+        repeat local g = io.open(gate) if g then g:close() end until not g
+        return "released"
+      end
+    end
+    -- n calls one after another on a fresh executor while a job of another one is
+    -- held running; prints how many a spinning worker took
+    local function calls_beside_held(n)
+      local gate = os.tmpname()
+      local held, hdone = executor(1)
+      held:submit(1, assert(core.encode(nil, until_gone(gate))))
+      local ex, done = executor(2)
+      for _ = 1, n do assert(one(ex, done, function() return 1 end) == 1) end
+      print("spun", ex:stats().spun)
+      assert(hdone[1] == nil, "the held job did not hold")
+      os.remove(gate)
+      wait(function() return hdone[1] end, "the held job")
+      assert(select(2, core.decode(hdone[1][2])) == "released")
+      held:close()
+      ex:close()
+    end
   ]] .. body .. "\nprint('ok')\n")
   f:close()
   local rc, out = H.run(("FLAME_WORKER_SPIN_US=%s lua5.4 %s"):format(us, H.q(path)))
@@ -115,24 +138,7 @@ describe("a worker waiting awake for its next job", function()
     -- another, are taken by sleeping workers (the process has cores to spare for
     -- nothing)
     local out = run(1000000, [[
-      local gate = os.tmpname()
-      local held, hdone = executor(1)
-      held:submit(1, assert(core.encode(nil, function()
-        repeat
-          local f = io.open(gate)
-          if f then f:close() end
-        until not f
-        return "released"
-      end)))
-      local ex, done = executor(2)
-      for _ = 1, 200 do assert(one(ex, done, function() return 1 end) == 1) end
-      print("spun", ex:stats().spun)
-      assert(hdone[1] == nil, "the held job did not hold")
-      os.remove(gate)
-      wait(function() return hdone[1] end, "the held job")
-      assert(select(2, core.decode(hdone[1][2])) == "released")
-      held:close()
-      ex:close()
+      calls_beside_held(200)
     ]])
     assert.are.equal("0", out:match("spun%s+(%d+)"), out)
   end)
@@ -147,28 +153,18 @@ describe("a worker waiting awake for its next job", function()
         if n == 1 then closing:close() end
       end }
       local gate = os.tmpname()
-      for id = 1, 3 do
-        closing:submit(id, assert(core.encode(nil, function()
-          repeat local f = io.open(gate) if f then f:close() end until not f
-        end)))
-      end
+      for id = 1, 3 do closing:submit(id, assert(core.encode(nil, until_gone(gate)))) end
       wait(function() return closing:stats().running == 3 end, "three jobs running")
-      os.remove(gate)                        -- the three finish together: one batch
+      os.remove(gate)
+      -- the loop does not run until all three have finished, so that their results
+      -- are delivered together, in one batch (stats read the executor, not the loop)
+      local give_up = core.hrtime() + 60e9
+      repeat assert(core.hrtime() < give_up, "the three jobs did not end")
+      until closing:stats().running == 0
       wait(function() return n > 0 end, "the batch")
       -- with one job held elsewhere, another executor's calls must not spin (they
       -- would, had the closed batch been taken off the count twice)
-      local gate2 = os.tmpname()
-      local held, hdone = executor(1)
-      held:submit(1, assert(core.encode(nil, function()
-        repeat local f = io.open(gate2) if f then f:close() end until not f
-      end)))
-      local ex, done = executor(2)
-      for _ = 1, 100 do assert(one(ex, done, function() return 1 end) == 1) end
-      print("spun", ex:stats().spun)
-      os.remove(gate2)
-      wait(function() return hdone[1] end, "the held job")
-      held:close()
-      ex:close()
+      calls_beside_held(100)
     ]])
     assert.are.equal("0", out:match("spun%s+(%d+)"), out)
   end)
@@ -200,9 +196,7 @@ describe("a worker waiting awake for its next job", function()
       -- a worker blocked in its requires cannot be killed: a failing case opens the
       -- gates, or its exit would wait for that worker for ever
       cleanups[#cleanups + 1] = function() os.remove(gate) os.remove(hold) end
-      submit(2, function()                   -- holds the first worker
-        repeat local g = io.open(hold) if g then g:close() end until not g
-      end)
+      submit(2, until_gone(hold))            -- holds the first worker
       wait(function() return ex:stats().running == 1 end, "job 2 running")
       submit(3)                              -- no idle worker: a second one starts
       wait(function() return ex:stats().workers == 2 end, "a second worker")
