@@ -42,31 +42,22 @@
 #include "flame.h"
 #include "buf.h"
 #include "crypto.h"
+#include "hub.h"
 #include "link.h"
 #include "loop.h"
 #include "runtime.h"
 #include "wire.h"
 
-#define HUB_MT "flame.hub"
 #define HANDSHAKE_MESSAGE (64 * 1024)
 #define HANDSHAKES_MAX 64
 #define SECRET_MAX 256
 
 
-enum { EV_UP, EV_MESSAGE, EV_LOST, EV_REFUSED, EV_DROPPED, EV_CLOSED };
 enum { H_HELLO, H_PROOF, H_AUTH, H_UP, H_REFUSED };
 
 /* ---------------------------------------------------------------- mailbox ---- */
 
-typedef struct event {
-  struct event *next;
-  int kind;
-  int64_t tid, pid;
-  int type;
-  uint64_t id;
-  char *text, *text2;
-  buf payload;
-} event;
+typedef hub_event event;
 
 typedef struct app_async {
   flame_handle base;                /* first: the application loop's walk frees it */
@@ -84,9 +75,10 @@ typedef struct mailbox {
   int refs;                         /* the application side and the runtime side */
 } mailbox;
 
-static void event_free(event *e) {
+void hub_event_free(event *e) {
   free(e->text);
   free(e->text2);
+  free(e->name);
   buf_free(&e->payload);
   free(e);
 }
@@ -98,7 +90,7 @@ static void mailbox_release(mailbox *mb) {
   if (!last) return;
   for (event *e = mb->head; e;) {
     event *next = e->next;
-    event_free(e);
+    hub_event_free(e);
     e = next;
   }
   uv_mutex_destroy(&mb->lock);
@@ -110,7 +102,7 @@ static void post(mailbox *mb, event *e) {
   uv_mutex_lock(&mb->lock);
   if (mb->aa == NULL) {
     uv_mutex_unlock(&mb->lock);
-    event_free(e);
+    hub_event_free(e);
     return;
   }
   e->next = NULL;
@@ -120,6 +112,12 @@ static void post(mailbox *mb, event *e) {
   mb->tail = e;
   if (wake) uv_async_send(&mb->aa->async);
   uv_mutex_unlock(&mb->lock);
+}
+
+hub_event *hub_event_new(int kind) {
+  event *e = calloc(1, sizeof *e);
+  if (e) e->kind = kind;
+  return e;
 }
 
 static char *dup_str(const char *s) {
@@ -165,8 +163,10 @@ typedef struct hconn {
   char peer[80];
 } hconn;
 
-typedef struct hub {
+struct hub {
   mailbox *mb;
+  pool_rt *pool;                    /* the pool's runtime side (pool.c) */
+  int listen;                       /* 0: a pool without remote runners (no listener) */
   link_listener *l;
   tick *tick;
   hconn *conns;
@@ -179,9 +179,8 @@ typedef struct hub {
   int err;
   char ip[64];
   int port;
-} hub;
+};
 
-static void hub_maybe_free(hub *h);
 
 static expect *expect_find(hub *h, const char *ref) {
   for (expect *e = h->expects; e; e = e->next)      /* "" is a forgotten one */
@@ -313,7 +312,10 @@ static void on_message(link_conn *c, void *ud, int type, uint64_t id, buf *msg) 
   if (hc->stage == H_REFUSED) return;
   hc->msgs++;
   if (hc->stage == H_UP) {
-    if (type == WIRE_RESULT || type == WIRE_REMOTE_SHUTDOWN || type == WIRE_CODE) {
+    if (type == WIRE_RESULT) {               /* the pool's: the call's slot and caller */
+      pool_on_result(hc->hub->pool, hc->tid, id, msg);
+    } else if (type == WIRE_REMOTE_SHUTDOWN || type == WIRE_CODE) {
+      if (type == WIRE_REMOTE_SHUTDOWN) pool_on_draining(hc->hub->pool, hc->tid);
       event *e = calloc(1, sizeof *e);
       if (e == NULL) {
         link_close(hc->c, "not enough memory for a runner's message");
@@ -356,6 +358,7 @@ static void on_close(link_conn *c, void *ud, const char *reason) {
   }
   done_handshaking(hc);
   if (hc->stage == H_UP) {
+    pool_on_lost(h->pool, hc->tid);          /* no call goes to it any more */
     post_text(h->mb, EV_LOST, hc->tid, reason);
   } else if (hc->stage != H_REFUSED && strncmp(reason, "protocol", 8) == 0) {
     char text[256];
@@ -432,9 +435,13 @@ static void listener_closed(void *ud) {
   hub_maybe_free(h);
 }
 
-/* A closing hub goes once its listener, timer and connections are gone. */
-static void hub_maybe_free(hub *h) {
+/* A closing hub goes once its listener, timer, connections and the pool's handles
+ * are gone. */
+void hub_maybe_free(hub *h) {
   if (!h->closing || h->l || h->tick || h->conns || h->listening) return;
+  if (h->pool && !pool_rt_closed(h->pool)) return;
+  pool_rt_free(h->pool);
+  h->pool = NULL;
   while (h->expects) expect_drop(h, h->expects);
   event *e = calloc(1, sizeof *e);
   if (e) {
@@ -449,6 +456,11 @@ static void hub_maybe_free(hub *h) {
 
 static void cmd_open(void *arg) {
   hub *h = arg;
+  if ((h->pool = pool_rt_new(h)) == NULL) {
+    h->err = UV_ENOMEM;
+    return;
+  }
+  if (!h->listen) return;
   h->l = link_listen(runtime_loop(), (struct sockaddr *)&h->addr, on_accept, h, &h->err);
   if (h->l == NULL) return;
   h->err = link_listener_address(h->l, h->ip, sizeof h->ip, &h->port);
@@ -486,6 +498,27 @@ static hconn *find_term(hub *h, int64_t tid) {
   for (hconn *hc = h->conns; hc; hc = hc->next)
     if (hc->stage == H_UP && hc->tid == tid) return hc;
   return NULL;
+}
+
+int hub_term_send(hub *h, int64_t tid, int type, uint64_t id, buf *data) {
+  hconn *hc = find_term(h, tid);
+  if (hc == NULL) {
+    buf_free(data);
+    return -1;
+  }
+  return link_send_buf(hc->c, type, id, data);
+}
+
+int64_t hub_new_tid(hub *h) {
+  return ++h->next_tid;
+}
+
+pool_rt *hub_pool(hub *h) {
+  return h->pool;
+}
+
+void hub_post(hub *h, hub_event *e) {
+  post(h->mb, e);
 }
 
 static void cmd_expect(void *arg) {
@@ -537,6 +570,7 @@ static void cmd_close(void *arg) {
   hub *h = c->h;
   hcmd_free(c);
   h->closing = 1;
+  if (h->pool) pool_rt_close(h->pool);
   if (h->l) link_listener_close(h->l, listener_closed);
   if (h->tick) {
     uv_timer_stop(&h->tick->timer);
@@ -548,11 +582,6 @@ static void cmd_close(void *arg) {
 
 /* --------------------------------------------------- the application side ---- */
 
-typedef struct lhub {
-  hub *rt;                          /* NULL once closed; only passed to commands */
-  mailbox *mb;
-  app_async *aa;
-} lhub;
 
 static void aa_detach(app_async *aa);
 static void aa_free(uv_handle_t *hd);
@@ -563,7 +592,8 @@ static int event_call(lua_State *L) {
   app_async *aa = lua_touserdata(L, 1);
   const event *e = lua_touserdata(L, 2);
   static const char *const kinds[] = { "up", "message", "lost", "refused", "dropped",
-                                       "closed" };
+                                       "closed", "done", "fail", "grow", "shrink", "idle",
+                                       "via", "reencode", "drained", "runner_failed" };
   lua_settop(L, 0);
   lua_rawgeti(L, LUA_REGISTRYINDEX, aa->event_ref);
   lua_pushstring(L, kinds[e->kind]);
@@ -596,6 +626,51 @@ static int event_call(lua_State *L) {
     case EV_REFUSED: case EV_DROPPED:
       lua_pushstring(L, e->text ? e->text : "");
       break;
+    case EV_DONE: {                           /* id, status, payload, leaving */
+      const char *p = e->payload.data ? (const char *)e->payload.data : "e";
+      size_t n = e->payload.len;
+      lua_pushinteger(L, (lua_Integer)e->id);
+      lua_pushlstring(L, p, 1);
+      if (n > 1) lua_pushlstring(L, p + 1, n - 1);
+      else lua_pushnil(L);
+      lua_pushboolean(L, e->type);
+      break;
+    }
+    case EV_FAIL:                             /* id, why, detail, phase, runner */
+      lua_pushinteger(L, (lua_Integer)e->id);
+      lua_pushstring(L, e->text ? e->text : "");
+      if (e->text2) lua_pushstring(L, e->text2);
+      else lua_pushnil(L);
+      if (e->type == 1) lua_pushliteral(L, "boot");
+      else if (e->type == 2) lua_pushliteral(L, "queue");
+      else lua_pushnil(L);
+      if (e->name) lua_pushstring(L, e->name);
+      else lua_pushnil(L);
+      break;
+    case EV_GROW:                             /* boot, is_min, count */
+      lua_pushinteger(L, (lua_Integer)e->id);
+      lua_pushboolean(L, e->type);
+      lua_pushinteger(L, e->pid);
+      break;
+    case EV_SHRINK: case EV_RFAIL:            /* tid, why, count */
+      lua_pushinteger(L, e->tid);
+      lua_pushstring(L, e->text ? e->text : "");
+      lua_pushinteger(L, e->pid);
+      break;
+    case EV_IDLE:
+      lua_pushinteger(L, e->tid);
+      break;
+    case EV_VIA:                              /* id, tid, timeout (ms or nil), link */
+      lua_pushinteger(L, (lua_Integer)e->id);
+      lua_pushinteger(L, e->tid);
+      if (e->pid >= 0) lua_pushinteger(L, e->pid);
+      else lua_pushnumber(L, HUGE_VAL);
+      lua_pushboolean(L, e->type);
+      break;
+    case EV_REENCODE:                         /* id, the runner's code */
+      lua_pushinteger(L, (lua_Integer)e->id);
+      lua_pushinteger(L, e->pid);
+      break;
     default:
       break;
   }
@@ -619,7 +694,7 @@ static void deliver(uv_async_t *a) {
       flame_pcall_report(L, 2, "a hub's event callback");
     }
     int closed = e->kind == EV_CLOSED;
-    event_free(e);
+    hub_event_free(e);
     e = next;
     if (closed && !uv_is_closing((uv_handle_t *)&aa->async)) {
       aa_detach(aa);                         /* the hub is gone: nothing more comes */
@@ -763,6 +838,7 @@ static int hub_close_term(lua_State *L) {
 
 static int hub_address(lua_State *L) {
   lhub *lh = hub_check(L);
+  if (!lh->rt->listen) return 0;            /* a pool of local runners: no listener */
   lua_pushstring(L, lh->rt->ip);            /* written by cmd_open, read-only since */
   lua_pushinteger(L, lh->rt->port);
   return 2;
@@ -822,6 +898,9 @@ static int l_hub(lua_State *L) {
   lua_Integer interval = opt_field(L, "heartbeat_interval", 1000, 1);
   lua_Integer misses = opt_field(L, "heartbeat_misses", 3, 1);
   lua_Integer max_message = opt_field(L, "max_message", (lua_Integer)1 << 30, 1);
+  lua_getfield(L, 1, "listen");
+  int listen = lua_isnil(L, -1) || lua_toboolean(L, -1);
+  lua_pop(L, 1);
   lua_getfield(L, 1, "on_event");
   luaL_checktype(L, -1, LUA_TFUNCTION);
   int fn = lua_gettop(L);
@@ -867,6 +946,7 @@ static int l_hub(lua_State *L) {
   h->interval = interval;
   h->misses = misses;
   h->max_message = (size_t)max_message;
+  h->listen = listen;
   lh->mb = mb;
   lh->aa = aa;
   h->listening = 1;
@@ -900,6 +980,7 @@ void flame_hub_open(lua_State *L) {
   };
   if (luaL_newmetatable(L, HUB_MT)) {
     luaL_newlib(L, methods);
+    pool_lua_methods(L);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, hub_gc);
     lua_setfield(L, -2, "__gc");

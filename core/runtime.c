@@ -28,6 +28,8 @@ static uv_mutex_t lock;       /* guards the queue, stopping, and every cmd->done
 static uv_cond_t done_cond;
 static cmd *head, *tail;
 static int stopping;
+static void (*at_stop[4])(void);   /* runtime thread only */
+static int nat_stop;
 
 static void drain(uv_async_t *h) {
   (void)h;
@@ -67,6 +69,7 @@ static void close_walk(uv_handle_t *h, void *arg) {
 static void runtime_main(void *arg) {
   (void)arg;
   uv_run(&loop, UV_RUN_DEFAULT);
+  for (int i = 0; i < nat_stop; i++) at_stop[i]();
   uv_walk(&loop, close_walk, NULL);           /* what the process leaves at exit */
   uv_run(&loop, UV_RUN_DEFAULT);
   if (uv_loop_close(&loop) != 0) fprintf(stderr, "flame: the runtime loop still had handles\n");
@@ -145,6 +148,10 @@ int runtime_call(runtime_fn fn, void *arg) {
   while (!c.done) uv_cond_wait(&done_cond, &lock);
   uv_mutex_unlock(&lock);
   return 0;
+}
+
+void runtime_at_stop(void (*fn)(void)) {
+  if (nat_stop < (int)(sizeof at_stop / sizeof *at_stop)) at_stop[nat_stop++] = fn;
 }
 
 uv_loop_t *runtime_loop(void) {

@@ -158,38 +158,65 @@ describe("pool rules", function()
     assert.are.equal(second, call_pid(p))
   end)
 
-  it("sends a call whose runner was lost before its work went out to another runner",
-    function()
-      local p = H.pool { name = "unsent-retry", backend = "process", max = 1,
-                         max_concurrency = 1, link = LINK, shutdown_timeout = 500 }
-      local first = call_pid(p)
-      local dir = H.tmpdir()
-      local go, started = dir .. "/go", dir .. "/started"
-      -- the first call holds the only slot; once the gate opens it returns, and a
-      -- process it leaves behind kills its runner a moment later
-      local a = flame.spawn(function()
-        return flame.call(p, function()
-          io.open(started, "w"):close()
-          gate(go)
-          os.execute(("(sleep 0.3; kill -9 %d) >/dev/null 2>&1 &"):format(first))
-          return "a done"
-        end)
+  it("hands a freed slot to the queued call while the parent computes", function()
+    local p = H.pool { name = "slot-while-computing", backend = "process", max = 1,
+                       max_concurrency = 1, link = LINK, shutdown_timeout = 500 }
+    local first = call_pid(p)
+    local dir = H.tmpdir()
+    local go, started = dir .. "/go", dir .. "/started"
+    local a = flame.spawn(function()           -- holds the only slot until the gate opens
+      return flame.call(p, function()
+        io.open(started, "w"):close()
+        gate(go)
+        return "a done"
       end)
-      local b = flame.spawn(function() return pcall(call_pid, p) end)  -- queued behind a
-      assert.is_true(H.wait_for(function() return H.exists(started) end), "a did not start")
-      assert.is_true(H.wait_for(function() return p:stats().waiting == 1 end), "b is not queued")
-      -- from the gate on this thread computes: a's result (which hands a's slot to b)
-      -- and the loss of the runner both arrive before b can send anything on it
-      H.touch(go)
-      local t0 = os.time()
-      while H.alive(first) and os.time() - t0 < 60 do end
-      t0 = core.hrtime()
-      while core.hrtime() - t0 < 500e6 do end  -- the hub sees the link close meanwhile
-      assert.are.equal("a done", a:await())
-      local ok, pid = b:await()
-      assert.is_true(ok, "the call failed instead of going to another runner: " .. tostring(pid))
-      assert.are_not.equal(first, pid)
-      H.rmdir(dir)
+    end)
+    local b = flame.spawn(function()            -- queued behind a; says when it ran
+      return pcall(flame.call, p, function()
+        io.open(dir .. "/b-ran", "w"):close()
+        local f = io.open("/proc/self/stat")
+        local pid = f:read("n")
+        f:close()
+        return pid
+      end)
+    end)
+    assert.is_true(H.wait_for(function() return H.exists(started) end), "a did not start")
+    assert.is_true(H.wait_for(function() return p:stats().waiting == 1 end), "b is not queued")
+    -- from the gate on this thread computes: the runtime thread hands a's slot to b,
+    -- and b runs on the runner, while no Lua of the parent runs
+    H.touch(go)
+    local t0 = os.time()
+    while not H.exists(dir .. "/b-ran") and os.time() - t0 < 60 do end
+    assert.is_true(H.exists(dir .. "/b-ran"), "b did not run while the parent computed")
+    assert.are.equal("a done", a:await())
+    local ok, pid = b:await()
+    assert.is_true(ok, tostring(pid))
+    assert.are.equal(first, pid)
+    H.rmdir(dir)
+  end)
+
+  it("sends a call the first runner could not take to another runner, within its deadline",
+    function()
+      local boots = 0
+      local p = H.pool { name = "unsent-retry", max = 2, max_concurrency = 1,
+                         on_grow_start = function() boots = boots + 1 end, backend = {
+        init = function(opts, env) return env.merge({}, opts) end,
+        remote_boot = function(state, env)
+          state.terminator = env.local_terminator(state)
+          return state.terminator, state
+        end,
+        remote_spawn_monitor = function(state, work, env)
+          if state.runner_id:match("%-1$") then error("runner 1 takes nothing", 0) end
+          return env.spawn_monitor(state.terminator, work)
+        end,
+      } }
+      local t0 = task.now()
+      assert.are.equal("second", flame.call(p, function() return "second" end,
+        { timeout = 30000 }))
+      assert.are.equal(2, boots)                  -- the first was replaced
+      assert.is_true(task.now() - t0 < 30000, "waited for the deadline")
+      assert.are.equal(1, p:stats().runners)
+      assert.are.equal(0, p:stats().busy)
     end)
 
   it("forces min to 0 on a runner", function()

@@ -287,7 +287,7 @@ describe("docker backend #docker", function()
       return flame.call(p, function() os.execute("sleep 10") end)
     end)
     assert.is_true(H.wait_for(function()     -- the call was sent to the runner
-      return p.runners[1] ~= nil and next(p.runners[1].sent) ~= nil
+      return p:stats().busy > 0
     end), "the call was not sent")
     docker(engine, "kill " .. id)
     local ok, err = pcall(t.await, t)

@@ -20,6 +20,7 @@ local loop = task.loop
 local pools = {}                 -- name -> pool, for uniqueness within the process
 local LOST_GRACE = 100           -- ms a backend has to explain a lost link
 local SPAWN_HEADER = core.SPAWN_HEADER  -- SPAWN's deadline and link flag, before the work
+local ENCODE_WORK = { name = "work", buffer = true, head = SPAWN_HEADER }
 local next_call = 0
 
 local function invalid(msg, level)
@@ -155,6 +156,20 @@ end
 local Pool = {}
 Pool.__index = Pool
 Pool.__name = "flame.pool"
+
+-- A local runner's terminator: an executor the runtime side owns (core/pool.c).
+local LocalTerm = {}
+LocalTerm.__index = LocalTerm
+
+function LocalTerm:stats()
+  return not self.closed and self.engine:local_stats(self.tid) or { workers = 0, peak = 0 }
+end
+
+function LocalTerm:close()
+  if self.closed then return end
+  self.closed = true
+  self.engine:local_close(self.tid)
+end
 
 local parent_instance = parentmod.random_id(12)  -- this process, as a parent
 
@@ -318,39 +333,35 @@ local function backend_server(pool, runner)
     return keep(term, "terminator")
   end
 
+  -- A local runner: an executor on the runtime thread's loop, whose workers run
+  -- calls in sandboxes of this process.
   function S.local_terminator(state)
     local sb = type(state) == "table" and state.sandbox or {}
-    local ok, ex = pcall(core.executor, {
+    local engine = pool.engine
+    local ok, tid, why = pcall(engine.local_term, engine, {
       workers = state.max_concurrency,
       profile = sb.profile or "application",
       memory_limit = sb.memory_limit or 0,
       info = assert(core.encode(nil, { ref = runner.id, backend = "local",
         node_base = runner.id, flame_vsn = core.VERSION })),
-      -- its first worker and sandbox are made now, beside the boot, as on a runner
-      prestart = true,
       -- the workers find modules where this program does now (a lib/ it put on
       -- package.path at run time included), as a process runner does
       path = package.path, cpath = package.cpath,
-      on_done = function(id, status, payload) runner:done(id, status, payload) end,
     })
-    if not ok then return nil, tostring(ex) end
-    local ready, why = ex:ready()              -- a sandbox that cannot be made fails the boot
-    if not ready then
-      ex:close()
-      return nil, "executor: " .. why
-    end
-    return keep(ex, "terminator")
+    if not ok then return nil, tostring(tid) end
+    if not tid then return nil, why end       -- a sandbox that cannot be made fails the boot
+    return keep(setmetatable({ engine = engine, tid = tid }, LocalTerm), "terminator")
   end
 
   function S.spawn_monitor(h, work)
     local term = type(h) == "table" and handles[h.__flame_handle]
-    if not term or not term.submit then error("spawn_monitor: not a terminator", 0) end
-    local bytes = runner.bytes[work.id]
-    runner.bytes[work.id] = nil
-    if not bytes then error("spawn_monitor: no such call", 0) end
-    local ok, err = pcall(term.submit, term, work.id, bytes, work.timeout, work.link)
+    if not term or not term.tid then error("spawn_monitor: not a terminator", 0) end
+    if type(work) ~= "table" or math.type(work.id) ~= "integer" then
+      error("spawn_monitor: the work given to remote_spawn_monitor expected", 0)
+    end
+    local ok, err = pool.engine:via_sent(work.id, term.tid)
     if not ok then
-      runner.send_error = tostring(err)
+      runner.send_error = err
       error(err, 0)
     end
     runner.sent[work.id] = true
@@ -580,7 +591,8 @@ local function backend_server(pool, runner)
   end
 end
 
---- The pool's hub for remote runners, made on first use.
+--- The pool's hub: the pool's object on the runtime thread (core/hub.c and
+-- core/pool.c: its links, slots, queue and calls), made with the pool.
 function Pool:hub()
   if self.hub_ then return self.hub_ end
   local l = self.opts.link
@@ -588,9 +600,13 @@ function Pool:hub()
     bind = l.bind, port = l.port, advertise = l.advertise,
     heartbeat_interval = l.heartbeat_interval or 1000,
     heartbeat_misses = l.heartbeat_misses or 3, log = self.log,
+    -- a pool of local runners has no link to listen for
+    listen = self.opts.backend ~= "local",
+    on_pool = function(kind, ...) self:event(kind, ...) end,
   }
   if not h then return nil, err end
   self.hub_ = h
+  self.engine = h.c
   return h
 end
 
@@ -600,6 +616,15 @@ local function call_hook(pool, name, ...)
     local ok, err = pcall(fn, ...)
     if not ok then pool.log.error("%s callback failed: %s", name, tostring(err)) end
   end
+end
+
+-- Calls one runner takes at once: 1 for single-use runners.
+local function slots(pool)
+  return pool.opts.single_use and 1 or pool.opts.max_concurrency
+end
+
+local function ms_or_never(v)
+  return v == math.huge and -1 or v
 end
 
 --- Makes a pool. Options as in the API (docs/pools.md); bad ones raise `invalid`.
@@ -629,16 +654,26 @@ function M.new(opts)
   end
   if require("flame").parent() ~= nil then o.min = 0 end  -- a runner boots no runners
   local pool = setmetatable({
-    name = o.name, opts = o, nmin = 0,
-    runners = {}, ending = {}, booting = 0, waiting = {}, calls = 0, peak = 0, nrunners = 0,
-    log = logmod.new(o.log, o.name), config = {}, closed = false,
-    -- a backend that leaves remote_spawn_monitor out gets the default, done here:
-    -- the call goes to the runner's terminator without entering the backend state
-    direct = type(mod.remote_spawn_monitor) ~= "function",
+    name = o.name, opts = o,
+    runners = {}, by_tid = {}, pending = {}, hows = {}, code_gen = 0,
+    ending = {}, log = logmod.new(o.log, o.name), config = {}, closed = false,
+    nrunners = 0,
   }, Pool)
+  local _, err = pool:hub()
+  if err then invalid("flame.pool: " .. err, 2) end
   if code then pool:code_ready(code) end
   pools[o.name] = pool
-  for _ = 1, o.min do pool:grow() end
+  local idle = o.idle_shutdown_after
+  -- the rules run on the runtime thread (core/pool.c); it asks for boots by events
+  pool.engine:configure {
+    name = o.name, max = o.max, min = o.min, slots = slots(pool), single_use = o.single_use,
+    -- a backend that leaves remote_spawn_monitor out gets the default, done there:
+    -- the call goes to the runner without entering the backend state
+    direct = type(mod.remote_spawn_monitor) ~= "function",
+    idle_ms = ms_or_never(type(idle) == "table" and idle[1] or idle),
+    min_idle_ms = ms_or_never(o.min_idle_shutdown_after),
+    idle_check = type(idle) == "table",
+  }
   return pool
 end
 
@@ -649,117 +684,124 @@ local function remove_runner(pool, r)
   return false
 end
 
--- Calls one runner takes at once: 1 for single-use runners.
-local function slots(pool)
-  return pool.opts.single_use and 1 or pool.opts.max_concurrency
-end
-
 -- code_sync: the pack runners booted from now get, and how calls are encoded for
 -- them (the modules it holds travel by name).
 function Pool:code_ready(code)
-  code.how = { name = "work", buffer = true, head = SPAWN_HEADER, synced = code.synced }
   if code ~= self.code then
+    self.code_gen = self.code_gen + 1
+    code.gen = self.code_gen
+    code.how = { name = "work", buffer = true, head = SPAWN_HEADER, synced = code.synced }
+    self.hows[code.gen] = code.how
     self.log.info("code_sync: %d files, %d bytes, sha256 %s", code.files, code.bytes,
       code.hash:sub(1, 12))
   end
   self.code = code
 end
 
--- The up runner with the fewest calls that has a free slot, or nil.
-function Pool:pick()
-  local best
-  local mc = slots(self)
-  for _, r in ipairs(self.runners) do
-    if r.status == "up" and r.inflight < mc and not r.used
-       and (best == nil or r.inflight < best.inflight) then
-      best = r
-    end
-  end
-  return best
-end
+-- What the runtime side tells (core/pool.c's events).
+local EVENTS = {}
 
--- A slot of r is taken: its idle clock stops; a single-use runner is spent.
-function Pool:take(r)
-  r.inflight = r.inflight + 1
-  if self.opts.single_use then r.used = true end
-  if r.idle_timer then
-    r.idle_timer:stop()
-    r.idle_timer = nil
+function EVENTS.done(self, id, status, payload, leaving)
+  local f = self.pending[id]
+  if f then
+    self.pending[id] = nil
+    f:set("done", status, payload, leaving)
   end
 end
 
-function Pool:untake(r)
-  r.inflight = r.inflight - 1
-  if self.opts.single_use then r.used = nil end
+function EVENTS.fail(self, id, why, detail, phase, name)
+  local f = self.pending[id]
+  if f then
+    self.pending[id] = nil
+    f:set("fail", why, detail, phase, name)
+  end
 end
 
--- Local runners idle down here (remote ones decide on the runner): after
--- idle_shutdown_after without calls, or min_idle_shutdown_after for min runners,
--- and when the idle check agrees.
-function Pool:idle_watch(r)
-  if r.remote or r.status ~= "up" or r.inflight > 0 or self.closed then return end
-  local idle = self.opts.idle_shutdown_after
-  local ms = type(idle) == "table" and idle[1] or idle
-  if r.is_min then ms = self.opts.min_idle_shutdown_after end
-  if ms == math.huge then return end
-  if r.idle_timer then r.idle_timer:stop() end
-  r.idle_timer = loop:timer(ms, function()
-    r.idle_timer = nil
-    if r.status ~= "up" or r.inflight > 0 or self.closed then return end
-    if type(idle) ~= "table" then return self:shrink(r, "idle") end
-    task.spawn(function()                    -- the check may wait: it runs in a task
-      local ok, ready = pcall(idle[2])
-      if r.status ~= "up" or r.inflight > 0 or self.closed then return end
-      if ok and ready then self:shrink(r, "idle") else self:idle_watch(r) end
-    end)
+function EVENTS.grow(self, boot, is_min, count) self:boot(boot, is_min, count) end
+
+function EVENTS.shrink(self, tid, why, count)
+  local r = self.by_tid[tid]
+  if r then self:shrunk(r, why, count) end
+end
+
+function EVENTS.runner_failed(self, tid, why)
+  local r = self.by_tid[tid]
+  if r then self:runner_down(r, why) end
+end
+
+function EVENTS.idle(self, tid)
+  local check = self.opts.idle_shutdown_after[2]
+  task.spawn(function()                      -- the check may wait: it runs in a task
+    local ok, ready = pcall(check)
+    self.engine:idle_answer(tid, ok and ready and true or false)
   end)
 end
 
--- A runner leaves on purpose (idle, single use): stopped, not replaced.
-function Pool:shrink(r, why)
-  if r.status == "down" then return end
-  remove_runner(self, r)
-  if r.is_min then self.nmin = self.nmin - 1 end
-  self.log.info("runner %s: shut down (%s)", r.id, why)
-  self:stop_runner(r)
-  call_hook(self, "on_shrink", { name = self.name, count = #self.runners, reason = why })
-  r.shrink_reported = true
-  self:grow_for_waiters()
-end
-
--- Gives free slots to the oldest living waiters.
-function Pool:serve()
-  while #self.waiting > 0 do
-    local r = self:pick()
-    if not r then return end
-    local w = table.remove(self.waiting, 1)
-    self:take(r)
-    if not w:set(true, r) then self:untake(r) self:idle_watch(r) end
+-- A backend's own remote_spawn_monitor sends the call (env.spawn_monitor).
+function EVENTS.via(self, id, tid, timeout, link)
+  local r = self.by_tid[tid]
+  if not r then
+    self.engine:via_failed(id, "the runner left before the call was sent")
+    return
   end
+  task.spawn(function()
+    r.send_error = nil
+    local ok, e = pcall(r.host.call, r.host, "remote_spawn_monitor",
+      { id = id, link = link, timeout = timeout })
+    local sent = r.sent[id]
+    r.sent[id] = nil
+    if ok and sent then return end
+    if ok then e = r.send_error or "the backend did not send the call" end
+    self.engine:via_failed(id, ("runner %s could not take the call: %s"):format(r.id, tostring(e)))
+  end)
 end
 
--- Boots one runner in a task of its own; callers wait for its slots.
-function Pool:grow()
-  self.booting = self.booting + 1
+-- code_sync: a runner booted with other code; encoded again for it.
+function EVENTS.reencode(self, id, gen)
+  local f = self.pending[id]
+  if not f or not f.work then
+    self.engine:cancel(id)
+    return
+  end
+  local how = self.hows[gen] or ENCODE_WORK
+  local ok, b, err = pcall(core.encode, how, f.work)
+  if ok and b then
+    self.engine:reencoded(id, b)
+    return
+  end
+  self.pending[id] = nil
+  self.engine:cancel(id)
+  f:set("fail", "encode", tostring(ok and err or b))
+end
+
+function EVENTS.drained(self)
+  if self.drained then self.drained:set() end
+end
+
+function Pool:event(kind, ...)
+  local fn = EVENTS[kind]
+  if fn then fn(self, ...) end
+end
+
+-- Boots one runner in a task of its own, for the runtime side's grow; tells it the
+-- end (boot_up or boot_failed).
+function Pool:boot(boot_no, is_min, count)
   self.nrunners = self.nrunners + 1
   local id = ("%s-%d"):format(self.name, self.nrunners)
-  local is_min = self.nmin < self.opts.min    -- it keeps the pool at min: min rules
-  if is_min then self.nmin = self.nmin + 1 end
-  call_hook(self, "on_grow_start", { name = self.name, count = #self.runners + self.booting })
+  call_hook(self, "on_grow_start", { name = self.name, count = count })
   self.log.info("runner %s booting", id)
+  local engine = self.engine
   task.spawn(function()
-    local counted = false                    -- booting comes back down whatever happens
+    local told = false                       -- the runtime side hears the end, whatever happens
     local guard <close> = setmetatable({}, { __close = function()
-      if not counted then
-        self.booting = self.booting - 1
-        if is_min then self.nmin = self.nmin - 1 end
+      if not told then
+        engine:boot_failed(boot_no, ("pool '%s': runner %s failed to boot: the boot failed "
+          .. "in flame itself"):format(self.name, id))
         self.log.error("runner %s: the boot failed in flame itself", id)
       end
     end })
-    local runner = { id = id, pool = self, inflight = 0, calls = {}, status = "booting",
-                     parents = {}, bytes = {}, sent = {}, is_min = is_min,
-                     procs = {} }              -- processes its backend started, running
-    function runner.done(r, call_id, status, payload) self:done(r, call_id, status, payload) end
+    local runner = { id = id, pool = self, status = "booting", parents = {}, sent = {},
+                     is_min = is_min, procs = {} }  -- processes its backend started, running
     local settings = {
       max_concurrency = self.opts.max_concurrency, sandbox = sandbox_settings(self.opts.sandbox),
       boot_timeout = self.opts.boot_timeout, shutdown_timeout = self.opts.shutdown_timeout,
@@ -778,7 +820,7 @@ function Pool:grow()
         ok, err = ok2, ok2 and why or h
         term = ok2 and type(h) == "table" and runner.handles[h.__flame_handle] or nil
         made = term
-        if ok2 and h and not (term and term.submit) then
+        if ok2 and h and not (term and term.tid) then
           ok, err, term = false, "remote_boot returned something that is not a terminator", nil
         end
         if term and runner.failed then          -- declared down while it booted
@@ -786,29 +828,14 @@ function Pool:grow()
         end
       end
     end
-    counted = true
-    self.booting = self.booting - 1
     if not ok or not term then
       local reason = tostring(err or "remote_boot returned nothing")
       self.log.error("runner %s failed to boot: %s", id, reason)
+      told = true
+      engine:boot_failed(boot_no, ("pool '%s': runner %s failed to boot: %s")
+        :format(self.name, id, reason))
       call_hook(self, "on_grow_end", reason, { name = self.name, count = #self.runners })
-      -- the callers this boot was for learn why: all of them when nothing else is up
-      -- or booting, else as many as it would have served (the rest may get another)
-      local n = #self.waiting
-      if #self.runners > 0 or self.booting > 0 then n = math.min(n, slots(self)) end
-      for _ = 1, n do
-        local w = table.remove(self.waiting, 1)
-        w:set(false, errors.new("boot", ("pool '%s': runner %s failed to boot: %s")
-          :format(self.name, id, reason), { pool = self.name }))
-      end
       runner.status = "down"
-      if is_min then
-        self.nmin = self.nmin - 1
-        self.min_backoff = math.min((self.min_backoff or 500) * 2, 30000)
-        loop:timer(self.min_backoff, function()  -- min is kept: try again, later
-          if not self.closed and self.nmin < self.opts.min then self:grow() end
-        end)
-      end
       if self.hub_ then
         for _, ref in ipairs(runner.parents) do self.hub_:forget(ref) end
       end
@@ -817,19 +844,17 @@ function Pool:grow()
       -- any runner; its requests still running are cancelled when its state closes
       if host and inited then self:release(runner, "boot failed: " .. reason)
       elseif host then host:close() end
-      self:grow_for_waiters()
       return
     end
-    runner.term, runner.status = term, "up"
+    runner.term, runner.tid = term, term.tid
     local idle = self.opts.idle_shutdown_after
     if term.configure and type(idle) == "table" then
       local ok2, err2 = pcall(term.configure, term, idle[2])
       if not ok2 then self.log.error("runner %s: idle check not sent: %s", id, tostring(err2)) end
     end
     if term.attach then                       -- a remote runner: its events
-      term:attach(function(kind, a, b, c)
-        if kind == "result" then self:done(runner, a, b, c)
-        elseif kind == "remote_shutdown" then
+      term:attach(function(kind, a)
+        if kind == "remote_shutdown" then
           -- it takes no more calls; calls on their way get "shutdown" and are retried
           -- elsewhere; it leaves the pool when its link closes
           runner.status = "draining"
@@ -852,24 +877,20 @@ function Pool:grow()
         end
       end)
     end
-    if self.closed then
+    self.by_tid[runner.tid] = runner
+    runner.status = "up"
+    local code = runner.code
+    told = true
+    local n = engine:boot_up(boot_no, runner.tid, code and code.gen or 0, id)
+    if not n then                              -- the pool closed meanwhile
+      self.by_tid[runner.tid] = nil
       self:stop_runner(runner)
       return
     end
-    runner.remote = term.attach ~= nil
-    if is_min then self.min_backoff = nil end
     self.runners[#self.runners + 1] = runner
     self.log.info("runner %s up", id)
-    call_hook(self, "on_grow_end", "ok", { name = self.name, count = #self.runners })
-    self:serve()
-    self:idle_watch(runner)
+    call_hook(self, "on_grow_end", "ok", { name = self.name, count = n })
   end)
-end
-
-local function busy_count(pool)
-  local b = 0
-  for _, r in ipairs(pool.runners) do b = b + r.inflight end
-  return b
 end
 
 -- The backend releases what the runner held (remote_shutdown, an optional callback
@@ -913,6 +934,7 @@ end
 function Pool:ended_check(r)
   if not ended(r) then return end
   self.ending[r] = nil
+  if r.tid and self.by_tid[r.tid] == r then self.by_tid[r.tid] = nil end
   if r.ended then r.ended:set(true) end
 end
 
@@ -932,20 +954,28 @@ function Pool:await_ended(runners, deadline)
   return left
 end
 
+-- Stops a runner the runtime side has let go of: its terminator told, its backend
+-- releases it.
 function Pool:stop_runner(r)
   r.status = "down"
   if r.term and r.term.shutdown then r.term:shutdown() end
   if r.term and r.term.close then r.term:close() end
-  for id, f in pairs(r.calls) do                -- calls the runner can no longer answer
-    r.calls[id] = nil
-    f:set("k", nil, "shutdown")
-  end
   self:release(r, "shutdown")
 end
 
+-- The runtime side took r out (idle, single use): stopped, not replaced.
+function Pool:shrunk(r, why, count)
+  if r.status == "down" then return end
+  remove_runner(self, r)
+  self.log.info("runner %s: shut down (%s)", r.id, why)
+  self:stop_runner(r)
+  call_hook(self, "on_shrink", { name = self.name, count = count, reason = why })
+  r.shrink_reported = true
+end
 
---- A runner went away: its callers get runner_down, it leaves the pool, and the
--- backend releases it. `quiet`: it said goodbye (idle shutdown), not a failure.
+--- A runner went away: its callers get runner_down (on the runtime side, all at
+-- once), it leaves the pool, and the backend releases it. `quiet`: it said goodbye
+-- (idle shutdown), not a failure.
 function Pool:runner_down(r, reason, quiet)
   if r.status == "down" then return end
   r.status = "down"
@@ -953,25 +983,12 @@ function Pool:runner_down(r, reason, quiet)
   if quiet then self.log.info("runner %s: %s", r.id, reason)
   else self.log.warn("runner %s down: %s", r.id, reason) end
   if r.term and r.term.close then r.term:close(reason) end
-  for id, f in pairs(r.calls) do
-    r.calls[id] = nil
-    r.inflight = r.inflight - 1
-    f:set("k", nil, "down", reason)
-  end
+  local count = #self.runners
+  if r.tid then count = self.engine:runner_down(r.tid, reason, quiet) end
   if not r.shrink_reported then
-    call_hook(self, "on_shrink", { name = self.name, count = #self.runners, reason = reason })
+    call_hook(self, "on_shrink", { name = self.name, count = count, reason = reason })
   end
   self:release(r, reason)
-  if self.drained and busy_count(self) == 0 then self.drained:set() end
-  if r.is_min then
-    self.nmin = self.nmin - 1
-    if not quiet and not self.closed then   -- a min runner that died is replaced
-      self.log.info("replacing min runner %s", r.id)
-      self:grow()
-      return
-    end
-  end
-  self:grow_for_waiters()
 end
 
 -- A message for the backend (a process exit, a send_after): its handle_info decides,
@@ -993,87 +1010,6 @@ function Pool:info(r, msg)
   end)
 end
 
--- Boots for callers still waiting when no runner is up or booting for them.
-function Pool:grow_for_waiters()
-  if self.closed or #self.waiting == 0 then return end
-  if #self.runners + self.booting < self.opts.max
-     and self.booting * slots(self) <= #self.waiting then
-    self:grow()
-  end
-end
-
--- A call ended on runner r: free its slot, wake its caller.
-function Pool:done(r, call_id, status, payload)
-  local f = r.calls[call_id]
-  if f == nil then return end               -- not ours, or answered already
-  r.calls[call_id] = nil
-  r.inflight = r.inflight - 1
-  if f then f:set(status, payload) end
-  if self.drained and busy_count(self) == 0 then self.drained:set() end
-  if self.opts.single_use and r.inflight == 0 and r.status == "up" then
-    self:shrink(r, "single use")
-    return
-  end
-  self:serve()
-  self:idle_watch(r)
-end
-
--- Waits for a slot until the deadline; returns the runner.
-function Pool:checkout(deadline)
-  if self.closed then
-    errors.raise("shutdown", ("pool '%s' is shut down"):format(self.name), { pool = self.name })
-  end
-  local r = self:pick()
-  if r then
-    self:take(r)
-    return r
-  end
-  if #self.runners + self.booting < self.opts.max
-     and self.booting * slots(self) <= #self.waiting then
-    self:grow()
-  end
-  local w = task.future()
-  self.waiting[#self.waiting + 1] = w
-  local function leave_queue()
-    for i, x in ipairs(self.waiting) do
-      if x == w then table.remove(self.waiting, i) return end
-    end
-  end
-  local timer
-  if deadline < math.huge then
-    timer = loop:timer(math.max(0, deadline - task.now()), function()
-      local phase = self.booting > 0 and "boot" or "queue"
-      if w:set(false, errors.new("timeout", ("call on pool '%s' found no free runner "
-          .. "within its timeout"):format(self.name), { phase = phase, pool = self.name })) then
-        leave_queue()
-      end
-    end)
-  end
-  -- a caller cancelled while waiting leaves the queue, and gives back a slot it
-  -- was granted but never used
-  local used = false
-  local guard <close> = setmetatable({}, { __close = function()
-    if timer then timer:stop() end
-    if used then return end
-    if w:set(false, errors.new("shutdown", "cancelled while waiting")) then
-      leave_queue()
-    elseif w.values[1] == true then
-      local granted = w.values[2]
-      self:untake(granted)
-      self:serve()
-      self:idle_watch(granted)
-    end
-  end })
-  local ok, v = w:wait()
-  used = true
-  if not ok then error(v, 0) end
-  return v
-end
-
-local function decode_values(payload)
-  return core.decode(payload)
-end
-
 -- The results decode gave, passed on as they came (no table for them).
 local function results(pool, ok, ...)
   if not ok then
@@ -1085,9 +1021,9 @@ end
 
 -- Turns a runner's answer into results, or raises.
 local function outcome(pool, status, payload)
-  if status == "r" then return results(pool, decode_values(payload)) end
+  if status == "r" then return results(pool, core.decode(payload)) end
   local ok, msg, tb, value = false, "not enough memory", "", nil
-  if payload then ok, msg, tb, value = decode_values(payload) end
+  if payload then ok, msg, tb, value = core.decode(payload) end
   if not ok then msg = "the runner's answer could not be decoded: " .. tostring(msg) end
   if status == "e" then
     errors.raise("remote", msg, { traceback = tb, value = value, pool = pool.name })
@@ -1106,8 +1042,36 @@ local function outcome(pool, status, payload)
   errors.raise("remote", "unknown answer from the runner", { pool = pool.name })
 end
 
+-- A call that ended without an answer, as the caller's error.
+local function failed(pool, why, detail, phase, runner, timeout)
+  local name = pool.name
+  if why == "timeout" then
+    if phase then
+      errors.raise("timeout", ("call on pool '%s' found no free runner within its timeout")
+        :format(name), { phase = phase, pool = name })
+    end
+    errors.raise("timeout", ("call on pool '%s' ran past its timeout of %s ms")
+      :format(name, tostring(timeout)), { phase = "run", pool = name })
+  elseif why == "down" then
+    errors.raise("runner_down", ("pool '%s': runner %s went away during the call: %s")
+      :format(name, runner, tostring(detail)), { pool = name, runner = runner })
+  elseif why == "boot" then
+    errors.raise("boot", detail, { pool = name })
+  elseif why == "unsent" then
+    errors.raise("runner_down", ("pool '%s': %s, three times"):format(name, tostring(detail)),
+      { pool = name, runner = runner })
+  elseif why == "encode" then
+    errors.raise("encode", detail, { pool = name })
+  elseif detail == "closing" then
+    errors.raise("shutdown", ("pool '%s' is shutting down"):format(name), { pool = name })
+  elseif detail == "stopped" then
+    errors.raise("shutdown", ("pool '%s' shut down before the call ended"):format(name),
+      { pool = name })
+  end
+  errors.raise("shutdown", ("pool '%s' is shut down"):format(name), { pool = name })
+end
+
 local NO_OPTIONS = {}                 -- flame.call without options: nothing to check
-local ENCODE_WORK = { name = "work", buffer = true, head = SPAWN_HEADER }
 
 local function check_work(work, level)
   if type(work) == "function" then return end
@@ -1123,90 +1087,24 @@ local function check_work(work, level)
     .. type(work), level + 1)
 end
 
--- A caller that goes away (its task cancelled) takes linked work with it; before
--- the work was sent, it just gives the slot back. One metatable for every call's
--- guard: { pool, runner, call id, future, link }.
-local ATTEMPT_GUARD = { __close = function(g)
-  local self, r, id, f, link = g[1], g[2], g[3], g[4], g[5]
+-- A caller that goes away (its task cancelled) takes linked work with it; queued,
+-- it just leaves the queue. One metatable for every call's guard: { pool, id, future }.
+local CALL_GUARD = { __close = function(g)
+  local self, id, f = g[1], g[2], g[3]
   if f.done then return end
-  f:set("k", nil)
-  if not r.sent[id] then
-    r.calls[id] = nil
-    self:untake(r)
-    self:serve()
-    self:idle_watch(r)
-  elseif link and r.status ~= "down" then
-    pcall(r.term.kill, r.term, id, "cancelled")
-  end
+  f:set("cancelled")
+  self.pending[id] = nil
+  self.engine:cancel(id)
 end }
 
--- One try of a call: a slot, the work sent, its answer (or why there is none).
-function Pool:attempt(bytes, deadline, link, work, code)
-  local asked = self.queue_waits and core.hrtime()
-  local r = self:checkout(deadline)
-  if asked then                              -- a benchmark asked for queue waits
-    self.queue_waits[#self.queue_waits + 1] = (core.hrtime() - asked) / 1e6
-  end
-  if self.closed then                        -- stopped while the slot was on its way
-    self:untake(r)
-    errors.raise("shutdown", ("pool '%s' is shut down"):format(self.name), { pool = self.name })
-  end
-  if r.status ~= "up" then                   -- lost or leaving before the work was sent:
-    self:untake(r)                            -- nothing ran, another runner may take it
-    return "unsent", nil, nil, ("runner %s was %s before the call was sent")
-      :format(r.id, r.status == "draining" and "shutting down" or "gone"), r
-  end
-  if r.code ~= code then                     -- code_sync: a runner booted with other code
-    local how = r.code and r.code.how or ENCODE_WORK  -- names only modules it has
-    local ok, b, err = pcall(core.encode, how, work)
-    if not (ok and b) then
-      self:untake(r)
-      errors.raise("encode", tostring(ok and err or b), { pool = self.name })
-    end
-    bytes = b
-  end
-  next_call = next_call + 1
-  local id = next_call
+-- One try: the work to the runtime side, its answer back.
+local function attempt(self, id, bytes, deadline, link, code, work)
   local f = task.future()
-  r.calls[id] = f
-  self.calls = self.calls + 1
-  self.peak = math.max(self.peak, busy_count(self))
-  -- a caller that goes away (its task cancelled) takes linked work with it; before
-  -- the work was sent, it just gives the slot back
-  local guard <close> = setmetatable({ self, r, id, f, link }, ATTEMPT_GUARD)
-  local ok, e
-  if self.direct then
-    ok, e = pcall(r.term.submit, r.term, id, bytes, math.max(1, deadline - task.now()), link)
-    if ok then r.sent[id] = true end
-  else
-    r.bytes[id] = bytes
-    ok, e = pcall(r.host.call, r.host, "remote_spawn_monitor",
-      { id = id, link = link, timeout = math.max(1, deadline - task.now()) })
-    r.bytes[id] = nil
-  end
-  if ok and not r.sent[id] then
-    ok, e = false, r.send_error or "the backend did not send the call"
-  end
-  if not ok then
-    f:set("k", nil)                           -- answered: the guard leaves the slot to us
-    r.calls[id] = nil
-    self:untake(r)
-    local reason = ("runner %s could not take the call: %s"):format(r.id, tostring(e))
-    self:runner_down(r, reason)               -- a runner that cannot take calls is gone
-    return "unsent", nil, nil, reason, r      -- and the call was not sent: retried
-  end
-  local timer
-  if deadline < math.huge then
-    timer = loop:timer(math.max(0, deadline - task.now()), function()
-      if f:set("k", nil, "timeout") and r.status ~= "down" then
-        pcall(r.term.kill, r.term, id, "timeout")
-      end
-    end)
-  end
-  local status, payload, why, detail = f:wait()
-  if timer then timer:stop() end
-  r.sent[id] = nil
-  return status, payload, why, detail, r
+  if code then f.work = work end              -- code_sync: a runner may need it again
+  self.pending[id] = f
+  self.engine:call(id, bytes, deadline - task.now(), link, code and code.gen or 0)
+  local guard <close> = setmetatable({ self, id, f }, CALL_GUARD)
+  return f:wait()
 end
 
 --- Runs work on a runner of the pool and returns its results (see flame.call).
@@ -1224,59 +1122,37 @@ function Pool:call(work, opts, level)
   -- go to the runner's socket (or a local worker) as they are, copied by no one
   local code = self.code
   local how = code and code.how or ENCODE_WORK
-  local bytes, err = core.encode(how, work)
-  if not bytes then errors.raise("encode", err, { pool = self.name }) end
-
-  local status, payload, why, detail, r, killed
-  for try = 1, 3 do
-    -- a try after the first sends a fresh copy: the last one went to a runner
-    if try > 1 then
-      bytes, err = core.encode(how, work)
-      if not bytes then errors.raise("encode", err, { pool = self.name }) end
+  local kind, status, payload, leaving, detail, killed
+  for _ = 1, 3 do
+    local bytes, err = core.encode(how, work)
+    if not bytes then errors.raise("encode", err, { pool = self.name }) end
+    next_call = next_call + 1
+    kind, status, payload, leaving, detail = attempt(self, next_call, bytes, deadline,
+      o.link ~= false, code, work)
+    if kind ~= "done" then
+      return failed(self, status, payload, leaving, detail, timeout)
     end
-    status, payload, why, detail, r = self:attempt(bytes, deadline, o.link ~= false, work, code)
-    -- a runner found gone before the work was sent, or going away when the call
-    -- reached it (it refused the call unstarted): the call goes to another runner,
-    -- within the same deadline
-    killed = status == "k" and why == nil and payload and select(2, core.decode(payload))
-    if status ~= "unsent" and not (killed == "shutdown" and r.leaving) then break end
-  end
-  if status == "unsent" then
-    errors.raise("runner_down", ("pool '%s': %s, three times"):format(self.name, detail),
-      { pool = self.name, runner = r.id })
+    -- a runner going away when the call reached it refused it unstarted: the call
+    -- goes to another runner, within the same deadline
+    killed = status == "k" and payload and select(2, core.decode(payload))
+    if not (killed == "shutdown" and leaving) then break end
   end
   -- the runner's own deadline may fire a moment before ours: the same error
-  if killed == "timeout" then why = "timeout" end
-  if why == "down" then
-    errors.raise("runner_down", ("pool '%s': runner %s went away during the call: %s")
-      :format(self.name, r.id, tostring(detail)), { pool = self.name, runner = r.id })
-  end
-  if why == "timeout" then
+  if killed == "timeout" then
     errors.raise("timeout", ("call on pool '%s' ran past its timeout of %s ms")
       :format(self.name, tostring(timeout)), { phase = "run", pool = self.name })
-  elseif why == "shutdown" then
-    errors.raise("shutdown", ("pool '%s' shut down before the call ended"):format(self.name),
-      { pool = self.name })
   end
   return outcome(self, status, payload)
 end
 
 --- Statistics: runners up, pending (booting), busy (calls running), waiting callers.
 function Pool:stats()
-  local busy, workers, peak_running = 0, 0, 0
-  for _, r in ipairs(self.runners) do
-    busy = busy + r.inflight
-    if r.term and r.term.stats then
-      local s = r.term:stats()
-      workers = workers + s.workers
-      peak_running = math.max(peak_running, s.peak)
-    end
-  end
+  local s = self.closed and not self.engine and {} or self.engine:pool_stats()
   return {
-    name = self.name, runners = #self.runners, pending = self.booting, busy = busy,
-    waiting = #self.waiting, max = self.opts.max, min = self.opts.min,
-    max_concurrency = self.opts.max_concurrency, calls = self.calls, peak_busy = self.peak,
-    workers = workers, peak_running = peak_running,
+    name = self.name, runners = s.runners or 0, pending = s.pending or 0, busy = s.busy or 0,
+    waiting = s.waiting or 0, max = self.opts.max, min = self.opts.min,
+    max_concurrency = self.opts.max_concurrency, calls = s.calls or 0,
+    peak_busy = s.peak_busy or 0, workers = s.workers or 0, peak_running = s.peak_running or 0,
   }
 end
 
@@ -1287,28 +1163,26 @@ function Pool:shutdown()
   self.stopping = true
   self.closed = true
   pools[self.name] = nil
-  for _, w in ipairs(self.waiting) do
-    w:set(false, errors.new("shutdown", ("pool '%s' is shutting down"):format(self.name),
-      { pool = self.name }))
-  end
-  self.waiting = {}
+  local busy = self.engine:close_pool()         -- queued callers are told now
   -- whatever happens while draining (the caller cancelled, a wait refused), the
   -- runners are stopped
   local stopped
   local function stop_all()
-    stopped = self.runners
-    self.runners = {}
-    for _, r in ipairs(stopped) do
-      for id in pairs(r.calls) do pcall(r.term.kill, r.term, id, "shutdown") end
-      self:stop_runner(r)
+    stopped = true
+    for _, tid in ipairs(self.engine:stop_all()) do
+      local r = self.by_tid[tid]
+      if r and r.status ~= "down" then
+        remove_runner(self, r)
+        self:stop_runner(r)
+      end
     end
   end
   local finish <close> = setmetatable({}, { __close = function()
     if not stopped then stop_all() end
     if self.hub_ then self.hub_:close() end
   end })
-  if busy_count(self) > 0 and self.opts.shutdown_timeout > 0 then
-    -- set when the last call ends (Pool:done) or at the timeout
+  if busy > 0 and self.opts.shutdown_timeout > 0 then
+    -- set when the last call ends (the runtime side's "drained") or at the timeout
     self.drained = task.future()
     local timer
     if self.opts.shutdown_timeout < math.huge then

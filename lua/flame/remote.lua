@@ -17,19 +17,6 @@ local loop = task.loop
 local Term = {}
 Term.__index = Term
 
---- Sends a call: its bytes, deadline (ms from now) and link flag.
-function Term:submit(id, bytes, timeout, link)
-  if self.closed then error("runner link is closed", 0) end
-  self.hub.c:spawn(self.tid, id, bytes, timeout, link ~= false)
-  self.ids[id] = true
-  self.inflight = self.inflight + 1
-  if self.inflight > self.peak then self.peak = self.inflight end
-end
-
-function Term:kill(id, reason)
-  if not self.closed then self.hub.c:send(self.tid, wire.KILL, id, reason or "cancelled") end
-end
-
 --- Sends the pool's idle check: work the runner runs in a sandbox before it goes.
 function Term:configure(idle_check)
   if self.closed then return end
@@ -69,12 +56,9 @@ function Term:close(reason)
   self.hub.c:close_term(self.tid, reason or "closed by the parent")
 end
 
-function Term:stats()
-  return { workers = self.inflight, peak = self.peak, remote = true }
-end
-
---- Where the runner's messages go: events(kind, ...) with kind "result" (id,
--- status, payload), "remote_shutdown" (reason) or "lost" (reason), once.
+--- Where the runner's messages go: events(kind, ...) with kind "remote_shutdown"
+-- (reason) or "lost" (reason), once. Its calls' results go to the pool's runtime
+-- side (core/pool.c), not here.
 function Term:attach(events)
   self.events = events
   for _, e in ipairs(self.early) do events(table.unpack(e, 1, e.n)) end
@@ -101,18 +85,22 @@ Hub.__index = Hub
 
 --- A listening hub. opts: bind (default "127.0.0.1"), port (0: any), advertise
 -- (addresses runners are told, default the bound one), heartbeat_interval,
--- heartbeat_misses, max_message, log.
+-- heartbeat_misses, max_message, log; listen = false for a pool without remote
+-- runners; on_pool(kind, ...) hears the pool's events (core/pool.c).
 function M.hub(opts)
   local h = setmetatable({ pending = {}, log = opts.log, opts = opts, terms = {},
                            refusals = 0, drops = 0 }, Hub)
+  h.on_pool = opts.on_pool
   local c, err = core.hub { host = opts.bind or "127.0.0.1", port = opts.port or 0,
     heartbeat_interval = opts.heartbeat_interval, heartbeat_misses = opts.heartbeat_misses,
-    max_message = opts.max_message,
+    max_message = opts.max_message, listen = opts.listen,
     on_event = function(kind, ...) h:event(kind, ...) end }
   if not c then return nil, err end
   h.c = c
   local host, port = c:address()
-  h.addrs = opts.advertise or { (host:find(":") and ("[" .. host .. "]") or host) .. ":" .. port }
+  if host then
+    h.addrs = opts.advertise or { (host:find(":") and ("[" .. host .. "]") or host) .. ":" .. port }
+  end
   return h
 end
 
@@ -157,8 +145,8 @@ end
 function Hub:event(kind, a, b, c, d, e)
   if kind == "up" then
     local entry = self.pending[a]
-    local term = setmetatable({ hub = self, tid = b, inflight = 0, peak = 0, early = {},
-      ids = {}, pid = c ~= 0 and c or nil, host = d }, Term)
+    local term = setmetatable({ hub = self, tid = b, early = {},
+      pid = c ~= 0 and c or nil, host = d }, Term)
     self.terms[b] = term
     if not entry or entry.future.done then       -- its boot is over: not wanted
       term:close("boot abandoned")
@@ -170,12 +158,7 @@ function Hub:event(kind, a, b, c, d, e)
   elseif kind == "message" then
     local term = self.terms[a]
     if not term then return end
-    if b == wire.RESULT then
-      if not term.ids[c] then return end        -- not a call we sent (or a duplicate)
-      term.ids[c] = nil
-      term.inflight = term.inflight - 1
-      term:emit("result", c, e, d)           -- the hub gives the status byte apart
-    elseif b == wire.REMOTE_SHUTDOWN then
+    if b == wire.REMOTE_SHUTDOWN then
       term:emit("remote_shutdown", d)
     elseif b == wire.CODE then
       if term.code_wait then term.code_wait:set(d) end
@@ -189,6 +172,8 @@ function Hub:event(kind, a, b, c, d, e)
   elseif kind == "dropped" then
     self.drops = self.drops + 1
     self.log.error("%s", a)
+  elseif kind ~= "closed" and self.on_pool then   -- the pool's (core/pool.c)
+    self.on_pool(kind, a, b, c, d, e)
   end
 end
 
