@@ -75,7 +75,10 @@ struct executor {
   int closed;
   int inflight;               /* submitted, not yet delivered; the async handle keeps
                                  the loop alive only while > 0 */
+  uv_work_t join;             /* executor_close_async: the workers joined off the loop */
 };
+
+static int joining;           /* executors closing off their loop's thread (any loop) */
 
 static void job_free(job *j) {
   buf_free(&j->work);
@@ -300,8 +303,8 @@ static void executor_free(uv_handle_t *h) {
   free(ex);
 }
 
-void executor_close(executor *ex, int loop_alive) {
-  if (ex->closed) return;
+/* Stops the workers: running work killed ("shutdown"), idle ones woken to leave. */
+static void close_begin(executor *ex) {
   ex->closed = 1;
   uv_mutex_lock(&ex->lock);
   __atomic_store_n(&ex->stopping, 1, __ATOMIC_RELAXED);  /* a spinning worker reads it */
@@ -309,7 +312,14 @@ void executor_close(executor *ex, int loop_alive) {
     if (ex->workers[i].current) sandbox_kill(ex->workers[i].sb, SANDBOX_KILL_SHUTDOWN);
   uv_cond_broadcast(&ex->cond);
   uv_mutex_unlock(&ex->lock);
+}
+
+static void join_workers(executor *ex) {
   for (int i = 0; i < ex->nworkers; i++) uv_thread_join(&ex->workers[i].thread);
+}
+
+/* After the workers have gone. */
+static void close_end(executor *ex, int loop_alive) {
   /* what this executor will never deliver no longer counts for the spin's rule */
   __atomic_sub_fetch(&undelivered, ex->inflight, __ATOMIC_RELAXED);
   ex->inflight = 0;
@@ -317,6 +327,39 @@ void executor_close(executor *ex, int loop_alive) {
   ex->pending = ex->pending_tail = NULL;
   __atomic_store_n(&ex->npending, 0, __ATOMIC_RELAXED);
   if (loop_alive) uv_close((uv_handle_t *)&ex->async, executor_free);
+}
+
+void executor_close(executor *ex, int loop_alive) {
+  if (ex->closed) return;
+  close_begin(ex);
+  join_workers(ex);
+  close_end(ex, loop_alive);
+}
+
+static void join_work(uv_work_t *req) {
+  join_workers(req->data);
+}
+
+static void join_done(uv_work_t *req, int status) {
+  (void)status;
+  joining--;
+  close_end(req->data, 1);
+}
+
+void executor_close_async(executor *ex) {
+  if (ex->closed) return;
+  close_begin(ex);
+  ex->join.data = ex;
+  if (uv_queue_work(ex->async.loop, &ex->join, join_work, join_done) == 0) {
+    joining++;
+    return;
+  }
+  join_workers(ex);                          /* no thread pool: here, then */
+  close_end(ex, 1);
+}
+
+int executor_joining(void) {
+  return joining;
 }
 
 static int worker_start(executor *ex) {

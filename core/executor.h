@@ -79,5 +79,11 @@ void executor_get_stats(executor *ex, executor_stats *st);
  * exit: its walk has freed the executor then), so the async handle is not closed
  * twice. */
 void executor_close(executor *ex, int loop_alive);
+/* Like executor_close, but the workers are joined on libuv's thread pool, so the
+ * loop's thread is not held by work stuck in a blocking C call; everything is freed
+ * once they have gone. On a loop that is alive only. */
+void executor_close_async(executor *ex);
+/* Executors of executor_close_async not yet done (their loop must run for them). */
+int executor_joining(void);
 
 #endif

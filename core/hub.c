@@ -502,15 +502,17 @@ static hconn *find_term(hub *h, int64_t tid) {
 
 int hub_term_send(hub *h, int64_t tid, int type, uint64_t id, buf *data) {
   hconn *hc = find_term(h, tid);
-  if (hc == NULL) {
-    buf_free(data);
-    return -1;
-  }
+  if (hc == NULL || link_closing(hc->c)) return -1;   /* the bytes stay the caller's */
   return link_send_buf(hc->c, type, id, data);
 }
 
 int64_t hub_new_tid(hub *h) {
   return ++h->next_tid;
+}
+
+int hub_term_alive(hub *h, int64_t tid) {
+  hconn *hc = find_term(h, tid);
+  return hc != NULL && !link_closing(hc->c);
 }
 
 pool_rt *hub_pool(hub *h) {

@@ -11,8 +11,10 @@
  * - hub_post queues an event for the application (the events are hub.c's, listed in
  *   its header comment); it takes the event, and drops it when the application's
  *   side has gone.
- * - hub_term_send sends a frame on runner tid's link, taking data's bytes: 0, -1 when
- *   no runner of this hub has that tid (lost, or never up), -2 out of memory.
+ * - hub_term_send sends a frame on runner tid's link, taking data's bytes: 0; -1 when
+ *   no runner of this hub has that tid or its link is closing (lost, or never up), the
+ *   bytes then left in data; -2 out of memory (the bytes freed).
+ * - hub_term_alive: whether runner tid has a link that is not closing.
  * - A hub is freed once it is closing and its links, listener and timer are gone and
  *   the pool's runtime side has closed every handle it had (pool_rt_closed): pool.c
  *   calls hub_maybe_free when its last handle has closed.
@@ -53,6 +55,7 @@ hub_event *hub_event_new(int kind);
 void hub_event_free(hub_event *e);
 void hub_post(hub *h, hub_event *e);
 int hub_term_send(hub *h, int64_t tid, int type, uint64_t id, buf *data);
+int hub_term_alive(hub *h, int64_t tid);
 int64_t hub_new_tid(hub *h);
 pool_rt *hub_pool(hub *h);
 void hub_maybe_free(hub *h);

@@ -17,7 +17,7 @@
  *   hub:runner_down(tid, reason, quiet) -> count    sync; its callers get "down"
  *   hub:idle_answer(tid, ready)
  *   hub:via_sent(id, tid) -> true | nil, why         sync; a backend's spawn_monitor
- *   hub:via_failed(id, reason)
+ *   hub:via_failed(id, tid, reason)   the try on runner tid failed
  *   hub:reencoded(id, work)
  *   hub:close_pool() -> busy       sync; queued callers get "shutdown"; "drained"
  *                                  comes when busy reaches 0
@@ -333,6 +333,7 @@ static void untake(pool_rt *p, prunner *r, pcall *c) {
   runner_remove_call(r, c);
   r->inflight--;
   if (p->single_use) r->used = 0;
+  drained_check(p);
 }
 
 /* The one grow rule: a runner more when the pool is below max and the callers
@@ -387,6 +388,11 @@ static void fail_unsent(pool_rt *p, pcall *c) {
 static void requeue(pool_rt *p, pcall *c, const char *why, const char *name) {
   snprintf(c->last, sizeof c->last, "%s", why);
   snprintf(c->lastname, sizeof c->lastname, "%s", name);
+  if (p->closed) {                            /* no runner will take it any more */
+    fail_call_event(p, c, "shutdown", "closing", PHASE_NONE, NULL);
+    call_free(c);
+    return;
+  }
   if (++c->tries >= 3) {
     fail_unsent(p, c);
     return;
@@ -411,8 +417,11 @@ static int64_t ms_left(pcall *c) {
   return c->deadline > now ? (int64_t)(c->deadline - now) : 1;
 }
 
-/* The work goes to the runner: a SPAWN on its link, or its executor. */
-static void transmit(pool_rt *p, prunner *r, pcall *c) {
+/* The work goes to the runner: a SPAWN on its link, or its executor. 1 when it went;
+ * 0 when it did not, and then c is no longer r's: back at the front of the queue for
+ * another runner (its bytes kept), or answered and freed (its bytes gone with the
+ * failed send). Do not touch c after a 0. */
+static int transmit(pool_rt *p, prunner *r, pcall *c) {
   int64_t t = ms_left(c);
   c->state = C_SENT;
   char why[256];
@@ -420,26 +429,30 @@ static void transmit(pool_rt *p, prunner *r, pcall *c) {
     const char *err;
     if (executor_submit(r->lt->ex, (int64_t)c->id, &c->work, WIRE_SPAWN_HEADER,
                         EXECUTOR_WORK, &err) == 0)
-      return;
+      return 1;
     snprintf(why, sizeof why, "runner %s could not take the call: executor: %s", r->name, err);
-  } else {
-    wire_spawn_header(c->work.data, t, c->link);
-    int rc = hub_term_send(p->h, r->tid, WIRE_SPAWN, c->id, &c->work);
-    if (rc == 0) return;
-    if (rc == -1)
-      snprintf(why, sizeof why, "runner %s was gone before the call was sent", r->name);
-    else
-      snprintf(why, sizeof why, "runner %s could not take the call: not enough memory", r->name);
-  }
-  /* not sent: the slot back, the call to another runner */
-  untake(p, r, c);
-  if (c->work.data == NULL) {                 /* the bytes went with the failed send */
+    untake(p, r, c);
     fail_call_event(p, c, "unsent", why, PHASE_NONE, r->name);
     call_free(c);
-  } else {
-    requeue(p, c, why, r->name);
+    runner_failed(p, r, why);                 /* the application downs it */
+    return 0;
   }
-  runner_failed(p, r, why);
+  wire_spawn_header(c->work.data, t, c->link);
+  int rc = hub_term_send(p->h, r->tid, WIRE_SPAWN, c->id, &c->work);
+  if (rc == 0) return 1;
+  untake(p, r, c);
+  if (rc == -1) {
+    /* its link is closing: nothing went out, so another runner may take it; the
+     * hub's "lost" tells the application why the runner went */
+    snprintf(why, sizeof why, "runner %s was gone before the call was sent", r->name);
+    r->status = R_LOST;
+    requeue(p, c, why, r->name);
+  } else {
+    snprintf(why, sizeof why, "runner %s could not take the call: not enough memory", r->name);
+    fail_call_event(p, c, "unsent", why, PHASE_NONE, r->name);
+    call_free(c);
+  }
+  return 0;
 }
 
 static void send_call(pool_rt *p, prunner *r, pcall *c) {
@@ -465,7 +478,7 @@ static void send_call(pool_rt *p, prunner *r, pcall *c) {
       return;
     }
   }
-  transmit(p, r, c);
+  (void)transmit(p, r, c);
 }
 
 /* Gives free slots to the oldest waiters. */
@@ -488,9 +501,8 @@ static void kill_work(pool_rt *p, prunner *r, pcall *c, const char *reason, int 
     buf b;
     buf_init(&b);
     if (buf_append(&b, reason, strlen(reason)) == 0)
-      hub_term_send(p->h, r->tid, WIRE_KILL, c->id, &b);
-    else
-      buf_free(&b);
+      hub_term_send(p->h, r->tid, WIRE_KILL, c->id, &b);   /* a closing link: no need */
+    buf_free(&b);
   }
 }
 
@@ -509,15 +521,15 @@ static void on_deadline(void *owner) {
   prunner *r = c->r;
   if (c->answered) return;
   c->answered = 1;
-  fail_call_event(p, c, "timeout", NULL, PHASE_NONE, r->name);
   if (c->state == C_HELD) {                   /* nothing was sent: the slot is free */
+    fail_call_event(p, c, "timeout", NULL, PHASE_QUEUE, NULL);
     untake(p, r, c);
     call_free(c);
-    drained_check(p);
     serve(p);
     idle_watch(p, r);
     return;
   }
+  fail_call_event(p, c, "timeout", NULL, PHASE_NONE, r->name);
   kill_work(p, r, c, "timeout", SANDBOX_KILL_TIMEOUT);   /* its slot waits for its end */
 }
 
@@ -648,8 +660,10 @@ pool_rt *pool_rt_new(hub *h) {
   return p;
 }
 
+/* Its workers are joined off this thread: one stuck in a blocking C call (a sleep in
+ * os.execute) must not hold the runtime's loop, and so every pool's heartbeats. */
 static void lterm_close(lterm *lt) {
-  if (lt->ex) executor_close(lt->ex, 1);
+  if (lt->ex) executor_close_async(lt->ex);
   lt->ex = NULL;
 }
 
@@ -657,8 +671,9 @@ static void lterm_close(lterm *lt) {
 void pool_rt_close(pool_rt *p) {
   p->closing = 1;
   p->closed = 1;
-  for (pcall *c = p->qhead, *next; c; c = next) {
-    next = c->next;
+  for (pcall *c = p->qhead, *next; c; c = next) {   /* none after a shutdown; a caller */
+    next = c->next;                                  /* of a hub closed otherwise hears */
+    fail_call_event(p, c, "shutdown", "closing", PHASE_NONE, NULL);
     call_free(c);
   }
   p->qhead = p->qtail = NULL;
@@ -668,6 +683,7 @@ void pool_rt_close(pool_rt *p) {
     p->runners = r->next;
     for (pcall *c = r->calls, *next; c; c = next) {
       next = c->next;
+      if (!c->answered) fail_call_event(p, c, "shutdown", "stopped", PHASE_NONE, r->name);
       call_free(c);
     }
     runner_free(r);
@@ -704,8 +720,13 @@ void pool_rt_free(pool_rt *p) {
 static pool_rt *all_pools;
 
 static void pools_at_stop(void) {
-  for (pool_rt *p = all_pools; p; p = p->next_pool)
-    for (lterm *lt = p->lterms; lt; lt = lt->next) lterm_close(lt);
+  for (pool_rt *p = all_pools; p; p = p->next_pool) {
+    for (lterm *lt = p->lterms; lt; lt = lt->next) {
+      if (lt->ex) executor_close(lt->ex, 1);   /* the process is ending: here */
+      lt->ex = NULL;
+    }
+  }
+  while (executor_joining() > 0) uv_run(runtime_loop(), UV_RUN_ONCE);
 }
 
 static void pool_register(pool_rt *p) {
@@ -780,7 +801,11 @@ static lterm *lterm_find(pool_rt *p, int64_t tid) {
 
 static void op_call(pool_rt *p, pcmd *m) {
   pcall *c = calloc(1, sizeof *c);
-  if (c == NULL) return;                      /* lost: its caller times out */
+  if (c == NULL) {
+    pcall none = { .id = m->id };
+    fail_call_event(p, &none, "shutdown", "memory", PHASE_NONE, NULL);
+    return;
+  }
   c->p = p;
   c->id = m->id;
   c->link = m->link;
@@ -848,6 +873,9 @@ static void op_boot_up(pool_rt *p, pcmd *m) {
   r->code = (int)m->code;
   r->is_min = is_min;
   r->lt = lterm_find(p, m->tid);
+  /* a link lost between its "up" and now: in the pool until the application downs
+   * it (it heard "lost"), but given no call */
+  if (r->lt == NULL && !hub_term_alive(p->h, r->tid)) r->status = R_LOST;
   snprintf(r->name, sizeof r->name, "%s", m->text ? m->text : "?");
   prunner **q = &p->runners;
   while (*q) q = &(*q)->next;                 /* in boot order: ties go to the oldest */
@@ -864,7 +892,7 @@ static void on_min_timer(void *owner) {
   ptimer *t = p->min_t;
   p->min_t = NULL;
   ptimer_cancel(t);
-  if (!p->closed && p->nmin < p->min) grow(p);
+  while (!p->closed && p->nmin < p->min && p->nrunners + p->booting < p->max) grow(p);
 }
 
 static void op_boot_failed(pool_rt *p, pcmd *m) {
@@ -901,6 +929,14 @@ static void op_runner_down(pool_rt *p, pcmd *m) {
   runner_unlink(p, r);
   for (pcall *c = r->calls, *next; c; c = next) {
     next = c->next;
+    if (c->state == C_HELD && !c->answered) {  /* nothing was sent: another runner */
+      char why[256];
+      snprintf(why, sizeof why, "runner %s went away before the call was sent: %s",
+               r->name, m->text ? m->text : "");
+      runner_remove_call(r, c);
+      requeue(p, c, why, r->name);
+      continue;
+    }
     if (!c->answered) fail_call_event(p, c, "down", m->text, PHASE_NONE, r->name);
     call_free(c);
   }
@@ -941,18 +977,18 @@ static void op_via_sent(pool_rt *p, pcmd *m) {
     return;
   }
   prunner *r = c->r;
-  transmit(p, r, c);
-  if (c->state == C_SENT && c->r == r) {
+  if (transmit(p, r, c)) {
     m->ret = 1;
     return;
   }
   snprintf(m->err, sizeof m->err, "spawn_monitor: runner %s could not take the call", r->name);
-  serve(p);
+  serve(p);                                   /* it may have gone back to the queue */
 }
 
 static void op_via_failed(pool_rt *p, pcmd *m) {
   pcall *c = call_find(p, m->id);
-  if (c == NULL || c->state != C_HELD) return;
+  /* only the try it was for: the call may be held for another runner by now */
+  if (c == NULL || c->state != C_HELD || c->r->tid != m->tid) return;
   prunner *r = c->r;
   untake(p, r, c);
   requeue(p, c, m->text ? m->text : "the backend did not send the call", r->name);
@@ -988,6 +1024,12 @@ static void op_close_pool(pool_rt *p, pcmd *m) {
 static void op_stop_all(pool_rt *p, pcmd *m) {
   p->closed = 1;
   p->drain_wanted = 0;
+  while (p->qhead) {                          /* put back meanwhile: no runner for it */
+    pcall *c = p->qhead;
+    queue_remove(p, c);
+    fail_call_event(p, c, "shutdown", "closing", PHASE_NONE, NULL);
+    call_free(c);
+  }
   m->tids = calloc((size_t)p->nrunners + 1, sizeof *m->tids);
   while (p->runners) {
     prunner *r = p->runners;
@@ -1131,9 +1173,10 @@ static pcmd *pcmd_new(lua_State *L, lhub *lh, int op) {
 
 /* Posts m; a pool whose hub is closed takes nothing (m is freed). */
 static void post_cmd(lua_State *L, pcmd *m) {
-  if (m->h == NULL || runtime_post(pcmd_run, m) != 0) {
+  hub *h = m->h;
+  if (h == NULL || runtime_post(pcmd_run, m) != 0) {
     pcmd_free(m);
-    if (m->h != NULL) luaL_error(L, "pool: the runtime thread is not running");
+    if (h != NULL) luaL_error(L, "pool: the runtime thread is not running");
   }
 }
 
@@ -1216,18 +1259,28 @@ static int l_with_id(lua_State *L, int op) {
   m->id = (uint64_t)id;
   m->tid = id;
   if (op == OP_IDLE_ANSWER) m->flag = lua_toboolean(L, 3);
-  if (op == OP_VIA_FAILED && (m->text = dup(luaL_optstring(L, 3, NULL))) == NULL
-      && !lua_isnoneornil(L, 3)) {
-    pcmd_free(m);
-    return luaL_error(L, "not enough memory");
-  }
   post_cmd(L, m);
   return 0;
 }
 
 static int l_cancel(lua_State *L) { return l_with_id(L, OP_CANCEL); }
 static int l_idle_answer(lua_State *L) { return l_with_id(L, OP_IDLE_ANSWER); }
-static int l_via_failed(lua_State *L) { return l_with_id(L, OP_VIA_FAILED); }
+/* hub:via_failed(id, tid, reason) */
+static int l_via_failed(lua_State *L) {
+  lhub *lh = lhub_of(L);
+  lua_Integer id = luaL_checkinteger(L, 2), tid = luaL_checkinteger(L, 3);
+  const char *why = luaL_checkstring(L, 4);
+  if (lh->rt == NULL) return 0;
+  pcmd *m = pcmd_new(L, lh, OP_VIA_FAILED);
+  m->id = (uint64_t)id;
+  m->tid = tid;
+  if ((m->text = dup(why)) == NULL) {
+    pcmd_free(m);
+    return luaL_error(L, "not enough memory");
+  }
+  post_cmd(L, m);
+  return 0;
+}
 static int l_local_close(lua_State *L) { return l_with_id(L, OP_LOCAL_CLOSE); }
 
 static int l_boot_up(lua_State *L) {

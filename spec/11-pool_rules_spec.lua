@@ -219,6 +219,35 @@ describe("pool rules", function()
       assert.are.equal(0, p:stats().busy)
     end)
 
+  it("sends a call held for a backend's remote_spawn_monitor to another runner when its "
+    .. "runner goes down first", function()
+    local boots = 0
+    local p = H.pool { name = "held-down", max = 2, max_concurrency = 1,
+                       on_grow_start = function() boots = boots + 1 end, backend = {
+      init = function(opts, env) return env.merge({}, opts) end,
+      remote_boot = function(state, env)
+        state.terminator = env.local_terminator(state)
+        return state.terminator, state
+      end,
+      remote_spawn_monitor = function(state, work, env)
+        if state.runner_id:match("%-1$") then
+          env.send_after(10, "die")               -- down before this send
+          env.sleep(500)
+        end
+        return env.spawn_monitor(state.terminator, work)
+      end,
+      handle_info = function(msg, state)
+        if msg == "die" then return nil, "the backend lost it" end
+        return state
+      end,
+    } }
+    assert.are.equal("elsewhere", flame.call(p, function() return "elsewhere" end,
+      { timeout = 30000 }))
+    assert.are.equal(2, boots)
+    assert.are.equal(1, p:stats().runners)
+    assert.are.equal(0, p:stats().busy)
+  end)
+
   it("forces min to 0 on a runner", function()
     flame._set_parent({ ref = "spec", backend = "process" })
     local ok, p = pcall(flame.pool, { name = "on-a-runner", min = 2, max = 2 })

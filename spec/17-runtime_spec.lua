@@ -17,6 +17,8 @@ local function compute(ms)
   return n
 end
 
+local gate = H.gate        -- sent with work that holds its slot until the test says
+
 local function which_runner()
   return require("flame").parent().ref
 end
@@ -47,6 +49,45 @@ describe("a parent that computes on its main thread", function()
         assert.are.equal(1, p:stats().runners)
         H.rmdir(dir)
       end)
+
+    it("hands a freed slot to the next caller and times out a queued one while it computes ("
+      .. backend .. ")", function()
+      local dir = H.tmpdir()
+      local p = H.pool { name = "queue-busy-" .. backend, backend = backend, max = 1,
+                         max_concurrency = 1, link = LINK, idle_shutdown_after = 120000 }
+      flame.call(p, which_runner)                  -- booted first: no boot in the way
+      local go_a, go_b, b_ran = dir .. "/go-a", dir .. "/go-b", dir .. "/b-ran"
+      local a = flame.spawn(function()
+        return flame.call(p, function() gate(go_a) return "a" end)
+      end)
+      local b = flame.spawn(function()
+        return flame.call(p, function()
+          io.open(b_ran, "w"):close()
+          gate(go_b)
+          return "b"
+        end)
+      end)
+      local c = flame.spawn(function()
+        return pcall(flame.call, p, function() return "c" end, { timeout = 3000 })
+      end)
+      assert.is_true(H.wait_for(function() return p:stats().waiting >= 1 end), "nothing queued")
+      -- from here this thread computes: only the runtime thread can give a's slot to
+      -- b, and see c's deadline pass
+      H.touch(go_a)
+      local t0 = core.hrtime()
+      while not H.exists(b_ran) and core.hrtime() - t0 < 60e9 do end
+      assert.is_true(H.exists(b_ran), "b did not start while the parent computed")
+      while p:stats().waiting > 0 and core.hrtime() - t0 < 60e9 do end
+      assert.are.equal(0, p:stats().waiting, "c is still queued")
+      H.touch(go_b)
+      assert.are.equal("a", a:await())
+      assert.are.equal("b", b:await())
+      local ok, err = c:await()
+      assert.is_false(ok)
+      assert.are.equal("timeout", err.kind)
+      assert.are.equal("queue", err.phase)
+      H.rmdir(dir)
+    end)
   end
 end)
 
@@ -97,6 +138,36 @@ describe("pool:shutdown()", function()
     p:shutdown()
     assert.is_false(alive(pid), "the stopped runner still exists")
   end)
+end)
+
+describe("closing a local runner whose work is stuck in C", function()
+  after_each(H.cleanup)
+  it("does not hold the runtime thread: another pool's runner keeps its heartbeats",
+    function()
+      local remote = H.pool { name = "keeps-beating", backend = "process", max = 1,
+                              link = LINK, idle_shutdown_after = 120000 }
+      flame.call(remote, function() return 1 end)
+      local first = remote.runners[1].term.pid
+      local stuck = H.pool { name = "stuck-in-c", max = 1, shutdown_timeout = 0 }
+      local dir = H.tmpdir()
+      local started = dir .. "/started"
+      local t = flame.spawn(function()
+        return pcall(flame.call, stuck, function()
+          io.open(started, "w"):close()
+          os.execute("sleep 3")                    -- the kill waits for it to return
+        end)
+      end)
+      assert.is_true(H.wait_for(function() return H.exists(started) end), "it did not start")
+      stuck:shutdown()                             -- its worker is joined somewhere
+      local ok, err = t:await()
+      assert.is_false(ok)
+      assert.are.equal("shutdown", err.kind)
+      flame.sleep(3500)                            -- heartbeat windows pass meanwhile
+      assert.is_true(H.alive(first), "the other pool's runner lost its parent")
+      assert.are.equal(1, remote:stats().runners)
+      assert.are.equal(first, remote.runners[1].term.pid)
+      H.rmdir(dir)
+    end)
 end)
 
 describe("a backend step that computes without end", function()

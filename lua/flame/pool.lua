@@ -717,7 +717,13 @@ function EVENTS.fail(self, id, why, detail, phase, name)
   end
 end
 
-function EVENTS.grow(self, boot, is_min, count) self:boot(boot, is_min, count) end
+function EVENTS.grow(self, boot, is_min, count)
+  if self.closed then                        -- asked for just before the shutdown
+    self.engine:boot_failed(boot, ("pool '%s' is shutting down"):format(self.name))
+    return
+  end
+  self:boot(boot, is_min, count)
+end
 
 function EVENTS.shrink(self, tid, why, count)
   local r = self.by_tid[tid]
@@ -741,7 +747,7 @@ end
 function EVENTS.via(self, id, tid, timeout, link)
   local r = self.by_tid[tid]
   if not r then
-    self.engine:via_failed(id, "the runner left before the call was sent")
+    self.engine:via_failed(id, tid, "the runner left before the call was sent")
     return
   end
   task.spawn(function()
@@ -752,7 +758,8 @@ function EVENTS.via(self, id, tid, timeout, link)
     r.sent[id] = nil
     if ok and sent then return end
     if ok then e = r.send_error or "the backend did not send the call" end
-    self.engine:via_failed(id, ("runner %s could not take the call: %s"):format(r.id, tostring(e)))
+    self.engine:via_failed(id, tid,
+      ("runner %s could not take the call: %s"):format(r.id, tostring(e)))
   end)
 end
 
@@ -852,6 +859,19 @@ function Pool:boot(boot_no, is_min, count)
       local ok2, err2 = pcall(term.configure, term, idle[2])
       if not ok2 then self.log.error("runner %s: idle check not sent: %s", id, tostring(err2)) end
     end
+    self.by_tid[runner.tid] = runner
+    runner.status = "up"
+    local code = runner.code
+    told = true
+    local n = engine:boot_up(boot_no, runner.tid, code and code.gen or 0, id)
+    if not n then                              -- the pool closed meanwhile
+      self.by_tid[runner.tid] = nil
+      self:stop_runner(runner)
+      return
+    end
+    self.runners[#self.runners + 1] = runner
+    -- its link's events after boot_up: a loss that came meanwhile (kept by the
+    -- terminator until attached) then takes it out of the runtime side's pool too
     if term.attach then                       -- a remote runner: its events
       term:attach(function(kind, a)
         if kind == "remote_shutdown" then
@@ -877,17 +897,6 @@ function Pool:boot(boot_no, is_min, count)
         end
       end)
     end
-    self.by_tid[runner.tid] = runner
-    runner.status = "up"
-    local code = runner.code
-    told = true
-    local n = engine:boot_up(boot_no, runner.tid, code and code.gen or 0, id)
-    if not n then                              -- the pool closed meanwhile
-      self.by_tid[runner.tid] = nil
-      self:stop_runner(runner)
-      return
-    end
-    self.runners[#self.runners + 1] = runner
     self.log.info("runner %s up", id)
     call_hook(self, "on_grow_end", "ok", { name = self.name, count = n })
   end)
