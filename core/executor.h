@@ -81,7 +81,9 @@ void executor_get_stats(executor *ex, executor_stats *st);
 void executor_close(executor *ex, int loop_alive);
 /* Like executor_close, but the workers are joined on libuv's thread pool, so the
  * loop's thread is not held by work stuck in a blocking C call; everything is freed
- * once they have gone. On a loop that is alive only. */
+ * once they have gone. Only on a loop no close walk reaches while a join is queued
+ * (the runtime's: it waits for executor_joining() to reach 0 before its walk); a Lua
+ * state's loop uses executor_close. */
 void executor_close_async(executor *ex);
 /* Executors of executor_close_async not yet done (their loop must run for them). */
 int executor_joining(void);

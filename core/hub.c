@@ -669,9 +669,10 @@ static int event_call(lua_State *L) {
       else lua_pushnumber(L, HUGE_VAL);
       lua_pushboolean(L, e->type);
       break;
-    case EV_REENCODE:                         /* id, the runner's code */
+    case EV_REENCODE:                         /* id, the runner's code, the runner */
       lua_pushinteger(L, (lua_Integer)e->id);
       lua_pushinteger(L, e->pid);
+      lua_pushinteger(L, e->tid);
       break;
     default:
       break;

@@ -18,7 +18,7 @@
  *   hub:idle_answer(tid, ready)
  *   hub:via_sent(id, tid) -> true | nil, why         sync; a backend's spawn_monitor
  *   hub:via_failed(id, tid, reason)   the try on runner tid failed
- *   hub:reencoded(id, work)
+ *   hub:reencoded(id, tid, work)   for runner tid's code
  *   hub:close_pool() -> busy       sync; queued callers get "shutdown"; "drained"
  *                                  comes when busy reaches 0
  *   hub:stop_all() -> { tid, ... } sync; running calls are killed, their callers get
@@ -39,7 +39,7 @@
  *                                   stop it
  *   "idle", tid                     run the idle check, then idle_answer
  *   "via", id, tid, timeout, link   the backend's remote_spawn_monitor sends it
- *   "reencode", id, code            encode again for that runner's code, then
+ *   "reencode", id, code, tid       encode again for runner tid's code, then
  *                                   reencoded (its slot is held)
  *   "drained"                       after close_pool, no call is running any more
  *   "runner_failed", tid, why       a local runner could not take a call: down it
@@ -302,7 +302,7 @@ static void drained_check(pool_rt *p) {
 
 /* ---------------------------------------------------------------- slots ---- */
 
-static void grow(pool_rt *p);
+static int grow(pool_rt *p);
 static void serve(pool_rt *p);
 static void idle_watch(pool_rt *p, prunner *r);
 static void send_call(pool_rt *p, prunner *r, pcall *c);
@@ -344,16 +344,17 @@ static int should_grow(const pool_rt *p) {
 }
 
 static void grow_for_waiters(pool_rt *p) {
-  if (should_grow(p)) grow(p);
+  if (should_grow(p)) (void)grow(p);
 }
 
-static void grow(pool_rt *p) {
+/* 1, or 0 when memory refused (nothing boots: callers time out). */
+static int grow(pool_rt *p) {
   boot *b = calloc(1, sizeof *b);
   hub_event *e = ev(EV_GROW);
-  if (b == NULL || e == NULL) {               /* nothing boots: callers time out */
+  if (b == NULL || e == NULL) {
     free(b);
     free(e);
-    return;
+    return 0;
   }
   b->id = ++p->next_boot;
   b->is_min = p->nmin < p->min;               /* it keeps the pool at min: min rules */
@@ -365,6 +366,7 @@ static void grow(pool_rt *p) {
   e->type = b->is_min;
   e->pid = p->nrunners + p->booting;
   hub_post(p->h, e);
+  return 1;
 }
 
 static boot *boot_take(pool_rt *p, uint64_t id) {
@@ -462,6 +464,7 @@ static void send_call(pool_rt *p, prunner *r, pcall *c) {
       c->state = C_HELD;
       e->id = c->id;
       e->pid = r->code;
+      e->tid = r->tid;
       hub_post(p->h, e);
       return;
     }
@@ -601,7 +604,6 @@ static void idle_watch(pool_rt *p, prunner *r) {
 }
 
 static void call_done(pool_rt *p, prunner *r, pcall *c, buf *out) {
-  untake(p, r, c);
   if (!c->answered) {
     hub_event *e = ev(EV_DONE);
     if (e) {
@@ -612,6 +614,7 @@ static void call_done(pool_rt *p, prunner *r, pcall *c, buf *out) {
       hub_post(p->h, e);
     }
   }
+  untake(p, r, c);                            /* after: "drained" follows the last answer */
   call_free(c);
   drained_check(p);
   if (p->single_use && r->inflight == 0 && r->status == R_UP) {
@@ -721,6 +724,11 @@ static pool_rt *all_pools;
 
 static void pools_at_stop(void) {
   for (pool_rt *p = all_pools; p; p = p->next_pool) {
+    p->closed = 1;                            /* nothing starts from here on */
+    for (prunner *r = p->runners; r; r = r->next) {
+      r->lt = NULL;                           /* a timer below kills nothing there */
+      r->status = R_LOST;
+    }
     for (lterm *lt = p->lterms; lt; lt = lt->next) {
       if (lt->ex) executor_close(lt->ex, 1);   /* the process is ending: here */
       lt->ex = NULL;
@@ -892,7 +900,8 @@ static void on_min_timer(void *owner) {
   ptimer *t = p->min_t;
   p->min_t = NULL;
   ptimer_cancel(t);
-  while (!p->closed && p->nmin < p->min && p->nrunners + p->booting < p->max) grow(p);
+  while (!p->closed && p->nmin < p->min && p->nrunners + p->booting < p->max)
+    if (!grow(p)) break;
 }
 
 static void op_boot_failed(pool_rt *p, pcmd *m) {
@@ -927,29 +936,34 @@ static void op_runner_down(pool_rt *p, pcmd *m) {
   m->ret = p->nrunners;
   if (r == NULL) return;
   runner_unlink(p, r);
-  for (pcall *c = r->calls, *next; c; c = next) {
+  pcall *list = r->calls;                     /* off the runner first: some are requeued */
+  r->calls = NULL;
+  r->inflight = 0;
+  int put_back = 0;
+  for (pcall *c = list, *next; c; c = next) {
     next = c->next;
+    c->next = c->prev = NULL;
+    c->r = NULL;
     if (c->state == C_HELD && !c->answered) {  /* nothing was sent: another runner */
       char why[256];
       snprintf(why, sizeof why, "runner %s went away before the call was sent: %s",
                r->name, m->text ? m->text : "");
-      runner_remove_call(r, c);
       requeue(p, c, why, r->name);
+      put_back = 1;
       continue;
     }
     if (!c->answered) fail_call_event(p, c, "down", m->text, PHASE_NONE, r->name);
     call_free(c);
   }
-  r->calls = NULL;
-  r->inflight = 0;
   int is_min = r->is_min;
   runner_free(r);
   m->ret = p->nrunners;
   drained_check(p);
+  if (put_back) serve(p);                     /* another runner may be free now */
   if (is_min) {
     p->nmin--;
     if (!m->flag && !p->closed) {             /* a min runner that died is replaced */
-      grow(p);
+      (void)grow(p);
       return;
     }
   }
@@ -998,7 +1012,8 @@ static void op_via_failed(pool_rt *p, pcmd *m) {
 
 static void op_reencoded(pool_rt *p, pcmd *m) {
   pcall *c = call_find(p, m->id);
-  if (c == NULL || c->state != C_HELD) return;
+  /* only for the runner it was encoded for: the call may be held for another now */
+  if (c == NULL || c->state != C_HELD || c->r->tid != m->tid) return;
   buf_free(&c->work);
   c->work = m->work;
   buf_init(&m->work);
@@ -1121,7 +1136,8 @@ static void op_configure(pool_rt *p, pcmd *m) {
   p->idle_check = m->idle_check;
   p->idle_ms = m->idle_ms;
   p->min_idle_ms = m->min_idle_ms;
-  for (int i = 0; i < p->min; i++) grow(p);
+  for (int i = 0; i < p->min; i++)
+    if (!grow(p)) break;
 }
 
 static void pcmd_run(void *arg) {
@@ -1341,14 +1357,16 @@ static int l_via_sent(lua_State *L) {
   return 2;
 }
 
+/* hub:reencoded(id, tid, work) */
 static int l_reencoded(lua_State *L) {
   lhub *lh = lhub_of(L);
-  lua_Integer id = luaL_checkinteger(L, 2);
+  lua_Integer id = luaL_checkinteger(L, 2), tid = luaL_checkinteger(L, 3);
   if (lh->rt == NULL) return 0;
   pcmd *m = pcmd_new(L, lh, OP_REENCODED);
   m->id = (uint64_t)id;
+  m->tid = tid;
   const char *err;
-  if (buf_take_arg(L, 3, WIRE_SPAWN_HEADER, &m->work, &err) != 0) {
+  if (buf_take_arg(L, 4, WIRE_SPAWN_HEADER, &m->work, &err) != 0) {
     pcmd_free(m);
     return luaL_error(L, "pool: %s", err);
   }

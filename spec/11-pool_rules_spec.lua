@@ -248,6 +248,57 @@ describe("pool rules", function()
     assert.are.equal(0, p:stats().busy)
   end)
 
+  it("when a runner goes down, its held call goes to another runner and its running "
+    .. "call fails with runner_down", function()
+    local dir = H.tmpdir()
+    local go = dir .. "/go"
+    local p = H.pool { name = "held-and-sent", max = 2, max_concurrency = 2, backend = {
+      init = function(opts, env) return env.merge({}, opts) end,
+      remote_boot = function(state, env)
+        state.terminator = env.local_terminator(state)
+        state.seen = 0
+        return state.terminator, state
+      end,
+      remote_spawn_monitor = function(state, work, env)
+        state.seen = state.seen + 1
+        if state.runner_id:match("%-1$") then
+          if state.seen == 1 then                  -- held until the runner is down
+            for _ = 1, 6000 do
+              if state.died then break end
+              env.sleep(10)
+            end
+          else                                      -- sent at once, then the runner dies
+            env.spawn_monitor(state.terminator, work)
+            env.send_after(10, "die")
+            return
+          end
+        end
+        return env.spawn_monitor(state.terminator, work)
+      end,
+      handle_info = function(msg, state)
+        if msg == "die" then
+          state.died = true
+          return nil, "the backend lost it"
+        end
+        return state
+      end,
+    } }
+    local a = flame.spawn(function()
+      return flame.call(p, function() return "a elsewhere" end, { timeout = 60000 })
+    end)
+    assert.is_true(H.wait_for(function() return p:stats().busy == 1 end), "a has no slot")
+    local b = flame.spawn(function()
+      return pcall(flame.call, p, function() gate(go) return "b" end, { timeout = 60000 })
+    end)
+    assert.are.equal("a elsewhere", a:await())
+    local ok, err = b:await()
+    assert.is_false(ok)
+    assert.are.equal("runner_down", err.kind)
+    assert.matches("the backend lost it", err.message, 1, true)
+    H.touch(go)
+    H.rmdir(dir)
+  end)
+
   it("forces min to 0 on a runner", function()
     flame._set_parent({ ref = "spec", backend = "process" })
     local ok, p = pcall(flame.pool, { name = "on-a-runner", min = 2, max = 2 })

@@ -764,7 +764,7 @@ function EVENTS.via(self, id, tid, timeout, link)
 end
 
 -- code_sync: a runner booted with other code; encoded again for it.
-function EVENTS.reencode(self, id, gen)
+function EVENTS.reencode(self, id, gen, tid)
   local f = self.pending[id]
   if not f or not f.work then
     self.engine:cancel(id)
@@ -773,7 +773,7 @@ function EVENTS.reencode(self, id, gen)
   local how = self.hows[gen] or ENCODE_WORK
   local ok, b, err = pcall(core.encode, how, f.work)
   if ok and b then
-    self.engine:reencoded(id, b)
+    self.engine:reencoded(id, tid, b)
     return
   end
   self.pending[id] = nil
