@@ -611,27 +611,31 @@ static int exec_kill(lua_State *L) {
   return 1;
 }
 
+void executor_stats_push(lua_State *L, const executor_stats *st) {
+  lua_createtable(L, 0, 8);
+  lua_pushinteger(L, st->workers);
+  lua_setfield(L, -2, "workers");
+  lua_pushinteger(L, st->max_workers);
+  lua_setfield(L, -2, "max_workers");
+  lua_pushinteger(L, st->idle);
+  lua_setfield(L, -2, "idle");
+  lua_pushinteger(L, st->running);
+  lua_setfield(L, -2, "running");
+  lua_pushinteger(L, st->peak);
+  lua_setfield(L, -2, "peak");
+  lua_pushinteger(L, st->queued);
+  lua_setfield(L, -2, "queued");
+  lua_pushinteger(L, st->spun);
+  lua_setfield(L, -2, "spun");
+  lua_pushinteger(L, st->spin_us);
+  lua_setfield(L, -2, "spin_us");
+}
+
 static int exec_stats(lua_State *L) {
   executor *ex = exec_check(L);
   executor_stats st;
   executor_get_stats(ex, &st);
-  lua_createtable(L, 0, 8);
-  lua_pushinteger(L, st.workers);
-  lua_setfield(L, -2, "workers");
-  lua_pushinteger(L, st.max_workers);
-  lua_setfield(L, -2, "max_workers");
-  lua_pushinteger(L, st.idle);
-  lua_setfield(L, -2, "idle");
-  lua_pushinteger(L, st.running);
-  lua_setfield(L, -2, "running");
-  lua_pushinteger(L, st.peak);
-  lua_setfield(L, -2, "peak");
-  lua_pushinteger(L, st.queued);
-  lua_setfield(L, -2, "queued");
-  lua_pushinteger(L, st.spun);
-  lua_setfield(L, -2, "spun");
-  lua_pushinteger(L, st.spin_us);
-  lua_setfield(L, -2, "spin_us");
+  executor_stats_push(L, &st);
   return 1;
 }
 

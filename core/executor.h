@@ -34,6 +34,7 @@
 #define FLAME_EXECUTOR_H
 
 #include <stdint.h>
+#include <lua.h>
 #include <uv.h>
 
 #include "buf.h"
@@ -75,6 +76,8 @@ int executor_submit(executor *ex, int64_t id, buf *work, size_t skip, int kind,
 /* EXECUTOR_QUEUED, EXECUTOR_RUNNING, or 0 when the job has ended or is unknown. */
 int executor_kill(executor *ex, int64_t id, int reason);
 void executor_get_stats(executor *ex, executor_stats *st);
+/* [-0, +1, m] st as a Lua table (the fields of executor_stats). */
+void executor_stats_push(lua_State *L, const executor_stats *st);
 /* loop_alive: 0 when the loop has already closed every handle (a Lua state's loop at
  * exit: its walk has freed the executor then), so the async handle is not closed
  * twice. */

@@ -13,7 +13,6 @@
  *   hub:expect(ref, secret)   a runner the hub will accept (secret: raw bytes)
  *   hub:forget(ref)           no longer: a runner that comes later is refused
  *   hub:send(tid, type, id, payload [, prefix]), hub:close_term(tid, reason)
- *   hub:spawn(tid, id, work, timeout_ms, link)   a SPAWN (its header made here)
  *   hub:close()               closes the listener and every connection
  * Events, in the order they happened:
  *   "up", ref, tid, pid, host      a runner proved itself and reported REMOTE_UP
@@ -800,30 +799,6 @@ static int hub_send(lua_State *L) {
   return 0;
 }
 
-/* hub:spawn(tid, id, work, timeout_ms, link): a SPAWN, its header written here into
- * the room a flame.bytes made with head = WIRE_SPAWN_HEADER has (no copy); a string
- * is copied behind it. timeout_ms: math.huge (or nil) for none. */
-static int hub_spawn(lua_State *L) {
-  lhub *lh = hub_check(L);
-  lua_Integer tid = luaL_checkinteger(L, 2), id = luaL_checkinteger(L, 3);
-  lua_Number ms = luaL_optnumber(L, 5, HUGE_VAL);
-  int link = lua_isnoneornil(L, 6) || lua_toboolean(L, 6);
-  luaL_argcheck(L, ms == ms, 5, "milliseconds expected");
-  hcmd *c = hcmd_new(L, lh);
-  c->tid = tid;
-  c->type = WIRE_SPAWN;
-  c->id = (uint64_t)id;
-  const char *err;
-  if (buf_take_arg(L, 4, WIRE_SPAWN_HEADER, &c->data, &err) != 0) {
-    hcmd_free(c);
-    return luaL_error(L, "hub:spawn: %s", err);
-  }
-  int64_t t = ms >= 9.2e18 ? -1 : ms < 1 ? 1 : (int64_t)ms;
-  wire_spawn_header(c->data.data, t, link);
-  posted(L, cmd_send, c);
-  return 0;
-}
-
 static int hub_close_term(lua_State *L) {
   lhub *lh = luaL_checkudata(L, 1, HUB_MT);
   lua_Integer tid = luaL_checkinteger(L, 2);
@@ -978,7 +953,7 @@ static int l_hub(lua_State *L) {
 void flame_hub_open(lua_State *L) {
   static const luaL_Reg methods[] = {
     { "expect", hub_expect }, { "forget", hub_forget }, { "send", hub_send },
-    { "spawn", hub_spawn }, { "close_term", hub_close_term }, { "address", hub_address }, { "close", hub_close },
+    { "close_term", hub_close_term }, { "address", hub_address }, { "close", hub_close },
     { NULL, NULL }
   };
   if (luaL_newmetatable(L, HUB_MT)) {

@@ -777,9 +777,7 @@ typedef struct pcmd {
   double idle_ms, min_idle_ms;
   /* local_term */
   int workers;
-  sandbox_config cfg;
-  char *requires, *info, *path, *cpath;
-  size_t info_len;
+  sandbox_config cfg;               /* its strings the caller's, who waits */
   /* answers of sync commands */
   int64_t ret;
   executor *ex;
@@ -793,10 +791,6 @@ typedef struct pcmd {
 static void pcmd_free(pcmd *c) {
   free(c->text);
   buf_free(&c->work);
-  free(c->requires);
-  free(c->info);
-  free(c->path);
-  free(c->cpath);
   free(c->tids);
   free(c);
 }
@@ -1224,21 +1218,28 @@ static int opt_bool(lua_State *L, int t, const char *k) {
   return v;
 }
 
+/* A string field of table t left on the stack (so it lives while the caller runs),
+ * or NULL. */
+static const char *str_field(lua_State *L, int t, const char *k, size_t *len) {
+  lua_getfield(L, t, k);
+  if (lua_isnil(L, -1)) return NULL;
+  return luaL_checklstring(L, -1, len);
+}
+
 static int l_configure(lua_State *L) {
   lhub *lh = lhub_of(L);
   luaL_checktype(L, 2, LUA_TTABLE);
+  /* read first, so that an error raised here leaks no command */
+  const char *name = str_field(L, 2, "name", NULL);
+  pcmd c = { .max = opt_int(L, 2, "max", 1), .min = opt_int(L, 2, "min", 0),
+             .slots = opt_int(L, 2, "slots", 1), .single_use = opt_bool(L, 2, "single_use"),
+             .direct = opt_bool(L, 2, "direct"), .idle_check = opt_bool(L, 2, "idle_check"),
+             .idle_ms = opt_ms(L, 2, "idle_ms"), .min_idle_ms = opt_ms(L, 2, "min_idle_ms") };
   pcmd *m = pcmd_new(L, lh, OP_CONFIGURE);
-  lua_getfield(L, 2, "name");
-  m->text = dup(luaL_optstring(L, -1, ""));
-  lua_pop(L, 1);
-  m->max = opt_int(L, 2, "max", 1);
-  m->min = opt_int(L, 2, "min", 0);
-  m->slots = opt_int(L, 2, "slots", 1);
-  m->single_use = opt_bool(L, 2, "single_use");
-  m->direct = opt_bool(L, 2, "direct");
-  m->idle_check = opt_bool(L, 2, "idle_check");
-  m->idle_ms = opt_ms(L, 2, "idle_ms");
-  m->min_idle_ms = opt_ms(L, 2, "min_idle_ms");
+  c.h = m->h;
+  c.op = m->op;
+  *m = c;
+  m->text = dup(name ? name : "");
   if (m->slots < 1) m->slots = 1;
   call_cmd(m);
   pcmd_free(m);
@@ -1301,11 +1302,14 @@ static int l_local_close(lua_State *L) { return l_with_id(L, OP_LOCAL_CLOSE); }
 
 static int l_boot_up(lua_State *L) {
   lhub *lh = lhub_of(L);
+  lua_Integer b = luaL_checkinteger(L, 2), tid = luaL_checkinteger(L, 3);
+  lua_Integer code = luaL_optinteger(L, 4, 0);
+  const char *name = luaL_optstring(L, 5, "?");
   pcmd *m = pcmd_new(L, lh, OP_BOOT_UP);
-  m->boot = luaL_checkinteger(L, 2);
-  m->tid = luaL_checkinteger(L, 3);
-  m->code = luaL_optinteger(L, 4, 0);
-  m->text = dup(luaL_optstring(L, 5, "?"));
+  m->boot = b;
+  m->tid = tid;
+  m->code = code;
+  m->text = dup(name);
   m->ret = -1;
   call_cmd(m);
   int64_t n = m->ret;
@@ -1329,9 +1333,11 @@ static int l_boot_failed(lua_State *L) {
 
 static int l_runner_down(lua_State *L) {
   lhub *lh = lhub_of(L);
+  lua_Integer tid = luaL_checkinteger(L, 2);
+  const char *reason = luaL_checkstring(L, 3);
   pcmd *m = pcmd_new(L, lh, OP_RUNNER_DOWN);
-  m->tid = luaL_checkinteger(L, 2);
-  m->text = dup(luaL_checkstring(L, 3));
+  m->tid = tid;
+  m->text = dup(reason);
   m->flag = lua_toboolean(L, 4);
   call_cmd(m);
   lua_pushinteger(L, (lua_Integer)m->ret);
@@ -1341,9 +1347,10 @@ static int l_runner_down(lua_State *L) {
 
 static int l_via_sent(lua_State *L) {
   lhub *lh = lhub_of(L);
+  lua_Integer id = luaL_checkinteger(L, 2), tid = luaL_checkinteger(L, 3);
   pcmd *m = pcmd_new(L, lh, OP_VIA_SENT);
-  m->id = (uint64_t)luaL_checkinteger(L, 2);
-  m->tid = luaL_checkinteger(L, 3);
+  m->id = (uint64_t)id;
+  m->tid = tid;
   snprintf(m->err, sizeof m->err, "spawn_monitor: the pool is shut down");
   call_cmd(m);
   if (m->ret) {
@@ -1411,53 +1418,30 @@ static int l_pool_stats(lua_State *L) {
   return 1;
 }
 
-static char *dup_field(lua_State *L, int t, const char *k, size_t *len) {
-  lua_getfield(L, t, k);
-  char *d = NULL;
-  if (!lua_isnil(L, -1)) {
-    size_t n;
-    const char *s = luaL_checklstring(L, -1, &n);
-    if ((d = malloc(n + 1)) != NULL) {
-      memcpy(d, s, n);
-      d[n] = '\0';
-      if (len) *len = n;
-    }
-  }
-  lua_pop(L, 1);
-  return d;
-}
-
 /* hub:local_term{ workers, profile, memory_limit, requires, info, path, cpath }
  * -> tid | nil, why: an executor on the runtime loop, its first sandbox made */
 static int l_local_term(lua_State *L) {
   lhub *lh = lhub_of(L);
   luaL_checktype(L, 2, LUA_TTABLE);
-  pcmd *m = pcmd_new(L, lh, OP_LOCAL_TERM);
-  m->workers = opt_int(L, 2, "workers", 1);
-  if (m->workers < 1 || m->workers > 4096) {
-    pcmd_free(m);
+  /* everything read before the command is made: an error here leaks nothing */
+  int workers = opt_int(L, 2, "workers", 1);
+  if (workers < 1 || workers > 4096)
     return luaL_error(L, "local_term: workers in [1, 4096] expected");
-  }
-  m->cfg.profile = SANDBOX_APPLICATION;
-  lua_getfield(L, 2, "profile");
-  if (!lua_isnil(L, -1) && sandbox_profile_parse(lua_tostring(L, -1), &m->cfg.profile)) {
-    pcmd_free(m);
-    return luaL_error(L, "local_term: unknown profile");
-  }
-  lua_pop(L, 1);
+  sandbox_config cfg = { SANDBOX_APPLICATION, 0, NULL, NULL, 0, NULL, NULL };
+  const char *profile = str_field(L, 2, "profile", NULL);
+  if (profile && sandbox_profile_parse(profile, &cfg.profile))
+    return luaL_error(L, "local_term: unknown profile '%s'", profile);
   lua_getfield(L, 2, "memory_limit");
   lua_Integer limit = luaL_optinteger(L, -1, 0);
-  lua_pop(L, 1);
-  m->cfg.memory_limit = limit > 0 ? (size_t)limit : 0;
-  m->requires = dup_field(L, 2, "requires", NULL);
-  m->info = dup_field(L, 2, "info", &m->info_len);
-  m->path = dup_field(L, 2, "path", NULL);
-  m->cpath = dup_field(L, 2, "cpath", NULL);
-  m->cfg.requires = m->requires;
-  m->cfg.info = m->info;
-  m->cfg.info_len = m->info_len;
-  m->cfg.path = m->path;
-  m->cfg.cpath = m->cpath;
+  cfg.memory_limit = limit > 0 ? (size_t)limit : 0;
+  /* on the stack until the command has run (it waits): executor_new copies them */
+  cfg.requires = str_field(L, 2, "requires", NULL);
+  cfg.info = str_field(L, 2, "info", &cfg.info_len);
+  cfg.path = str_field(L, 2, "path", NULL);
+  cfg.cpath = str_field(L, 2, "cpath", NULL);
+  pcmd *m = pcmd_new(L, lh, OP_LOCAL_TERM);
+  m->workers = workers;
+  m->cfg = cfg;
   snprintf(m->err, sizeof m->err, "the pool is shut down");
   m->ret = -1;
   call_cmd(m);
@@ -1486,31 +1470,15 @@ static int l_local_term(lua_State *L) {
 
 static int l_local_stats(lua_State *L) {
   lhub *lh = lhub_of(L);
+  lua_Integer tid = luaL_checkinteger(L, 2);
   pcmd *m = pcmd_new(L, lh, OP_LOCAL_STATS);
-  m->tid = luaL_checkinteger(L, 2);
+  m->tid = tid;
   call_cmd(m);
   if (!m->ret) {
     pcmd_free(m);
     return 0;
   }
-  executor_stats *st = &m->xs;
-  lua_createtable(L, 0, 8);
-  lua_pushinteger(L, st->workers);
-  lua_setfield(L, -2, "workers");
-  lua_pushinteger(L, st->max_workers);
-  lua_setfield(L, -2, "max_workers");
-  lua_pushinteger(L, st->idle);
-  lua_setfield(L, -2, "idle");
-  lua_pushinteger(L, st->running);
-  lua_setfield(L, -2, "running");
-  lua_pushinteger(L, st->peak);
-  lua_setfield(L, -2, "peak");
-  lua_pushinteger(L, st->queued);
-  lua_setfield(L, -2, "queued");
-  lua_pushinteger(L, st->spun);
-  lua_setfield(L, -2, "spun");
-  lua_pushinteger(L, st->spin_us);
-  lua_setfield(L, -2, "spin_us");
+  executor_stats_push(L, &m->xs);
   pcmd_free(m);
   return 1;
 }

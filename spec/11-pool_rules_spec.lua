@@ -23,6 +23,21 @@ local function counter()
   return c
 end
 
+-- A backend of local runners with the test's own remote_spawn_monitor (and any other
+-- callbacks in extra); its functions are copied into each runner's backend state.
+local function via_backend(spawn_monitor, extra)
+  local b = {
+    init = function(opts, env) return env.merge({}, opts) end,
+    remote_boot = function(state, env)
+      state.terminator = env.local_terminator(state)
+      return state.terminator, state
+    end,
+    remote_spawn_monitor = spawn_monitor,
+  }
+  for k, v in pairs(extra or {}) do b[k] = v end
+  return b
+end
+
 local function call_pid(p)
   return flame.call(p, function()
     local f = io.open("/proc/self/stat")
@@ -158,58 +173,15 @@ describe("pool rules", function()
     assert.are.equal(second, call_pid(p))
   end)
 
-  it("hands a freed slot to the queued call while the parent computes", function()
-    local p = H.pool { name = "slot-while-computing", backend = "process", max = 1,
-                       max_concurrency = 1, link = LINK, shutdown_timeout = 500 }
-    local first = call_pid(p)
-    local dir = H.tmpdir()
-    local go, started = dir .. "/go", dir .. "/started"
-    local a = flame.spawn(function()           -- holds the only slot until the gate opens
-      return flame.call(p, function()
-        io.open(started, "w"):close()
-        gate(go)
-        return "a done"
-      end)
-    end)
-    local b = flame.spawn(function()            -- queued behind a; says when it ran
-      return pcall(flame.call, p, function()
-        io.open(dir .. "/b-ran", "w"):close()
-        local f = io.open("/proc/self/stat")
-        local pid = f:read("n")
-        f:close()
-        return pid
-      end)
-    end)
-    assert.is_true(H.wait_for(function() return H.exists(started) end), "a did not start")
-    assert.is_true(H.wait_for(function() return p:stats().waiting == 1 end), "b is not queued")
-    -- from the gate on this thread computes: the runtime thread hands a's slot to b,
-    -- and b runs on the runner, while no Lua of the parent runs
-    H.touch(go)
-    local t0 = os.time()
-    while not H.exists(dir .. "/b-ran") and os.time() - t0 < 60 do end
-    assert.is_true(H.exists(dir .. "/b-ran"), "b did not run while the parent computed")
-    assert.are.equal("a done", a:await())
-    local ok, pid = b:await()
-    assert.is_true(ok, tostring(pid))
-    assert.are.equal(first, pid)
-    H.rmdir(dir)
-  end)
-
   it("sends a call the first runner could not take to another runner, within its deadline",
     function()
       local boots = 0
       local p = H.pool { name = "unsent-retry", max = 2, max_concurrency = 1,
-                         on_grow_start = function() boots = boots + 1 end, backend = {
-        init = function(opts, env) return env.merge({}, opts) end,
-        remote_boot = function(state, env)
-          state.terminator = env.local_terminator(state)
-          return state.terminator, state
-        end,
-        remote_spawn_monitor = function(state, work, env)
-          if state.runner_id:match("%-1$") then error("runner 1 takes nothing", 0) end
-          return env.spawn_monitor(state.terminator, work)
-        end,
-      } }
+                         on_grow_start = function() boots = boots + 1 end,
+                         backend = via_backend(function(state, work, env)
+        if state.runner_id:match("%-1$") then error("runner 1 takes nothing", 0) end
+        return env.spawn_monitor(state.terminator, work)
+      end) }
       local t0 = task.now()
       assert.are.equal("second", flame.call(p, function() return "second" end,
         { timeout = 30000 }))
@@ -223,24 +195,17 @@ describe("pool rules", function()
     .. "runner goes down first", function()
     local boots = 0
     local p = H.pool { name = "held-down", max = 2, max_concurrency = 1,
-                       on_grow_start = function() boots = boots + 1 end, backend = {
-      init = function(opts, env) return env.merge({}, opts) end,
-      remote_boot = function(state, env)
-        state.terminator = env.local_terminator(state)
-        return state.terminator, state
-      end,
-      remote_spawn_monitor = function(state, work, env)
-        if state.runner_id:match("%-1$") then
-          env.send_after(10, "die")               -- down before this send
-          env.sleep(500)
-        end
-        return env.spawn_monitor(state.terminator, work)
-      end,
-      handle_info = function(msg, state)
-        if msg == "die" then return nil, "the backend lost it" end
-        return state
-      end,
-    } }
+                       on_grow_start = function() boots = boots + 1 end,
+                       backend = via_backend(function(state, work, env)
+      if state.runner_id:match("%-1$") then
+        env.send_after(10, "die")                 -- down before this send
+        env.sleep(500)
+      end
+      return env.spawn_monitor(state.terminator, work)
+    end, { handle_info = function(msg, state)
+      if msg == "die" then return nil, "the backend lost it" end
+      return state
+    end }) }
     assert.are.equal("elsewhere", flame.call(p, function() return "elsewhere" end,
       { timeout = 30000 }))
     assert.are.equal(2, boots)
@@ -252,15 +217,9 @@ describe("pool rules", function()
     .. "call fails with runner_down", function()
     local dir = H.tmpdir()
     local go = dir .. "/go"
-    local p = H.pool { name = "held-and-sent", max = 2, max_concurrency = 2, backend = {
-      init = function(opts, env) return env.merge({}, opts) end,
-      remote_boot = function(state, env)
-        state.terminator = env.local_terminator(state)
-        state.seen = 0
-        return state.terminator, state
-      end,
-      remote_spawn_monitor = function(state, work, env)
-        state.seen = state.seen + 1
+    local p = H.pool { name = "held-and-sent", max = 2, max_concurrency = 2,
+                       backend = via_backend(function(state, work, env)
+        state.seen = (state.seen or 0) + 1
         if state.runner_id:match("%-1$") then
           if state.seen == 1 then                  -- held until the runner is down
             for _ = 1, 6000 do
@@ -274,15 +233,13 @@ describe("pool rules", function()
           end
         end
         return env.spawn_monitor(state.terminator, work)
-      end,
-      handle_info = function(msg, state)
+      end, { handle_info = function(msg, state)
         if msg == "die" then
           state.died = true
           return nil, "the backend lost it"
         end
         return state
-      end,
-    } }
+      end }) }
     local a = flame.spawn(function()
       return flame.call(p, function() return "a elsewhere" end, { timeout = 60000 })
     end)
@@ -442,16 +399,9 @@ describe("pool slots under cancellation and failure", function()
     .. "before its deadline", function()
     local boots = 0
     local p = H.pool { name = "unsent", on_grow_start = function() boots = boots + 1 end,
-                       backend = {
-      init = function(opts, env) return env.merge({}, opts) end,
-      remote_boot = function(state, env)
-        state.terminator = env.local_terminator(state)
-        return state.terminator, state
-      end,
-      remote_spawn_monitor = function(state, work, env)
-        env.spawn_monitor({ __flame_handle = 999 }, work)   -- not a terminator
-      end,
-    } }
+                       backend = via_backend(function(_, work, env)
+      env.spawn_monitor({ __flame_handle = 999 }, work)     -- not a terminator
+    end) }
     local t0 = task.now()
     local ok, err = pcall(function() return flame.call(p, function() end, { timeout = 30000 }) end)
     assert.is_false(ok)

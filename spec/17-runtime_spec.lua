@@ -55,7 +55,7 @@ describe("a parent that computes on its main thread", function()
       local dir = H.tmpdir()
       local p = H.pool { name = "queue-busy-" .. backend, backend = backend, max = 1,
                          max_concurrency = 1, link = LINK, idle_shutdown_after = 120000 }
-      flame.call(p, which_runner)                  -- booted first: no boot in the way
+      local first = flame.call(p, which_runner)    -- booted first: no boot in the way
       local go_a, go_b, b_ran = dir .. "/go-a", dir .. "/go-b", dir .. "/b-ran"
       local a = flame.spawn(function()
         return flame.call(p, function() gate(go_a) return "a" end)
@@ -64,7 +64,7 @@ describe("a parent that computes on its main thread", function()
         return flame.call(p, function()
           io.open(b_ran, "w"):close()
           gate(go_b)
-          return "b"
+          return "b", which_runner()
         end)
       end)
       local c = flame.spawn(function()
@@ -81,7 +81,9 @@ describe("a parent that computes on its main thread", function()
       assert.are.equal(0, p:stats().waiting, "c is still queued")
       H.touch(go_b)
       assert.are.equal("a", a:await())
-      assert.are.equal("b", b:await())
+      local b_said, b_runner = b:await()
+      assert.are.equal("b", b_said)
+      assert.are.equal(first, b_runner)            -- on the runner the slot was freed on
       local ok, err = c:await()
       assert.is_false(ok)
       assert.are.equal("timeout", err.kind)
