@@ -6,6 +6,7 @@
  * modules, and their code must not vanish under them.
  */
 #define _GNU_SOURCE                 /* dladdr, RTLD_NODELETE */
+#include <dirent.h>
 #include <dlfcn.h>
 
 #include <lua.h>
@@ -18,6 +19,7 @@
 #include <uv.h>
 
 #include "flame.h"
+#include "benv.h"
 
 /* random_bytes(n) -> n bytes from the system's CSPRNG (uv_random) */
 static int l_random_bytes(lua_State *L) {
@@ -50,21 +52,29 @@ static int l_cwd(lua_State *L) {
   return 1;
 }
 
-extern char **environ;
-
-/* environ([prefix]) -> { NAME = value }: the process's environment, or the part of
- * it whose names start with prefix (a backend forwarding AWS_*, say) */
-static int l_environ(lua_State *L) {
-  size_t plen = 0;
-  const char *prefix = luaL_optlstring(L, 1, "", &plen);
+/* children() -> { pid, ... }: this process's child processes, whichever of its
+ * threads started them (the runtime thread starts the backends'): for specs and
+ * diagnostics. Read from /proc/self/task/TID/children. */
+static int l_children(lua_State *L) {
   lua_newtable(L);
-  for (char **e = environ; e && *e; e++) {
-    const char *eq = strchr(*e, '=');
-    if (eq == NULL || eq == *e || strncmp(*e, prefix, plen) != 0) continue;
-    lua_pushlstring(L, *e, (size_t)(eq - *e));
-    lua_pushstring(L, eq + 1);
-    lua_rawset(L, -3);
+  DIR *d = opendir("/proc/self/task");
+  if (d == NULL) return 1;
+  lua_Integer n = 0;
+  struct dirent *e;
+  while ((e = readdir(d)) != NULL) {
+    if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/task/%.20s/children", e->d_name);
+    FILE *f = fopen(path, "r");
+    if (f == NULL) continue;
+    long pid;
+    while (fscanf(f, "%ld", &pid) == 1) {
+      lua_pushinteger(L, pid);
+      lua_rawseti(L, -2, ++n);
+    }
+    fclose(f);
   }
+  closedir(d);
   return 1;
 }
 
@@ -116,7 +126,9 @@ int luaopen_flame_core(lua_State *L) {
   flame_pack_open(L);
   lua_pushcfunction(L, l_pid);
   lua_setfield(L, -2, "pid");
-  lua_pushcfunction(L, l_environ);
+  lua_pushcfunction(L, l_children);
+  lua_setfield(L, -2, "children");
+  lua_pushcfunction(L, benv_environ);     /* benv.c: backend states have it too */
   lua_setfield(L, -2, "environ");
   lua_pushcfunction(L, l_cwd);
   lua_setfield(L, -2, "cwd");

@@ -42,6 +42,7 @@
 #include "buf.h"
 #include "crypto.h"
 #include "hub.h"
+#include "bval.h"
 #include "link.h"
 #include "loop.h"
 #include "runtime.h"
@@ -79,6 +80,7 @@ void hub_event_free(event *e) {
   free(e->text2);
   free(e->name);
   buf_free(&e->payload);
+  bval_list_free(e->vals, e->nvals);
   free(e);
 }
 
@@ -171,6 +173,7 @@ struct hub {
   hconn *conns;
   expect *expects;
   int handshaking, closing, listening;
+  int holds;                        /* backend states still open (hub_hold) */
   int64_t interval, misses, next_tid;
   size_t max_message;
   /* hub_open's arguments and answer */
@@ -437,7 +440,7 @@ static void listener_closed(void *ud) {
 /* A closing hub goes once its listener, timer, connections and the pool's handles
  * are gone. */
 void hub_maybe_free(hub *h) {
-  if (!h->closing || h->l || h->tick || h->conns || h->listening) return;
+  if (!h->closing || h->l || h->tick || h->conns || h->listening || h->holds) return;
   if (h->pool && !pool_rt_closed(h->pool)) return;
   pool_rt_free(h->pool);
   h->pool = NULL;
@@ -449,6 +452,15 @@ void hub_maybe_free(hub *h) {
   }
   mailbox_release(h->mb);
   free(h);
+}
+
+void hub_hold(hub *h) {
+  h->holds++;
+}
+
+void hub_release(hub *h) {
+  h->holds--;
+  hub_maybe_free(h);
 }
 
 /* ---- commands, run on the runtime thread ---- */
@@ -594,7 +606,8 @@ static int event_call(lua_State *L) {
   const event *e = lua_touserdata(L, 2);
   static const char *const kinds[] = { "up", "message", "lost", "refused", "dropped",
                                        "closed", "done", "fail", "grow", "shrink", "idle",
-                                       "via", "reencode", "drained", "runner_failed" };
+                                       "via", "reencode", "drained", "runner_failed",
+                                       "breq", "bdone", "binfo", "blog", "bprocs" };
   lua_settop(L, 0);
   lua_rawgeti(L, LUA_REGISTRYINDEX, aa->event_ref);
   lua_pushstring(L, kinds[e->kind]);
@@ -673,9 +686,38 @@ static int event_call(lua_State *L) {
       lua_pushinteger(L, e->pid);
       lua_pushinteger(L, e->tid);
       break;
+    case EV_BREQ:                             /* state, co, name, values... */
+      lua_pushinteger(L, e->tid);
+      lua_pushinteger(L, (lua_Integer)e->id);
+      lua_pushstring(L, e->text ? e->text : "");
+      break;
+    case EV_BINFO:                            /* state, msg */
+      lua_pushinteger(L, e->tid);
+      break;
+    case EV_BLOG:                             /* state, level, line */
+      lua_pushinteger(L, e->tid);
+      lua_pushstring(L, e->text ? e->text : "info");
+      lua_pushstring(L, e->text2 ? e->text2 : "");
+      break;
+    case EV_BPROCS:                           /* state, count */
+      lua_pushinteger(L, e->tid);
+      lua_pushinteger(L, e->pid);
+      break;
+    case EV_BDONE:                            /* state, co, "done", values | "error", why */
+      lua_pushinteger(L, e->tid);
+      lua_pushinteger(L, (lua_Integer)e->id);
+      if (e->type) {
+        lua_pushliteral(L, "done");
+      } else {
+        lua_pushliteral(L, "error");
+        lua_pushstring(L, e->text ? e->text : "failed");
+      }
+      break;
     default:
       break;
   }
+  luaL_checkstack(L, e->nvals + 2, "too many values in an event");
+  for (int i = 0; i < e->nvals; i++) bval_push(L, &e->vals[i]);
   lua_call(L, lua_gettop(L) - 1, 0);
   return 0;
 }
@@ -959,6 +1001,7 @@ void flame_hub_open(lua_State *L) {
   if (luaL_newmetatable(L, HUB_MT)) {
     luaL_newlib(L, methods);
     pool_lua_methods(L);
+    backend_lua_methods(L);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, hub_gc);
     lua_setfield(L, -2, "__gc");

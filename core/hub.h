@@ -37,7 +37,8 @@ typedef struct pool_rt pool_rt;
 enum {
   EV_UP, EV_MESSAGE, EV_LOST, EV_REFUSED, EV_DROPPED, EV_CLOSED,
   EV_DONE, EV_FAIL, EV_GROW, EV_SHRINK, EV_IDLE, EV_VIA, EV_REENCODE, EV_DRAINED,
-  EV_RFAIL
+  EV_RFAIL,
+  EV_BREQ, EV_BDONE, EV_BINFO, EV_BLOG, EV_BPROCS   /* backend.c's */
 };
 
 typedef struct hub_event {
@@ -49,6 +50,8 @@ typedef struct hub_event {
   char *text, *text2;
   char *name;                       /* a runner's name (EV_FAIL) */
   buf payload;
+  struct bval *vals;                /* values after the others (backend.c's events) */
+  int nvals;
 } hub_event;
 
 hub_event *hub_event_new(int kind);
@@ -68,6 +71,14 @@ void pool_rt_free(pool_rt *p);
 void pool_on_result(pool_rt *p, int64_t tid, uint64_t id, buf *msg);
 void pool_on_draining(pool_rt *p, int64_t tid);
 void pool_on_lost(pool_rt *p, int64_t tid);
+
+/* A backend state holds its hub (and so its mailbox) until it closes: the hub is
+ * freed after its last release. Runtime thread. */
+void hub_hold(hub *h);
+void hub_release(hub *h);
+
+/* backend.c: its methods on the hub object. */
+void backend_lua_methods(lua_State *L);
 
 /* Lua: the hub's object as the application's thread holds it. */
 typedef struct lhub {

@@ -1,7 +1,8 @@
 /*
- * loop.h - the loop of a Lua state (see loop.c), shared with the executor and,
- * later, links, HTTP and processes: every uv handle flame creates has in its data a
- * struct that starts with flame_handle, so closing the loop can close it.
+ * loop.h - the loop of a Lua state (see loop.c), shared with the executor, links,
+ * HTTP and processes: every uv handle flame creates, on this loop or the runtime
+ * thread's, has in its data a struct that starts with flame_handle, so closing the
+ * loop can close it.
  */
 #ifndef FLAME_LOOP_H
 #define FLAME_LOOP_H
@@ -19,8 +20,6 @@ typedef struct flame_loop {
   lua_State *L;               /* the thread running loop:run; NULL when not running */
   int running, closed;
   int dispatch_ref;
-  char scratch[64 * 1024];    /* child processes' output lands here (proc.c); consumed
-                                 before on_read returns */
 } flame_loop;
 
 /* [-0, +0, e] The state's loop, made on first use. */

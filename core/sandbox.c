@@ -23,6 +23,7 @@
 #include "flame.h"
 #include "codec.h"
 #include "sandbox.h"
+#include "benv.h"
 
 struct sandbox {
   lua_State *L;
@@ -523,6 +524,8 @@ static void sb_backend(lua_State *L, const char *path) {
   lua_pushcclosure(L, sb_search_lua, 1);
   lua_rawseti(L, -2, 2);
   lua_setfield(L, pkg, "searchers");
+  /* the environment's plain functions (benv.c), for the backend bootstrap */
+  luaL_requiref(L, "flame.env", benv_open, 0);
   lua_settop(L, pkg - 1);
 }
 
@@ -885,6 +888,21 @@ static void watch_end(watch *w) {
   uv_mutex_unlock(&watchdog_lock);
 }
 
+int sandbox_resume_bounded(sandbox *s, lua_State *co, int nargs, int *nres, int64_t ms) {
+  watch w;
+  int watched = ms >= 0 && watch_begin(&w, s, (lua_Integer)ms, SANDBOX_KILL_TIMEOUT) == 0;
+  sandbox_rearm(s);
+  uv_mutex_lock(&s->lock);
+  s->running = co;
+  uv_mutex_unlock(&s->lock);
+  int rs = lua_resume(co, NULL, nargs, nres);
+  uv_mutex_lock(&s->lock);
+  s->running = NULL;
+  uv_mutex_unlock(&s->lock);
+  if (watched) watch_end(&w);
+  return rs;
+}
+
 int sandbox_pcall_bounded(sandbox *s, int nargs, int nresults, int64_t ms) {
   watch w;
   int watched = ms >= 0 && watch_begin(&w, s, (lua_Integer)ms, SANDBOX_KILL_TIMEOUT) == 0;
@@ -976,168 +994,6 @@ static int sbox_call(lua_State *L) {
   return lua_gettop(L) - 3;
 }
 
-/* ---- coroutines the host steps: backend callbacks run this way ----------------
- * sb:start(bytes [, ms]) decodes a function and its arguments (trusted bytes made
- * by the host: functions allowed) over the sandbox's globals and runs it as a
- * coroutine; sb:resume(id, bytes [, ms]) resumes it with decoded values. Both return
- * id, status, out: status "yield" or "done" with the values encoded (functions
- * refused), "error" with the message and the traceback (two values), or "killed"
- * when it ran past ms
- * (default 10 s) without yielding. A killed or ended coroutine is forgotten. */
-static const char COS_KEY[] = "flame.sandbox.cos";
-
-typedef struct step {
-  const char *in;
-  size_t len;
-  int start;
-  lua_Integer id;
-  lua_State *co;
-  int nargs;
-} step;
-
-/* Protected on the sandbox's main thread: decodes and moves values to the coroutine
- * (making it, for start). */
-static int sb_step_prepare(lua_State *S) {
-  step *st = lua_touserdata(S, 1);
-  lua_settop(S, 0);
-  codec_opts o;
-  codec_opts_init(&o);
-  o.functions = st->start;
-  if (lua_getfield(S, LUA_REGISTRYINDEX, COS_KEY) != LUA_TTABLE) {
-    lua_pop(S, 1);
-    lua_newtable(S);
-    lua_pushvalue(S, -1);
-    lua_setfield(S, LUA_REGISTRYINDEX, COS_KEY);
-  }
-  int cos = lua_gettop(S);
-  if (st->start) {
-    st->co = lua_newthread(S);
-    st->id = (lua_Integer)luaL_len(S, cos) + 1;
-    while (lua_rawgeti(S, cos, st->id) != LUA_TNIL) { lua_pop(S, 1); st->id++; }
-    lua_pop(S, 1);
-    lua_pushvalue(S, -1);
-    lua_rawseti(S, cos, st->id);
-  } else {
-    if (lua_rawgeti(S, cos, st->id) != LUA_TTHREAD) return luaL_error(S, "no such coroutine");
-    st->co = lua_tothread(S, -1);
-  }
-  int base = lua_gettop(S);
-  int n = codec_decode(S, st->in, st->len, &o);
-  if (n < 0) return lua_error(S);
-  if (st->start && (n < 1 || !lua_isfunction(S, base + 1)))
-    return luaL_error(S, "start: a function expected");
-  if (!lua_checkstack(st->co, n)) return luaL_error(S, "too many values");
-  lua_xmove(S, st->co, n);
-  st->nargs = st->start ? n - 1 : n;
-  return 0;
-}
-
-static int sb_forget(lua_State *S) {
-  lua_Integer id = lua_tointeger(S, 1);
-  if (lua_getfield(S, LUA_REGISTRYINDEX, COS_KEY) == LUA_TTABLE) {
-    lua_pushnil(S);
-    lua_rawseti(S, -2, id);
-  }
-  return 0;
-}
-
-static int sbox_step(lua_State *L, int start) {
-  sbox *b = sbox_check(L);
-  size_t len;
-  lua_Integer id = start ? 0 : luaL_checkinteger(L, 2);
-  const char *in = luaL_checklstring(L, start ? 2 : 3, &len);
-  lua_Integer ms = luaL_optinteger(L, start ? 3 : 4, 10000);
-  buf *out = buf_box(L);
-  /* the box could run a finalizer that closed this sandbox: read it after, and from
-   * busy on a close is refused */
-  if (b->s == NULL) return luaL_error(L, "sandbox is closed");
-  sandbox *s = b->s;
-  lua_State *S = s->L;
-  step st = { in, len, start, id, NULL, 0 };
-  b->busy = 1;
-  sandbox_rearm(s);
-  lua_settop(S, 0);
-  lua_pushcfunction(S, sb_step_prepare);
-  lua_pushlightuserdata(S, &st);
-  if (lua_pcall(S, 1, 0, 0) != LUA_OK) {
-    b->busy = 0;
-    lua_pushinteger(L, st.id);
-    lua_pushliteral(L, "error");
-    lua_pushstring(L, lua_tostring(S, -1) ? lua_tostring(S, -1) : "cannot start");
-    lua_settop(S, 0);
-    return 3;
-  }
-  lua_settop(S, 0);
-  watch w;
-  int guarded = watch_begin(&w, s, ms, SANDBOX_KILL_TIMEOUT) == 0;
-  uv_mutex_lock(&s->lock);
-  s->running = st.co;
-  uv_mutex_unlock(&s->lock);
-  int nres = 0;
-  int rs = lua_resume(st.co, NULL, st.nargs, &nres);
-  uv_mutex_lock(&s->lock);
-  s->running = NULL;
-  uv_mutex_unlock(&s->lock);
-  if (guarded) watch_end(&w);
-  int killed = sandbox_killed(s);
-  const char *status;
-  int ok = 1;
-  if (killed) {
-    status = "killed";
-    ok = 0;
-  } else if (rs == LUA_YIELD || rs == LUA_OK) {
-    status = rs == LUA_YIELD ? "yield" : "done";
-    lua_xmove(st.co, S, nres);               /* encoded from the main thread */
-    codec_opts o;
-    codec_opts_init(&o);
-    o.functions = 0;
-    o.root = "backend value %d";
-    if (codec_encode(S, nres, &o, out) != 0) {
-      status = "error";
-      ok = 0;
-      out->len = 0;
-      codec_encode_cstring(out, lua_tostring(S, -1) ? lua_tostring(S, -1) : "encode failed");
-    }
-  } else {
-    status = "error";
-    ok = 0;
-    const char *msg = lua_tostring(st.co, -1);
-    /* the message and the traceback apart: the host decides what its user sees */
-    lua_settop(S, 0);
-    lua_pushstring(S, msg ? msg : "(error object is not a string)");
-    luaL_traceback(S, st.co, NULL, 0);
-    codec_opts o;
-    codec_opts_init(&o);
-    out->len = 0;
-    if (codec_encode(S, 2, &o, out) != 0) {
-      out->len = 0;
-      codec_encode_cstring(out, msg ? msg : "(error object is not a string)");
-    }
-  }
-  lua_settop(S, 0);
-  if (!ok || rs == LUA_OK) {                 /* ended: forget it */
-    lua_pushcfunction(S, sb_forget);
-    lua_pushinteger(S, st.id);
-    lua_pcall(S, 1, 0, 0);
-    lua_settop(S, 0);
-  }
-  sandbox_rearm(s);
-  b->busy = 0;
-  lua_pushinteger(L, st.id);
-  lua_pushstring(L, status);
-  lua_pushlstring(L, out->data ? (const char *)out->data : "", out->len);
-  buf_free(out);
-  return 3;
-}
-
-static int sbox_start(lua_State *L) {
-  return sbox_step(L, 1);
-}
-
-static int sbox_resume(lua_State *L) {
-  return sbox_step(L, 0);
-}
-
 static int sbox_memory(lua_State *L) {
   sbox *b = sbox_check(L);
   lua_pushinteger(L, (lua_Integer)sandbox_memory(b->s));
@@ -1194,7 +1050,7 @@ static int l_sandbox(lua_State *L) {
 
 void flame_sandbox_open(lua_State *L) {
   static const luaL_Reg methods[] = {
-    { "call", sbox_call }, { "start", sbox_start }, { "resume", sbox_resume },
+    { "call", sbox_call },
     { "memory", sbox_memory }, { "memory_limit", sbox_limit },
     { "profile", sbox_profile }, { "close", sbox_close }, { NULL, NULL }
   };

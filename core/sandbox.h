@@ -76,6 +76,11 @@ int sandbox_profile_parse(const char *name, sandbox_profile *p);
  * like a runner's system_shutdown. Returns lua_pcall's status. */
 int sandbox_pcall_bounded(sandbox *s, int nargs, int nresults, int64_t ms);
 
+/* lua_resume of coroutine co of the sandbox's state, bounded the same way (the
+ * kill reaches co); sandbox_killed tells whether it was stopped. Returns
+ * lua_resume's status, the count of values in *nres. */
+int sandbox_resume_bounded(sandbox *s, lua_State *co, int nargs, int *nres, int64_t ms);
+
 /* Decodes work into the state and runs it: a function and its arguments, or a
  * table {module, function, args} (require(module)[function](unpack(args))). Each run
  * gets a fresh _ENV over the profile's globals, so globals it writes are gone after

@@ -190,6 +190,28 @@ describe("a backend step that computes without end", function()
     assert.is_true((core.hrtime() - t0) / 1e6 < 30000, "the step ran far past its bound")
     assert.are.equal(first, flame.call(busy, which_runner))
   end)
+
+  it("runs beside the program: its tasks go on while the step computes", function()
+    local p = H.pool { name = "spinning-beside", boot_timeout = 60000, backend = {
+      init = function(opts) return opts end,
+      remote_boot = function() while true do end end,
+    } }
+    local failed_at
+    local t = flame.spawn(function()
+      local ok, err = pcall(flame.call, p, function() end, { timeout = 60000 })
+      failed_at = core.hrtime()
+      return ok, err
+    end)
+    -- the step runs off the program's thread: a short sleep here ends while the
+    -- boot still computes, long before it is stopped at 2000 ms (on the program's
+    -- thread, the sleep would end only after the step, moments before the failure)
+    flame.sleep(50)
+    local slept_at = core.hrtime()
+    local ok, err = t:await()
+    assert.is_false(ok)
+    assert.matches("computed for more than 2000 ms", err.message, 1, true)
+    assert.is_true((failed_at - slept_at) / 1e6 > 500, "the program's task waited for the step")
+  end)
 end)
 
 describe("a plain lua5.4 program", function()

@@ -12,7 +12,6 @@ local logmod = require "flame.log"
 local parentmod = require "flame.parent"
 local remote = require "flame.remote"
 local backend = require "flame.backend"
-local cjson = require "cjson.safe"
 
 local M = {}
 
@@ -171,17 +170,6 @@ function LocalTerm:close()
   self.engine:local_close(self.tid)
 end
 
-local parent_instance = parentmod.random_id(12)  -- this process, as a parent
-
-local function read_line(path)
-  local f = io.open(path)
-  if not f then return nil end
-  local l = f:read("l")
-  f:close()
-  return l
-end
-
-
 local function flame_bin()
   local bin = os.getenv("FLAME_BIN")
   if bin and bin ~= "" then return bin end
@@ -198,43 +186,12 @@ local function flame_bin()
   return "flame"
 end
 
--- /proc/PID/stat: the process's state letter and start time (clock ticks since
--- boot), or nil when there is no such process.
-local function proc_stat(pid)
-  local f = io.open("/proc/" .. math.floor(tonumber(pid) or 0) .. "/stat")
-  if not f then return nil end
-  local st = f:read("a")
-  f:close()
-  local state, rest = st:match("^%d+ %b() (%a) (.*)$")
-  if not state then return nil end
-  local fields = {}
-  for v in rest:gmatch("%S+") do fields[#fields + 1] = v end
-  return { state = state, started = fields[19] }   -- field 22 of the whole line
-end
-
--- Who this process is as a parent: { id (random, per process), pid, host, and what
--- tells it from any other process with its pid: started (its start time since
--- boot), boot (the kernel's boot id), pidns (its pid namespace) }. Read once.
-local identity
-local function parent_identity()
-  if not identity then
-    local st = proc_stat(core.pid())
-    local p = io.popen("readlink /proc/" .. core.pid() .. "/ns/pid 2>/dev/null")
-    local pidns = p and p:read("l")
-    if p then p:close() end
-    identity = {
-      id = parent_instance, pid = core.pid(),
-      host = read_line("/proc/sys/kernel/hostname") or os.getenv("HOSTNAME") or "localhost",
-      started = st and st.started, boot = read_line("/proc/sys/kernel/random/boot_id"),
-      pidns = pidns,
-    }
-  end
-  return identity
-end
-
--- The backend environment's requests from a runner's backend state, served here
--- (docs/backends.md has what each does). Objects the backend holds (processes,
--- terminators) stay here; it gets handles.
+-- The backend environment's requests from a runner's backend state that are still
+-- served here, on the application's thread: those that need the pool's Lua side
+-- (its hub, its terminators, code_sync's pack). Timers, logs, processes and HTTP
+-- are served on the runtime thread (core/bsvc_*.c), the plain functions in the
+-- state itself (core/benv.c); docs/backends.md has what each does. Terminators
+-- stay here; the backend gets handles.
 local function backend_server(pool, runner)
   local handles, next_handle = {}, 0
   runner.handles = handles
@@ -247,38 +204,12 @@ local function backend_server(pool, runner)
   end
   local S = {}
   function S.config(name) return pool.config[name] or {} end
-  S.random_id = parentmod.random_id
-  S.parent_encode = parentmod.encode
-  S.getenv = os.getenv
-  function S.environ(prefix)
-    if prefix ~= nil and type(prefix) ~= "string" then error("environ: a prefix string expected", 0) end
-    return core.environ(prefix)
-  end
   S.flame_bin = flame_bin
   -- where this program finds its modules now: a runner on this machine that is
   -- given them finds the same ones (a lib/ put on package.path at run time too)
   function S.code_paths()
     return { path = package.path, cpath = package.cpath, cwd = core.cwd() }
   end
-  S.sleep = task.sleep
-  S.now = task.now
-  function S.exit() error("exit ends a runner (in system_shutdown), not the parent", 0) end
-  S.json_encode = cjson.encode
-  -- JSON null is cjson.null, a userdata that cannot cross into a backend state: nil
-  local function denull(v)
-    if v == cjson.null then return nil end
-    if type(v) == "table" then
-      for k, x in pairs(v) do v[k] = denull(x) end
-    end
-    return v
-  end
-  function S.json_decode(text)
-    local v, err = cjson.decode(text)
-    if v == nil then return nil, err end
-    return denull(v)
-  end
-  function S.log(level, msg) pool.log[level]("%s", msg) end
-
   function S.parent_new(fields)
     local hub = assert(pool:hub())
     local o = pool.opts
@@ -368,222 +299,6 @@ local function backend_server(pool, runner)
     return work.id
   end
 
-  function S.send_after(ms, msg)
-    loop:timer(ms, function() pool:info(runner, msg) end)
-    return true
-  end
-
-  function S.proc_spawn(o)
-    local proc, err
-    proc, err = core.spawn {
-      path = o.path, args = o.args, env = o.env, cwd = o.cwd, group = o.group,
-      on_output = function(stream, line)
-        pool.log[stream == "stderr" and "warn" or "info"]("[%s] %s", runner.id, line)
-      end,
-      on_exit = function(code, signal)
-        runner.procs[proc] = nil                -- a shutdown waits for these to go
-        pool:ended_check(runner)
-        pool:info(runner, { event = "exit", code = code, signal = signal })
-      end,
-    }
-    if not proc then return nil, err end
-    runner.procs[proc] = true
-    return keep(proc, "process", { process_id = proc:pid() })
-  end
-
-  --- Runs a command to its end and returns what it said: { code, signal, stdout,
-  -- stderr, truncated }, or nil and why (it could not start, or ran past its
-  -- timeout and was killed with its process group). For backends that drive a
-  -- cluster through its tools (sbatch, squeue, scancel).
-  function S.proc_run(o)
-    if type(o) ~= "table" or type(o.path) ~= "string" then
-      error("proc.run: a table with a path expected", 0)
-    end
-    if o.args ~= nil and type(o.args) ~= "table" then error("proc.run: args must be a list", 0) end
-    if o.env ~= nil and type(o.env) ~= "table" then error("proc.run: env must be a table", 0) end
-    local timeout = o.timeout or 60000
-    if type(timeout) ~= "number" or timeout <= 0 then
-      error("proc.run: timeout must be milliseconds > 0", 0)
-    end
-    local max = o.max_output or 1024 * 1024
-    if math.type(max) ~= "integer" or max < 0 then
-      error("proc.run: max_output must be an integer >= 0", 0)
-    end
-    local out = { stdout = {}, stderr = {} }
-    local size, truncated = 0, false
-    local f = task.future()
-    local proc, err
-    proc, err = core.spawn {
-      path = o.path, args = o.args, env = o.env, cwd = o.cwd, group = true,
-      on_output = function(stream, line)
-        if size + #line + 1 > max then truncated = true return end
-        size = size + #line + 1
-        local t = out[stream]
-        t[#t + 1] = line
-      end,
-      on_exit = function(code, signal)
-        runner.procs[proc] = nil
-        pool:ended_check(runner)
-        f:set(code, signal)
-      end,
-    }
-    if not proc then return nil, "proc.run: " .. tostring(err) end   -- "cannot start PATH: ..."
-    runner.procs[proc] = true                 -- a shutdown waits for it, or kills it
-    local timer = loop:timer(timeout, function()
-      if f:set(nil, ("proc.run: %s did not end within %s ms (killed)"):format(o.path, timeout)) then
-        pcall(proc.kill, proc, "SIGKILL", true)
-      end
-    end)
-    local code, signal = f:wait()
-    timer:stop()
-    if not code then return nil, signal end
-    local function text(t) return #t > 0 and table.concat(t, "\n") .. "\n" or "" end
-    return { code = code, signal = signal, stdout = text(out.stdout), stderr = text(out.stderr),
-             truncated = truncated }
-  end
-
-  -- The request options a backend may give (its functions never cross).
-  local function http_opts(o, what)
-    if type(o) ~= "table" or type(o.url) ~= "string" then
-      error(what .. ": a table with a url expected", 0)
-    end
-    local opts = {}
-    for _, k in ipairs { "method", "url", "unix_socket", "headers", "body", "timeout",
-                         "ca", "cert", "key", "insecure" } do opts[k] = o[k] end
-    if opts.headers ~= nil and type(opts.headers) ~= "table" then
-      error(what .. ": headers must be a table of name = value", 0)
-    end
-    return opts
-  end
-
-  -- Requests still running for this runner (watches, streams): cancelled when its
-  -- backend state closes, so nothing outlives the runner.
-  local live = {}
-  runner.http_live = live
-  local function start(opts, on_done)
-    local req
-    opts.on_done = function(...)
-      if req then live[req] = nil end
-      on_done(...)
-    end
-    req = core.http_request(opts)
-    live[req] = true
-    return req
-  end
-
-  --- An HTTP request (core/http.c): status, headers, body, or nil and a message.
-  function S.http_request(o)
-    local f = task.future()
-    start(http_opts(o, "http.request"), function(...) f:set(...) end)
-    local status, headers, body, err = f:wait()
-    if not status then return nil, err end
-    return status, headers, body
-  end
-
-  --- A request left running: its answer reaches handle_info as
-  -- { event = "http", tag = tag, status = n, body = s } or { ..., error = message };
-  -- with o.chunks, each piece of the body as it comes ({ ..., data = s }) and the
-  -- end with an empty body. With o.await_response it returns once the server has
-  -- begun answering (the status), or nil and why it failed first; a number there is
-  -- how long to wait (else 30 s), after which the request is cancelled.
-  function S.http_watch(o, tag)
-    local opts = http_opts(o, "http.watch")
-    local f = o.await_response and task.future() or nil
-    local function tell(msg)
-      if runner.http_live then pool:info(runner, msg) end
-    end
-    if o.chunks then
-      opts.on_data = function(chunk) tell { event = "http", tag = tag, data = chunk } end
-    end
-    if f then opts.on_head = function(status) f:set(status) end end
-    local req = start(opts, function(status, _, body, err)
-      if f then f:set(nil, err or ("status " .. tostring(status))) end  -- no-op once set
-      tell { event = "http", tag = tag, status = status, body = body, error = err }
-    end)
-    if not f then return true end
-    local ms = type(o.await_response) == "number" and o.await_response or 30000
-    local timer = loop:timer(math.max(1, math.min(ms, 2^31 - 1)), function()
-      if f:set(nil, ("no answer within %.0f ms"):format(ms)) then req:cancel() end
-    end)
-    local status, err = f:wait()
-    timer:stop()
-    return status, err
-  end
-
-  --- A response read as it arrives (a pull's progress, an event stream): a handle
-  -- the backend reads chunk by chunk with stream_read.
-  function S.http_stream(o)
-    local st = { chunks = {}, head = 1, tail = 0 }
-    local function wake()
-      local w = st.waiter
-      st.waiter = nil
-      if w then w:set(true) end
-    end
-    local opts = http_opts(o, "http.stream")
-    local function push(chunk)            -- read from head, written at tail: a queue
-      st.tail = st.tail + 1
-      st.chunks[st.tail] = chunk
-    end
-    opts.on_data = function(chunk)
-      push(chunk)
-      wake()
-    end
-    st.req = start(opts, function(status, _, body, err)
-      st.done, st.status, st.err = true, status, err
-      if body and body ~= "" then push(body) end
-      wake()
-    end)
-    return keep(st, "http_stream")
-  end
-
-  -- The next chunk; at the end nil, the status (or nil) and the error (or nil).
-  function S.stream_read(id)
-    local st = handles[id]
-    if type(st) ~= "table" or not st.chunks then error("http stream: not a stream", 0) end
-    while st.head > st.tail and not st.done do
-      if st.waiter then error("http stream: already being read", 0) end
-      st.waiter = task.future()
-      st.waiter:wait()
-    end
-    if st.head <= st.tail then
-      local c = st.chunks[st.head]
-      st.chunks[st.head] = nil
-      st.head = st.head + 1
-      return c
-    end
-    return nil, st.status, st.err
-  end
-
-  function S.stream_close(id)
-    local st = handles[id]
-    if type(st) ~= "table" or not st.chunks then return false end
-    handles[id] = nil
-    if not st.done then st.req:cancel() end
-    return true
-  end
-
-  -- Whether process pid runs on this host; with `started` (its start time, as in
-  -- parent_info), whether it is still that process and not a later one with its pid.
-  function S.proc_alive(pid, started)
-    local st = proc_stat(pid)
-    if not st or st.state == "Z" then return false end
-    return started == nil or tostring(started) == st.started
-  end
-
-  --- Who this parent is (parent_identity above).
-  S.parent_info = parent_identity
-
-  function S.proc_kill(id, sig, group)
-    local proc = handles[id]
-    if not proc or not proc.kill then return nil, "no such process" end
-    return proc:kill(sig, group)
-  end
-
-  function S.proc_exited(id)
-    local proc = handles[id]
-    return proc == nil or proc:exited()
-  end
-
   return function(name, ...)
     local f = S[name]
     if not f then error("the backend environment has no " .. tostring(name), 0) end
@@ -656,7 +371,8 @@ function M.new(opts)
   local pool = setmetatable({
     name = o.name, opts = o,
     runners = {}, by_tid = {}, pending = {}, hows = {}, code_gen = 0,
-    ending = {}, log = logmod.new(o.log, o.name), config = {}, closed = false,
+    ending = {}, log = logmod.new(o.log, o.name), config = {}, closed = false, hosts = {},
+    booting = {},
     nrunners = 0,
   }, Pool)
   local _, err = pool:hub()
@@ -781,6 +497,36 @@ function EVENTS.reencode(self, id, gen, tid)
   f:set("fail", "encode", tostring(ok and err or b))
 end
 
+-- A backend state's request, and a callback's end (core/backend.c).
+function EVENTS.breq(self, id, co, name, ...)
+  local host = self.hosts[id]
+  if host then host:request(co, name, ...) end
+end
+
+function EVENTS.bdone(self, id, co, status, ...)
+  local host = self.hosts[id]
+  if host then host:done(co, status, ...) end
+end
+
+function EVENTS.binfo(self, id, msg)
+  local host = self.hosts[id]
+  if host then host:info(msg) end
+end
+
+function EVENTS.blog(self, id, level, line)
+  local host = self.hosts[id]
+  if host then host:log(level, line)
+  else
+    local log = self.log[level] or self.log.info
+    log("%s", line)
+  end
+end
+
+function EVENTS.bprocs(self, id, n)
+  local host = self.hosts[id]
+  if host then host:procs(n) end
+end
+
 function EVENTS.drained(self)
   if self.drained then self.drained:set() end
 end
@@ -799,23 +545,38 @@ function Pool:boot(boot_no, is_min, count)
   self.log.info("runner %s booting", id)
   local engine = self.engine
   task.spawn(function()
+    local runner = { id = id, pool = self, status = "booting", parents = {}, sent = {},
+                     is_min = is_min, nprocs = 0 }  -- processes its backend started, running
+    self.booting[runner] = true              -- a shutdown fails it and waits for its end
     local told = false                       -- the runtime side hears the end, whatever happens
     local guard <close> = setmetatable({}, { __close = function()
+      self.booting[runner] = nil
+      if runner.boot_end then runner.boot_end:set() end
       if not told then
         engine:boot_failed(boot_no, ("pool '%s': runner %s failed to boot: the boot failed "
           .. "in flame itself"):format(self.name, id))
         self.log.error("runner %s: the boot failed in flame itself", id)
       end
     end })
-    local runner = { id = id, pool = self, status = "booting", parents = {}, sent = {},
-                     is_min = is_min, procs = {} }  -- processes its backend started, running
     local settings = {
       max_concurrency = self.opts.max_concurrency, sandbox = sandbox_settings(self.opts.sandbox),
       boot_timeout = self.opts.boot_timeout, shutdown_timeout = self.opts.shutdown_timeout,
       pool = self.name, runner_id = id,
     }
     for k, v in pairs(self.opts.backend_opts or {}) do settings[k] = v end
-    local host, err = backend.new(self.opts.backend, backend_server(self, runner))
+    local host, err = backend.new(self.engine, self.opts.backend, backend_server(self, runner),
+      self.hosts, {
+        runner = id,
+        info = function(msg) self:info(runner, msg) end,
+        log = function(level, line)
+          local log = self.log[level] or self.log.info
+          log("%s", line)
+        end,
+        procs = function(n)               -- a shutdown waits for them to go
+          runner.nprocs = n
+          self:ended_check(runner)
+        end,
+      })
     local term, made, inited
     local ok = host ~= nil
     if ok then
@@ -923,19 +684,15 @@ function Pool:release(r, reason)
     -- process exit, its own reap timer); then it is closed
     local st = self.opts.shutdown_timeout
     local linger = (st == math.huge and 5000 or st + 1000) + 5000  -- after its reap timer
-    loop:timer(linger, function()
-      host:close()
-      local live = r.http_live
-      r.http_live = nil                         -- watches report no more
-      for req in pairs(live or {}) do req:cancel() end
-    end)
+    -- (closing it ends its requests, timers and watches: nothing outlives it)
+    loop:timer(linger, function() host:close() end)
   end)
 end
 
 -- A runner has ended when its backend has released it (remote_shutdown returned:
 -- the container removed, say) and every process its backend started has exited.
 local function ended(r)
-  return r.release_done and next(r.procs) == nil
+  return r.release_done and (r.nprocs or 0) == 0
 end
 
 -- Once r has ended: out of the pool's ending set, and a shutdown waiting for it
@@ -1206,10 +963,27 @@ function Pool:shutdown()
   -- for processes) bounds a runner that does not
   local st = self.opts.shutdown_timeout
   local bound = (st == math.huge and 5000 or st + 1000) + 5000
+  -- boots in flight fail now (await_remote_up returns at once) and end, with what
+  -- their backend started released, before the hub and the backend states close
+  local deadline = task.now() + bound
+  local booting = {}
+  for r in pairs(self.booting) do booting[#booting + 1] = r end
+  for _, r in ipairs(booting) do
+    r.failed = r.failed or ("pool '%s' is shutting down"):format(self.name)
+    if r.awaiting and self.hub_ then self.hub_:fail(r.awaiting, r.failed) end
+  end
+  for _, r in ipairs(booting) do
+    if self.booting[r] then
+      r.boot_end = r.boot_end or task.future()
+      local timer = loop:timer(math.max(0, deadline - task.now()), function() r.boot_end:set() end)
+      r.boot_end:wait()
+      timer:stop()
+    end
+  end
   -- the runners just stopped, and those lost or idled down before and still ending
   local all = {}
   for r in pairs(self.ending) do all[#all + 1] = r end
-  local left = self:await_ended(all, task.now() + bound)
+  local left = self:await_ended(all, deadline)
   if #left > 0 then
     self.log.warn("pool shut down; runners still ending after %d ms: %s", bound,
       table.concat(left, ", "))

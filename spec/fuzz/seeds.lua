@@ -1,5 +1,5 @@
--- Writes the seed corpora of the fuzz targets into DIR/decode, DIR/parent, DIR/pack and
--- DIR/link (made by the caller): real encodings of varied values for the codec
+-- Writes the seed corpora of the fuzz targets into DIR/decode, DIR/parent, DIR/pack,
+-- DIR/link and DIR/json (made by the caller): real encodings of varied values for the codec
 -- decoder (decode_fuzz.c); FLAME_PARENT documents as lua/flame/parent.lua makes
 -- them, and broken ones (parent_fuzz.c); link streams of whole, chunked and
 -- malformed frames (link_fuzz.c); code packs, good and refused (pack_fuzz.c). Each
@@ -137,4 +137,11 @@ write("pack", {
   pack(entry("a", "xyz")):sub(1, -2),
   "FLPK\2\0\0\0\0",
 })
-print(("seeds: %d written to %s/{decode,parent,link,pack}"):format(total, dir))
+-- JSON as engines answer, and broken ----------------------------------------
+write("json", {
+  cjson.encode { Id = "abc", State = { Running = true, Pid = 42 }, Labels = { ["flame.pool"] = "p" },
+                 Mounts = { { Source = "/x" } }, Size = 1.5, Nothing = cjson.null },
+  '[1,2,[3,[4,[5]]],{"a":null},"\\u00e9\\n",-0.0,1e300,12345678901234567890]',
+  '{"a":', '"\\ud800"', ("["):rep(1100) .. ("]"):rep(1100), "{}x", "", '{"k":1,"k":2}',
+})
+print(("seeds: %d written to %s/{decode,parent,link,pack,json}"):format(total, dir))
