@@ -343,6 +343,13 @@ static int positioned(const char *m) {
   return 0;
 }
 
+/* Protected: nil and "bad request: why", for a coroutine that yielded no request. */
+static int bad_request_p(lua_State *S) {
+  lua_pushnil(S);
+  lua_pushfstring(S, "bad request: %s", lua_tostring(S, 1));
+  return 2;
+}
+
 /* Protected: the error message with the traceback when it is a bug's. */
 static int error_text_p(lua_State *S) {
   lua_State *co = lua_touserdata(S, 1);
@@ -397,13 +404,15 @@ static void do_step(bk *b, bstep *st) {
         return;                       /* the coroutine waits for the answer */
       }
       if (!is_req) snprintf(why, sizeof why, "not a request");
-      lua_pop(co, nres);              /* answered here, at once: nil and why */
-      if (!lua_checkstack(co, 2)) {
-        set_msg(st, "the backend state's stack is full");
+      lua_pop(co, nres);              /* answered here, at once: nil and why, made */
+      lua_pushcfunction(S, bad_request_p);   /* where a memory error is caught */
+      lua_pushstring(S, why);         /* no allocation: a literal's room is kept */
+      if (lua_checkstack(co, 2) == 0 || lua_pcall(S, 1, 2, 0) != LUA_OK) {
+        lua_settop(S, 0);
+        set_msg(st, "the backend made a bad request and there is no memory to tell it why");
         break;
       }
-      lua_pushnil(co);
-      lua_pushfstring(co, "bad request: %s", why);
+      lua_xmove(S, co, 2);
       nargs = 2;
       continue;
     }
@@ -422,7 +431,7 @@ static void do_step(bk *b, bstep *st) {
     lua_pushcfunction(S, error_text_p);
     lua_pushlightuserdata(S, co);
     if (lua_pcall(S, 1, 1, 0) == LUA_OK) set_msg(st, lua_tostring(S, -1));
-    else set_msg(st, lua_tostring(co, -1));
+    else set_msg(st, "the backend raised an error, and there is no memory to read it");
     lua_settop(S, 0);
     break;
   }
@@ -460,6 +469,17 @@ static void post_done(bk *b, int64_t co, int ok, bval *vals, int n, const char *
   hub_post(b->h, e);
 }
 
+/* Frees what b holds and b (not linked, not holding its hub: any thread). */
+static void bk_fields_free(bk *b) {
+  free(b->runner);
+  free(b->handles);
+  free(b->name);
+  free(b->path);
+  free(b->start_err);
+  buf_free(&b->spec);
+  free(b);
+}
+
 static void bk_free(bk *b) {
   for (bk **p = &all; *p; p = &(*p)->next) {
     if (*p == b) {
@@ -468,13 +488,7 @@ static void bk_free(bk *b) {
     }
   }
   if (b->h) hub_release(b->h);
-  free(b->runner);
-  free(b->handles);
-  free(b->name);
-  free(b->path);
-  free(b->start_err);
-  buf_free(&b->spec);
-  free(b);
+  bk_fields_free(b);
 }
 
 /* The requests served here, on the runtime thread (bsvc.h); the others go to the
@@ -682,14 +696,19 @@ void bk_info(bk *b, bval *msg) {
 void bk_log(bk *b, const char *level, const char *fmt, ...) {
   hub_event *e = hub_event_new(EV_BLOG);
   if (e == NULL) return;
-  char line[4096];
   va_list ap;
   va_start(ap, fmt);
-  vsnprintf(line, sizeof line, fmt, ap);
+  int n = vsnprintf(NULL, 0, fmt, ap);        /* whole lines: a child's are 64 KiB */
   va_end(ap);
+  char *line = n >= 0 ? malloc((size_t)n + 1) : NULL;
+  if (line) {
+    va_start(ap, fmt);
+    vsnprintf(line, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+  }
   e->tid = b->id;
   e->text = strdup(level);
-  e->text2 = strdup(line);
+  e->text2 = line;
   if (e->text == NULL || e->text2 == NULL) {
     hub_event_free(e);
     return;
@@ -901,18 +920,14 @@ static int l_bk_new(lua_State *L) {
   m->made = b;
   lua_Integer id = (lua_Integer)b->id;
   if (runtime_post(bcmd_run, m) != 0) {
-    b->h = NULL;
-    bk_free(b);
+    bk_fields_free(b);                /* never linked: the runtime's list is not touched */
     free(m);
     return luaL_error(L, "backend: the runtime thread is not running");
   }
   lua_pushinteger(L, id);
   return 1;
 oom:
-  if (b) {
-    b->h = NULL;                      /* not held yet */
-    bk_free(b);
-  }
+  if (b) bk_fields_free(b);
   free(m);
   return luaL_error(L, "not enough memory");
 }

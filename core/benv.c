@@ -14,7 +14,8 @@
  *   Integers are written exactly, floats as cJSON prints them (about 15 digits).
  * - json_decode(text) -> value | nil, message. null is nil (a backend state cannot
  *   hold lua-cjson's null); integral numbers are integers (past 2^53, the nearest
- *   double's).
+ *   double's; -0 stays a float). A string's "\u0000" ends it there (cJSON's strings
+ *   are C strings).
  * - random_id(n) -> n characters of [a-z0-9] from the system's CSPRNG (1 <= n <= 256).
  * - now() -> milliseconds on a monotonic clock.
  * - getenv(name) -> value | nil; environ([prefix]) -> { NAME = value } (also the
@@ -136,7 +137,15 @@ static cJSON *table_to_json(lua_State *L, int idx, int depth, jenc *e) {
       return NULL;
     }
     char tmp[64];
+    size_t klen = 0;
+    if (kt == LUA_TSTRING) lua_tolstring(L, -2, &klen);   /* a string: nothing converted */
     const char *k = key_text(L, -2, tmp, sizeof tmp);
+    if (kt == LUA_TSTRING && strlen(k) != klen) {
+      lua_pop(L, 2);
+      cJSON_Delete(o);
+      snprintf(e->err, sizeof e->err, "Cannot serialise table: a key holds a NUL byte");
+      return NULL;
+    }
     cJSON *v = to_json(L, lua_gettop(L), depth + 1, e);
     lua_pop(L, 1);
     if (v == NULL || !cJSON_AddItemToObject(o, k, v)) {
@@ -245,7 +254,8 @@ static void from_json(lua_State *L, const cJSON *j) {
     lua_pushboolean(L, cJSON_IsTrue(j));
   } else if (cJSON_IsNumber(j)) {
     double d = j->valuedouble;
-    if (floor(d) == d && d >= -9223372036854775808.0 && d < 9223372036854775808.0)
+    if (floor(d) == d && d >= -9223372036854775808.0 && d < 9223372036854775808.0
+        && !(d == 0 && signbit(d)))         /* -0.0 stays a float */
       lua_pushinteger(L, (lua_Integer)d);
     else
       lua_pushnumber(L, (lua_Number)d);
@@ -369,7 +379,8 @@ static int proc_stat(lua_Integer pid, char *state, char *started, size_t n) {
 }
 
 static int benv_proc_alive(lua_State *L) {
-  lua_Integer pid = (lua_Integer)luaL_checknumber(L, 1);
+  lua_Number n = luaL_checknumber(L, 1);
+  lua_Integer pid = n >= 1 && n < 4194305.0 ? (lua_Integer)n : 0;   /* pid_max's limit */
   char state, started[32];
   int alive = pid > 0 && proc_stat(pid, &state, started, sizeof started) && state != 'Z';
   if (alive && !lua_isnoneornil(L, 2)) {

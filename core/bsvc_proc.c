@@ -174,6 +174,7 @@ static void sp_done(void *ctx) {
 static void sp_close(bk_res *r) {
   bproc *x = (bproc *)((char *)r - offsetof(bproc, res));
   if (x->p) proc_detach(x->p);
+  if (!x->exited) bk_procs(x->b, -1);  /* no longer watched: not waited for either */
   free(x);
 }
 
@@ -284,7 +285,7 @@ typedef struct brun {
   int64_t co;
   proc *p;
   uv_timer_t timer;
-  int timer_open, answered;
+  int timer_open, answered, exited;
   buf out, err;
   size_t size, max;
   int truncated;
@@ -339,6 +340,7 @@ static void run_output(void *ctx, const char *stream, const char *line, size_t l
 static void run_exit(void *ctx, int64_t code, int sig) {
   brun *r = ctx;
   bk *b = r->b;
+  r->exited = 1;
   bk_procs(b, -1);
   if (r->answered) return;
   r->answered = 1;
@@ -356,7 +358,7 @@ static void run_exit(void *ctx, int64_t code, int sig) {
   } else {
     bk_answer(b, r->co, t, 1);
   }
-  r->p = NULL;                        /* on_done frees nothing of ours: detach below */
+  r->exited = 1;                      /* r->p stays: its output and on_done may follow */
 }
 
 static void run_done(void *ctx) {
@@ -383,6 +385,7 @@ static void run_close(bk_res *res) {
   brun *r = (brun *)((char *)res - offsetof(brun, res));
   r->answered = 1;
   if (r->p) proc_signal(r->p, SIGKILL, 1);
+  if (r->p && !r->exited) bk_procs(r->b, -1);   /* killed: nothing waits for it now */
   run_end(r);
 }
 

@@ -26,7 +26,7 @@ static int fail(reader *r, const char *what) {
 }
 
 static int charge(reader *r, size_t n) {
-  if (n > BVAL_MAX_BYTES - r->bytes) return fail(r, "more than 256 MB of values");
+  if (n > BVAL_MAX_BYTES - r->bytes) return fail(r, "more than 64 MB of values (a table shared many times counts each time)");
   r->bytes += n;
   return 0;
 }
@@ -109,7 +109,7 @@ static int read_value(lua_State *L, int idx, bval *out, int depth, reader *r) {
   case LUA_TSTRING: {
     size_t len;
     const char *s = lua_tolstring(L, idx, &len);
-    if (charge(r, len + 1) != 0) return -1;
+    if (charge(r, len + 1 + sizeof(bval)) != 0) return -1;
     char *p = malloc(len + 1);
     if (p == NULL) return fail(r, "not enough memory");
     memcpy(p, s, len);

@@ -11,7 +11,8 @@
  * - bval_read(L, idx, out, err, n) copies the value at idx (raw reads: no
  *   metamethod runs; nothing is pushed, nothing raises): 0, or -1 with err set (a
  *   value that cannot cross, more than BVAL_DEPTH levels of tables, which is also
- *   how a table that holds itself is refused, more than BVAL_MAX_BYTES in all, or
+ *   how a table that holds itself is refused, more than BVAL_MAX_BYTES in all (a
+ *   table met twice is copied twice, and counted twice), or
  *   not enough memory). On -1, *out holds nothing to free.
  * - bval_push(L, v) [-0, +1, m] pushes a copy: call it where a memory error may be
  *   raised (a protected call).
@@ -29,7 +30,7 @@
 #include <lua.h>
 
 #define BVAL_DEPTH 100
-#define BVAL_MAX_BYTES ((size_t)256 * 1024 * 1024)
+#define BVAL_MAX_BYTES ((size_t)64 * 1024 * 1024)   /* a backend state's memory */
 
 enum { BV_NIL, BV_BOOL, BV_INT, BV_NUM, BV_STR, BV_TABLE };
 

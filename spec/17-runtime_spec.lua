@@ -214,6 +214,73 @@ describe("a backend step that computes without end", function()
   end)
 end)
 
+describe("a backend state's requests", function()
+  after_each(H.cleanup)
+
+  -- the boot's error message: what remote_boot reported
+  local function boot_says(name, remote_boot, opts)
+    local o = { name = name, boot_timeout = 60000, backend = {
+      init = function(x) return x end, remote_boot = remote_boot } }
+    for k, v in pairs(opts or {}) do o[k] = v end
+    local p = H.pool(o)
+    local ok, err = pcall(flame.call, p, function() end, { timeout = 60000 })
+    assert.is_false(ok)
+    assert.are.equal("boot", err.kind)
+    return err.message, p
+  end
+
+  it("answers what is no request, and a request that cannot cross, with nil and why", function()
+    local msg = boot_says("bad-requests", function(_, env)
+      local a, why_a = coroutine.yield(42)          -- not a request
+      local t = {}
+      t.t = t                                       -- cannot cross: it holds itself
+      local b, why_b = env.sleep(t)
+      return nil, ("[%s %s] [%s %s]"):format(tostring(a), why_a, tostring(b), why_b)
+    end)
+    assert.matches("[nil bad request: not a request]", msg, 1, true)
+    assert.matches("[nil bad request: tables nested more than 100 deep", msg, 1, true)
+  end)
+
+  it("gives the pool's log a backend's long line whole", function()
+    local lines = {}
+    local p = H.pool { name = "long-line", boot_timeout = 60000, backend = {
+      init = function(x) return x end,
+      remote_boot = function(_, env)
+        env.log.warn("%s", ("x"):rep(10000) .. "end")
+        return nil, "logged"
+      end } }
+    p.log.warn = function(fmt, ...) lines[#lines + 1] = fmt:format(...) end
+    assert.is_false(pcall(flame.call, p, function() end, { timeout = 60000 }))
+    local whole = false
+    for _, l in ipairs(lines) do
+      if #l == 10003 and l:sub(-3) == "end" then whole = true end
+    end
+    assert.is_true(whole, "the line was cut")
+  end)
+
+  it("closes with a proc.run whose output is still held by a child, and nothing breaks", function()
+    local marker = ("%d%03d"):format(math.random(100, 999), math.random(0, 999))
+    local p = H.pool { name = "held-output", boot_timeout = 60000, backend = {
+      -- init fails: the state closes at once, while the grandchild still holds the
+      -- pipes of the command that proc.run saw end
+      init = function(x, env)
+        local r = env.proc.run { path = "/bin/sh",
+          args = { "-c", "(sleep 1." .. x.marker .. "; echo late) & echo first" } }
+        error("refused after " .. (r and r.stdout or "nothing"), 0)
+      end,
+      remote_boot = function() return nil end },
+      backend_opts = { marker = marker } }
+    local ok, err = pcall(flame.call, p, function() end, { timeout = 60000 })
+    assert.is_false(ok)
+    assert.matches("refused after first", err.message, 1, true)
+    -- the late output comes after the close (the grandchild, no child of ours, sleeps
+    -- about 1 s): wait well past it
+    flame.sleep(3000)
+    local q = H.pool { name = "after-held", backend = "local" }
+    assert.are.equal(42, flame.call(q, function() return 42 end))
+  end)
+end)
+
 describe("a plain lua5.4 program", function()
   it("exits with pools and runners live, 100 times without a crash", function()
     local dir = H.tmpdir()

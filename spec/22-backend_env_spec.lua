@@ -71,6 +71,7 @@ describe("flame.env in a backend state", function()
       { "a NUL in a string", function() return { "a\0b" } end, "NUL" },
       { "a table key", function() return { [{}] = 1 } end, "key must be a number or string" },
       { "a boolean key", function() return { [true] = 1 } end, "key must be a number or string" },
+      { "a NUL in a key", function() return { ["a\0b"] = 1 } end, "a key holds a NUL byte" },
       { "an excessively sparse array", function() return { [1] = 1, [100] = 2 } end, "sparse" },
       { "a table holding itself", function() local t = {} t.t = t return t end, "excessive nesting" },
     }
@@ -95,6 +96,9 @@ describe("flame.env in a backend state", function()
       assert.are.equal("integer", math.type(v.big))
       assert.are.equal("float", math.type(v.f))
       assert.is_nil(v.n)
+      local z = env_call(function(E) return E.json_decode("[-0.0, 0]") end)
+      assert.are.equal("float", math.type(z[1]))
+      assert.are.equal("integer", math.type(z[2]))
     end)
 
     it("reads what lua-cjson writes", function()
@@ -192,6 +196,8 @@ describe("flame.env in a backend state", function()
     assert.is_false(other)
     assert.is_false(dead)
     assert.is_false(zero)
+    assert.is_false(env_call(function(E) return E.proc_alive(1e300) end))
+    assert.is_false(env_call(function(E) return E.proc_alive(-5) end))
   end)
 
   it("parent_info: this process, the same in every backend state", function()

@@ -142,7 +142,7 @@ end
 
 -- What the hub on the runtime thread tells: runners up, their messages, links lost,
 -- connections refused.
-function Hub:event(kind, a, b, c, d, e)
+function Hub:event(kind, a, b, c, d, ...)
   if kind == "up" then
     local entry = self.pending[a]
     local term = setmetatable({ hub = self, tid = b, early = {},
@@ -173,7 +173,7 @@ function Hub:event(kind, a, b, c, d, e)
     self.drops = self.drops + 1
     self.log.error("%s", a)
   elseif kind ~= "closed" and self.on_pool then   -- the pool's (core/pool.c)
-    self.on_pool(kind, a, b, c, d, e)
+    self.on_pool(kind, a, b, c, d, ...)
   end
 end
 
