@@ -662,6 +662,12 @@ void bk_answer(bk *b, int64_t co, bval *vals, int n) {
   enqueue(b, st);
 }
 
+void bk_answer_bool(bk *b, int64_t co, int v) {
+  bval *x = calloc(1, sizeof *x);
+  if (x) bval_set_bool(x, v);
+  bk_answer(b, co, x, x ? 1 : 0);
+}
+
 void bk_fail(bk *b, int64_t co, const char *fmt, ...) {
   char msg[512];
   va_list ap;

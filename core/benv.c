@@ -310,15 +310,23 @@ static int benv_json_decode(lua_State *L) {
 
 /* --------------------------------------------------------------- others ---- */
 
-static int benv_random_id(lua_State *L) {
+/* n characters of [a-z0-9] from the CSPRNG into out: 0, or uv_random's error. */
+static int random_chars(char *out, size_t n) {
   static const char alphabet[] = "abcdefghijklmnopqrstuvwxyz0123456789";
+  unsigned char b[256];
+  int rc = uv_random(NULL, NULL, b, n, 0, NULL);
+  if (rc != 0) return rc;
+  for (size_t i = 0; i < n; i++) out[i] = alphabet[b[i] % 36];
+  return 0;
+}
+
+static int benv_random_id(lua_State *L) {
   lua_Integer n = luaL_optinteger(L, 1, 20);
   luaL_argcheck(L, n >= 1 && n <= 256, 1, "1 to 256 characters");
-  unsigned char b[256];
-  int rc = uv_random(NULL, NULL, b, (size_t)n, 0, NULL);
+  char b[256];
+  int rc = random_chars(b, (size_t)n);
   if (rc != 0) return luaL_error(L, "random_id: %s", uv_strerror(rc));
-  for (lua_Integer i = 0; i < n; i++) b[i] = (unsigned char)alphabet[b[i] % 36];
-  lua_pushlstring(L, (const char *)b, (size_t)n);
+  lua_pushlstring(L, b, (size_t)n);
   return 1;
 }
 
@@ -409,10 +417,8 @@ static void read_line(const char *path, char *out, size_t n) {
 }
 
 static void identity_read(void) {
-  static const char alphabet[] = "abcdefghijklmnopqrstuvwxyz0123456789";
-  unsigned char b[12];
-  if (uv_random(NULL, NULL, b, sizeof b, 0, NULL) != 0) memset(b, 0, sizeof b);
-  for (size_t i = 0; i < sizeof b; i++) identity.id[i] = alphabet[b[i] % 36];
+  if (random_chars(identity.id, sizeof identity.id - 1) != 0)
+    memset(identity.id, 'a', sizeof identity.id - 1);   /* as the zero bytes gave */
   identity.pid = (long)uv_os_getpid();
   read_line("/proc/sys/kernel/hostname", identity.host, sizeof identity.host);
   if (identity.host[0] == '\0') {

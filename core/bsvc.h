@@ -8,7 +8,8 @@
  * Contract (runtime thread only):
  * - A service takes args (bval_list_free them, or keep them); it may answer before
  *   it returns. It is never called for a state that is closing.
- * - bk_answer takes the values; bk_fail answers nil and a message.
+ * - bk_answer takes the values; bk_answer_bool answers one boolean; bk_fail answers
+ *   nil and a message.
  * - What lives on after the answer (a timer, a process, a request) is a bk_res of
  *   the state: its close function runs when the state closes, and must leave no
  *   callback that touches the state. A resource removes itself when it ends.
@@ -39,6 +40,7 @@ typedef void (*bk_service)(bk *b, int64_t co, bval *args, int n);
 
 uv_loop_t *bk_loop(void);
 void bk_answer(bk *b, int64_t co, bval *vals, int n);
+void bk_answer_bool(bk *b, int64_t co, int v);
 void bk_fail(bk *b, int64_t co, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 void bk_info(bk *b, bval *msg);
 void bk_log(bk *b, const char *level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

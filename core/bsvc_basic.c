@@ -124,9 +124,7 @@ void bsvc_send_after(bk *b, int64_t co, bval *args, int n) {
     args[1].type = BV_NIL;
   }
   bval_list_free(args, n);
-  bval *yes = calloc(1, sizeof *yes);
-  if (yes) bval_set_bool(yes, 1);
-  bk_answer(b, co, yes, yes ? 1 : 0);
+  bk_answer_bool(b, co, 1);
 }
 
 void bsvc_exit(bk *b, int64_t co, bval *args, int n) {

@@ -89,22 +89,7 @@ static void hopts_free(hopts *h) {
   h->lines = NULL;
 }
 
-static int truthy(const bval *v) {
-  return v && !(v->type == BV_NIL || (v->type == BV_BOOL && !v->u.b));
-}
 
-/* A number as Lua's tostring writes it ("%.14g", and ".0" on a float that looks
- * like an integer), malloc'd; NULL when out of memory. */
-static char *num_text(const bval *v) {
-  char tmp[64];
-  if (v->type == BV_INT) {
-    snprintf(tmp, sizeof tmp, "%lld", (long long)v->u.i);
-  } else {
-    snprintf(tmp, sizeof tmp, "%.14g", (double)v->u.n);
-    if (tmp[strspn(tmp, "-0123456789")] == '\0') strcat(tmp, ".0");
-  }
-  return strdup(tmp);
-}
 
 /* The string option k of o, as luaL_checkstring takes it (a string, or a number
  * as text): 0 (*out NULL when absent or nil), -1 another type, -2 out of memory. */
@@ -118,7 +103,7 @@ static int opt_str(hopts *h, const bval *o, const char *k, const char **out, siz
     return 0;
   }
   if (v->type != BV_INT && v->type != BV_NUM) return -1;
-  char *t = num_text(v);
+  char *t = bval_text(v);
   if (t == NULL) return -2;
   h->text[h->ntext++] = t;
   *out = t;
@@ -171,7 +156,7 @@ static int read_opts(const bval *o, const char *what, hopts *h, char *why, size_
     }
     if (rc == -2) goto oom;
   }
-  h->o.insecure = truthy(bval_get(o, "insecure"));
+  h->o.insecure = bval_truthy(bval_get(o, "insecure"));
   const bval *t = bval_get(o, "timeout");
   if (t && t->type != BV_NIL) {
     double ms;
@@ -215,29 +200,6 @@ oom:
 
 /* -------------------------------------------------------------- values ---- */
 
-/* A deep copy of src into dst: 0, or -1 out of memory (dst then holds nothing). */
-static int bv_copy(bval *dst, const bval *src) {
-  dst->type = BV_NIL;
-  if (src->type == BV_STR) return bval_set_str(dst, src->u.s.p, src->u.s.len);
-  if (src->type != BV_TABLE) {
-    *dst = *src;
-    return 0;
-  }
-  size_t n = src->u.t.n;
-  bkv *kv = n ? calloc(n, sizeof *kv) : NULL;  /* zeroed: BV_NIL pairs */
-  if (n && kv == NULL) return -1;
-  dst->type = BV_TABLE;
-  dst->u.t.kv = kv;
-  dst->u.t.n = 0;
-  for (size_t i = 0; i < n; i++) {
-    dst->u.t.n = i + 1;               /* what bval_free must see of a half copy */
-    if (bv_copy(&kv[i].k, &src->u.t.kv[i].k) != 0 || bv_copy(&kv[i].v, &src->u.t.kv[i].v) != 0) {
-      bval_free(dst);
-      return -1;
-    }
-  }
-  return 0;
-}
 
 /* The response's headers as a table: each name once, the last given winning, as
  * bval_push sets the pairs in order (so does core.http_request's table). 0 or -1. */
@@ -277,11 +239,6 @@ static int http_msg(bval *msg, bval *tag) {
   return 0;
 }
 
-static void answer_true(bk *b, int64_t co) {
-  bval *yes = calloc(1, sizeof *yes);
-  if (yes) bval_set_bool(yes, 1);
-  bk_answer(b, co, yes, yes ? 1 : 0);
-}
 
 /* ------------------------------------------------------------ request ---- */
 
@@ -395,7 +352,7 @@ static void watch_data(void *ctx, const char *p, size_t len) {
   hwatch *x = ctx;
   if (x->silent) return;
   bval msg, tag;
-  if (bv_copy(&tag, &x->tag) != 0) return;        /* no memory: the piece is lost */
+  if (bval_copy(&tag, &x->tag) != 0) return;        /* no memory: the piece is lost */
   if (http_msg(&msg, &tag) != 0) return;
   if (bk_table_set_str(&msg, "data", p, len) != 0) {
     bval_free(&msg);
@@ -465,9 +422,9 @@ void bsvc_http_watch(bk *b, int64_t co, bval *args, int n) {
   x->b = b;
   x->co = co;
   x->res.close = watch_close;
-  int chunks = truthy(bval_get(o, "chunks"));
+  int chunks = bval_truthy(bval_get(o, "chunks"));
   const bval *aw = bval_get(o, "await_response");
-  x->awaiting = truthy(aw);
+  x->awaiting = bval_truthy(aw);
   x->ms = aw && aw->type == BV_INT ? (double)aw->u.i
         : aw && aw->type == BV_NUM ? (double)aw->u.n : WATCH_AWAIT;
   if (n > 1) {
@@ -500,7 +457,7 @@ void bsvc_http_watch(bk *b, int64_t co, bval *args, int n) {
   }
   bk_res_add(b, &x->res);
   if (!x->awaiting) {
-    answer_true(b, co);
+    bk_answer_bool(b, co, 1);
     return;
   }
   /* as the Lua did: math.max(1, math.min(ms, 2^31 - 1)), NaN giving 1 */
@@ -716,7 +673,5 @@ void bsvc_stream_close(bk *b, int64_t co, bval *args, int n) {
     bk_res_remove(&x->res);
     stream_drop(x);                 /* a waiting read hears nil, nil, "cancelled" first */
   }
-  bval *v = calloc(1, sizeof *v);
-  if (v) bval_set_bool(v, x != NULL);
-  bk_answer(b, co, v, v ? 1 : 0);
+  bk_answer_bool(b, co, x != NULL);
 }

@@ -47,15 +47,6 @@ static void args_free(spawn_args *a) {
   free(a->cwd);
 }
 
-/* A string or a number as text, malloc'd; NULL when it is neither (or no memory). */
-static char *text_of(const bval *v) {
-  char tmp[64];
-  if (v->type == BV_STR) return strdup(v->u.s.p);
-  if (v->type == BV_INT) snprintf(tmp, sizeof tmp, "%lld", (long long)v->u.i);
-  else if (v->type == BV_NUM) snprintf(tmp, sizeof tmp, "%.14g", (double)v->u.n);
-  else return NULL;
-  return strdup(tmp);
-}
 
 /* Reads the options table; the message of what is wrong in why, or "". */
 static int read_opts(const bval *o, const char *what, spawn_args *a, char *why, size_t n) {
@@ -88,7 +79,7 @@ static int read_opts(const bval *o, const char *what, spawn_args *a, char *why, 
       const bval *k = &args->u.t.kv[i].k;
       if (k->type == BV_INT && k->u.i == (lua_Integer)j) v = &args->u.t.kv[i].v;
     }
-    if ((a->argv[j] = text_of(v)) == NULL) {
+    if ((a->argv[j] = bval_text(v)) == NULL) {
       if (v->type == BV_STR || v->type == BV_INT || v->type == BV_NUM) goto oom;
       snprintf(why, n, "%s: args must be strings (argument %zu is not)", what, j);
       return -1;
@@ -106,7 +97,7 @@ static int read_opts(const bval *o, const char *what, spawn_args *a, char *why, 
     int bad = names == NULL || values == NULL ? 2 : 0;
     for (size_t i = 0; !bad && i < ne; i++) {
       names[i] = bval_str(&env->u.t.kv[i].k, NULL);
-      values[i] = text_of(&env->u.t.kv[i].v);
+      values[i] = bval_text(&env->u.t.kv[i].v);
       if (names[i] == NULL || values[i] == NULL) bad = 1;
     }
     if (!bad) a->envp = proc_env(names, (const char *const *)values, ne);
@@ -130,7 +121,7 @@ static int read_opts(const bval *o, const char *what, spawn_args *a, char *why, 
   a->o.argv = a->argv;
   a->o.envp = a->envp;
   a->o.cwd = a->cwd;
-  a->o.group = g && !(g->type == BV_NIL || (g->type == BV_BOOL && !g->u.b));
+  a->o.group = bval_truthy(g);
   return 0;
 oom:
   snprintf(why, n, "%s: not enough memory", what);
@@ -244,7 +235,7 @@ void bsvc_proc_kill(bk *b, int64_t co, bval *args, int n) {
         ok = 1;
       }
   } else if (s && s->type != BV_NIL) ok = 0;
-  int group = n > 2 && !(args[2].type == BV_NIL || (args[2].type == BV_BOOL && !args[2].u.b));
+  int group = n > 2 && bval_truthy(&args[2]);
   bval_list_free(args, n);
   if (!ok) {
     bk_fail(b, co, "kill: a signal name (SIGTERM, SIGKILL, SIGINT, SIGHUP) or number expected");
@@ -263,17 +254,13 @@ void bsvc_proc_kill(bk *b, int64_t co, bval *args, int n) {
     bk_fail(b, co, "%s: %s", uv_err_name(rc), uv_strerror(rc));
     return;
   }
-  bval *yes = calloc(1, sizeof *yes);
-  if (yes) bval_set_bool(yes, 1);
-  bk_answer(b, co, yes, yes ? 1 : 0);
+  bk_answer_bool(b, co, 1);
 }
 
 void bsvc_proc_exited(bk *b, int64_t co, bval *args, int n) {
   bproc *x = handle_arg(b, n > 0 ? &args[0] : NULL);
   bval_list_free(args, n);
-  bval *v = calloc(1, sizeof *v);
-  if (v) bval_set_bool(v, x == NULL || x->exited || x->p == NULL);
-  bk_answer(b, co, v, v ? 1 : 0);
+  bk_answer_bool(b, co, x == NULL || x->exited || x->p == NULL);
 }
 
 /* ------------------------------------------------------------------ run ---- */

@@ -211,6 +211,48 @@ const char *bval_str(const bval *v, size_t *len) {
   return v->u.s.p;
 }
 
+int bval_truthy(const bval *v) {
+  return v && !(v->type == BV_NIL || (v->type == BV_BOOL && !v->u.b));
+}
+
+char *bval_text(const bval *v) {
+  char tmp[64];
+  if (v == NULL) return NULL;
+  if (v->type == BV_STR) return strdup(v->u.s.p);
+  if (v->type == BV_INT) {
+    snprintf(tmp, sizeof tmp, "%lld", (long long)v->u.i);
+  } else if (v->type == BV_NUM) {
+    snprintf(tmp, sizeof tmp, "%.14g", (double)v->u.n);
+    if (tmp[strspn(tmp, "-0123456789")] == '\0') strcat(tmp, ".0");   /* a float: 1.0 */
+  } else {
+    return NULL;
+  }
+  return strdup(tmp);
+}
+
+int bval_copy(bval *dst, const bval *src) {
+  dst->type = BV_NIL;
+  if (src->type == BV_STR) return bval_set_str(dst, src->u.s.p, src->u.s.len);
+  if (src->type != BV_TABLE) {
+    *dst = *src;
+    return 0;
+  }
+  size_t n = src->u.t.n;
+  bkv *kv = n ? calloc(n, sizeof *kv) : NULL;  /* zeroed: BV_NIL pairs */
+  if (n && kv == NULL) return -1;
+  dst->type = BV_TABLE;
+  dst->u.t.kv = kv;
+  dst->u.t.n = 0;
+  for (size_t i = 0; i < n; i++) {
+    dst->u.t.n = i + 1;               /* what bval_free must see of a half copy */
+    if (bval_copy(&kv[i].k, &src->u.t.kv[i].k) != 0 || bval_copy(&kv[i].v, &src->u.t.kv[i].v) != 0) {
+      bval_free(dst);
+      return -1;
+    }
+  }
+  return 0;
+}
+
 int bval_set_str(bval *v, const char *p, size_t len) {
   char *c = malloc(len + 1);
   v->type = BV_NIL;

@@ -60,6 +60,13 @@ void bval_list_free(bval *list, int n);
 
 const bval *bval_get(const bval *t, const char *key);
 const char *bval_str(const bval *v, size_t *len);
+/* Lua's truth: anything but nil and false (and an absent value, NULL). */
+int bval_truthy(const bval *v);
+/* A string, or a number as Lua's tostring writes it, as malloc'd text; NULL when v
+ * is neither (or out of memory): what luaL_checkstring takes. */
+char *bval_text(const bval *v);
+/* A deep copy of src into dst: 0, or -1 out of memory (dst then holds nothing). */
+int bval_copy(bval *dst, const bval *src);
 
 /* Builders for C writers: 0, or -1 when out of memory (v then holds nothing). */
 int bval_set_str(bval *v, const char *p, size_t len);
