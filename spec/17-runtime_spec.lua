@@ -241,6 +241,40 @@ describe("a backend state's requests", function()
     assert.matches("[nil bad request: tables nested more than 100 deep", msg, 1, true)
   end)
 
+  it("answers a misused service with nil and what is wrong", function()
+    local msg = boot_says("misused-services", function(_, env)
+      local out = {}
+      local function try(name, ...)
+        local ok, a, b = pcall(...)
+        out[#out + 1] = ("%s=[%s|%s|%s]"):format(name, tostring(ok), tostring(a), tostring(b))
+      end
+      try("no-url", env.http.request, { method = "GET" })
+      try("headers", env.http.request, { url = "http://127.0.0.1:1/", headers = "x" })
+      try("sleep", env.sleep, -1)
+      try("send-after", env.send_after, "soon", { event = "x" })
+      local proc = env.proc.spawn { path = "/bin/true" }
+      try("signal", proc.kill, proc, "SIGNOPE")
+      try("spawn-args", env.proc.spawn, { path = "/bin/true", args = { {} } })
+      try("spawn-env", env.proc.spawn, { path = "/bin/true", env = "x" })
+      local t = { s = ("x"):rep(100000) }
+      for _ = 1, 10 do t = { a = t, b = t } end   -- 1,024 copies of 100 kB once copied
+      try("too-much", env.sleep, t)
+      return nil, table.concat(out, " ")
+    end)
+    for _, want in ipairs {
+      "no-url=[true|nil|http.request: a table with a url expected]",
+      "headers=[true|nil|http.request: headers must be a table of name = value]",
+      "sleep=[true|nil|sleep: milliseconds >= 0 expected]",
+      "send-after=[true|nil|send_after: milliseconds >= 0 expected]",
+      "signal=[true|nil|kill: a signal name (SIGTERM, SIGKILL, SIGINT, SIGHUP) or number expected]",
+      "spawn-args=[true|nil|proc.spawn: args must be strings (argument 1 is not)]",
+      "spawn-env=[true|nil|proc.spawn: env must be a table]",
+      "too-much=[true|nil|bad request: more than 64 MB of values",
+    } do
+      assert.matches(want, msg, 1, true)
+    end
+  end)
+
   it("gives the pool's log a backend's long line whole", function()
     local lines = {}
     local p = H.pool { name = "long-line", boot_timeout = 60000, backend = {
