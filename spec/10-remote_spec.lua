@@ -332,7 +332,8 @@ describe("remote runners", function()
       for _, pid in ipairs(core.children()) do  -- whichever thread started them
         local c = io.open("/proc/" .. pid .. "/cmdline")
         if c then
-          if c:read("a"):find(marker, 1, true) then pids[#pids + 1] = pid end
+          -- read gives nil when the process ended since the open
+          if (c:read("a") or ""):find(marker, 1, true) then pids[#pids + 1] = pid end
           c:close()
         end
       end
@@ -368,7 +369,7 @@ describe("remote runners", function()
       local left = {}
       for _, pid in ipairs(core.children()) do   -- whichever thread started them
         local c = io.open("/proc/" .. pid .. "/cmdline")
-        if c and c:read("a"):find("runner", 1, true) and alive(tonumber(pid)) then
+        if c and (c:read("a") or ""):find("runner", 1, true) and alive(tonumber(pid)) then
           left[#left + 1] = pid
         end
         if c then c:close() end

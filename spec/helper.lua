@@ -49,9 +49,9 @@ end
 function H.alive(pid)
   local f = io.open("/proc/" .. pid .. "/stat")
   if not f then return false end
-  local stat = f:read("a")
+  local stat = f:read("a")       -- nil when the process ended since the open (ESRCH)
   f:close()
-  return stat:match("^%d+ %b() (%a)") ~= "Z"
+  return stat ~= nil and stat:match("^%d+ %b() (%a)") ~= "Z"
 end
 
 --- True when a file exists at path.
