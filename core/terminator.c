@@ -10,6 +10,21 @@
  *   timeout; then proves it holds the runner's secret and
  *   makes the parent prove it too (HELLO, CHALLENGE, PROOF), and reports REMOTE_UP.
  *   A parent that cannot prove the secret is refused: nothing runs, exit 1.
+ * - A parent that is gone, with a failsafe that is forever (boot_timeout =
+ *   math.huge): once every address has refused the connection (ECONNREFUSED), on
+ *   every attempt, for a grace period (the heartbeat window, heartbeat_interval x
+ *   heartbeat_misses, at least 3 s) and a whole round of them, the runner gives
+ *   up (exit 1, saying so). Why this rule: a parent listens before it boots any
+ *   runner and keeps its listener until its pool ends, and no other process can
+ *   answer for it (the ref and secret are one runner's), so a host that actively
+ *   refuses on every address means the hub is gone; the grace lets a port forward,
+ *   a NAT or a container network that comes up a little late do so. A timeout, an
+ *   unreachable network or a name that does not resolve says nothing about the
+ *   parent (a partition may heal), so those keep retrying forever, as the failsafe
+ *   asks. Watching the parent's pid was the other choice: it works on one host
+ *   only (not in a container's pid namespace, nor for Docker or Slurm runners
+ *   elsewhere), and FLAME_PARENT does not carry it; a refusal is seen on any host.
+ *   A finite failsafe keeps its own bound and is not shortened.
  * - SPAWN runs work on the executor with its deadline (killed there, "timeout");
  *   KILL kills it wherever it is, also when it overtakes its SPAWN (the last 1024
  *   such KILLs are remembered); RESULT goes back with the executor's bytes, uncopied. CONFIG carries
@@ -62,6 +77,7 @@
 #define SHUTDOWN_LIMIT 5000              /* ms a backend's system_shutdown may run */
 #define HANDSHAKE_MESSAGE (64 * 1024)    /* what an unproved parent may send at once */
 #define ATTEMPT_MIN 1000                 /* ms an attempt gets at least, time allowing */
+#define REFUSED_GRACE_MIN 3000           /* ms of refusals at least before a parent is gone */
 
 typedef enum { S_CONNECTING, S_HANDSHAKE, S_UP, S_DRAINING, S_DONE } stage_t;
 /* code_sync: no pack expected, waiting for it, unpacking, unpacked */
@@ -105,6 +121,11 @@ typedef struct term {
   int64_t delay;
   int addr;                              /* next address to try in this round */
   char last_err[LINK_REASON_MAX + 64];
+  /* a parent that is gone (header): with a forever failsafe, refused_grace > 0 */
+  uint64_t refused_grace;
+  uint64_t refused_since;                /* when the current run of refusals began */
+  int refusing;                          /* every attempt since refused_since refused */
+  int round_refused;                     /* every attempt of this round refused */
   uv_timer_t connect_timer, retry_timer;
   struct lookup *lookup;                 /* a host name being resolved, or NULL */
   int lookups;                           /* lookups not yet answered (thread pool) */
@@ -774,6 +795,19 @@ static void stop(term *t, const char *reason) {
 static void try_next(term *t);
 static void on_connect_limit(uv_timer_t *h);
 
+/* Each failed attempt's outcome, for the rule of a parent that is gone (header):
+ * only a refusal continues a run of refusals; anything else (a timeout, a name that
+ * does not resolve, another error) ends it, as it says nothing about the parent. */
+static void attempt_failed(term *t, int status) {
+  if (status == UV_ECONNREFUSED) {
+    if (!t->refusing) t->refused_since = now(t);
+    t->refusing = 1;
+  } else {
+    t->refusing = 0;
+    t->round_refused = 0;
+  }
+}
+
 static void on_handshake_limit(uv_timer_t *h) {
   term *t = h->data;
   if (t->stage == S_HANDSHAKE) lost(t, "no challenge from the parent: timed out waiting for CHALLENGE");
@@ -790,6 +824,7 @@ static void on_connected(link_conn *c, void *ud, int status) {
     t->conn = NULL;                          /* it closes by itself */
     snprintf(t->last_err, sizeof t->last_err, "%s: %s (%s)", t->p.addrs[t->addr - 1],
              uv_strerror(status), uv_err_name(status));
+    attempt_failed(t, status);
     try_next(t);
     return;
   }
@@ -810,6 +845,7 @@ static void on_connect_limit(uv_timer_t *h) {
     t->lookup = NULL;
     snprintf(t->last_err, sizeof t->last_err, "%s: name lookup timed out",
              t->p.addrs[t->addr - 1]);
+    attempt_failed(t, UV_ETIMEDOUT);
     try_next(t);
     return;
   }
@@ -818,6 +854,7 @@ static void on_connect_limit(uv_timer_t *h) {
   t->conn = NULL;
   snprintf(t->last_err, sizeof t->last_err, "%s: connect timed out", t->p.addrs[t->addr - 1]);
   link_close(c, "connect timed out");
+  attempt_failed(t, UV_ETIMEDOUT);
   try_next(t);
 }
 
@@ -829,6 +866,7 @@ static void connect_to(term *t, const char *addr, const struct sockaddr *sa) {
     uv_timer_stop(&t->connect_timer);
     snprintf(t->last_err, sizeof t->last_err, "%s: %s (%s)", addr, uv_strerror(err),
              uv_err_name(err));
+    attempt_failed(t, err);
     try_next(t);
     return;
   }
@@ -853,6 +891,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     snprintf(t->last_err, sizeof t->last_err, "%s: cannot resolve the name (%s)", addr,
              uv_strerror(status ? status : UV_EAI_NONAME));
     uv_freeaddrinfo(res);
+    attempt_failed(t, status ? status : UV_EAI_NONAME);
     try_next(t);
     return;
   }
@@ -872,6 +911,7 @@ static void arm_attempt(term *t, uint64_t n) {
 static void on_retry(uv_timer_t *h) {
   term *t = h->data;
   t->addr = 0;
+  t->round_refused = 1;                      /* until an attempt says otherwise */
   try_next(t);
 }
 
@@ -881,6 +921,22 @@ static void give_up(term *t) {
            (long long)t->s->failsafe_timeout, t->last_err[0] ? t->last_err : "no address");
   t->code = 1;
   stop(t, "failsafe");
+}
+
+/* The rule of a parent that is gone (header), checked at the end of each round. */
+static int parent_gone(term *t, uint64_t n) {
+  if (t->refused_grace == 0 || !t->round_refused || !t->refusing
+      || n - t->refused_since < t->refused_grace)
+    return 0;
+  snprintf(t->failed, sizeof t->failed,
+           "the parent is gone: every address in FLAME_PARENT refused the connection for "
+           "%llu ms, and this runner never reached it (last: %.200s); its failsafe timeout "
+           "is forever, so it stops rather than retry for good. If the parent still runs, "
+           "it does not listen there: check the pool's link.advertise",
+           (unsigned long long)(n - t->refused_since), t->last_err);
+  t->code = 1;
+  stop(t, "parent_gone");
+  return 1;
 }
 
 /* One attempt at the next address; after the last of a round, a pause that doubles
@@ -903,6 +959,7 @@ static void try_next(term *t) {
     t->ai_list = t->ai_cur = NULL;
   }
   if (t->addr >= t->p.naddrs) {
+    if (parent_gone(t, n)) return;
     uint64_t pause = (uint64_t)t->delay;
     if (pause > t->deadline - n) pause = t->deadline - n;
     t->delay = t->delay * 2 > 1000 ? 1000 : t->delay * 2;
@@ -937,6 +994,7 @@ static void try_next(term *t) {
     uv_timer_stop(&t->connect_timer);
     snprintf(t->last_err, sizeof t->last_err, "%s: cannot resolve the name (%s)", addr,
              uv_strerror(rc));
+    attempt_failed(t, rc);
     try_next(t);
     return;
   }
@@ -1147,6 +1205,12 @@ int terminator_main(int argc, char **argv) {
     t->deadline = t->s->failsafe_timeout == PARENT_FOREVER
                     ? UINT64_MAX : now(t) + (uint64_t)t->s->failsafe_timeout;
     t->stage = S_CONNECTING;
+    t->round_refused = 1;
+    if (t->s->failsafe_timeout == PARENT_FOREVER) {
+      /* at most a day times a million: no overflow (parent.c caps both) */
+      t->refused_grace = (uint64_t)t->s->heartbeat_interval * (uint64_t)t->s->heartbeat_misses;
+      if (t->refused_grace < REFUSED_GRACE_MIN) t->refused_grace = REFUSED_GRACE_MIN;
+    }
     if (uv_timer_start(&t->hb_timer, on_heartbeat, every, every) != 0) {
       say("cannot start: cannot start the heartbeat timer");
       t->code = 1;

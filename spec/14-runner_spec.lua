@@ -20,8 +20,20 @@ local function valid_doc()
            settings = { failsafe_timeout = 200 } }
 end
 
+-- Runners started by fake_parent: a test that fails before its P.stop() must not
+-- leave its runner behind (one that waits for a parent forever would never end).
+local started = {}
+
 describe("flame runner", function()
-  after_each(H.cleanup)
+  after_each(function()
+    for _, P in ipairs(started) do
+      if not P.exit then P.proc:kill("SIGKILL") end
+      H.wait_for(function() return P.exit ~= nil end)
+      if P.listener then P.listener:close() end
+    end
+    started = {}
+    H.cleanup()
+  end)
   describe("refuses a FLAME_PARENT it cannot use, with status 2 and the reason", function()
     local cases = {
       { "a newer protocol", function(d) d.v = 2 end, "protocol version 2, this runner speaks 1" },
@@ -74,12 +86,14 @@ describe("flame runner", function()
   -- The parent, played by hand: listens, starts one runner with a FLAME_PARENT
   -- naming it, and records what the runner sends. opts.challenge(hello) returns the
   -- CHALLENGE to answer with (default: an honest one); opts.on(msg) sees each message.
+  -- opts.port: the runner is sent to that port of 127.0.0.1, where nobody listens
+  -- until P.listen(port) (a parent that is gone, or late).
   local function fake_parent(opts)
     opts = opts or {}
     local P = { got = {}, secret = core.random_bytes(32), ref = "specfake" .. math.random(1e6),
                 output = {} }
     P.nonce = core.random_bytes(16)
-    P.listener = assert(core.listen { host = "127.0.0.1", port = 0, on_connect = function(c)
+    local function accept(c)
       P.conn = c
       c:start(function(t, id, payload)
         P.got[#P.got + 1] = { type = t, id = id, payload = payload }
@@ -101,8 +115,13 @@ describe("flame runner", function()
         end
         if opts.on then opts.on(P, t, id, payload) end
       end, function(reason) P.closed = reason end)
-    end })
-    local host, port = P.listener:address()
+    end
+    function P.listen(port)
+      P.listener = assert(core.listen { host = "127.0.0.1", port = port or 0, on_connect = accept })
+      return P.listener:address()
+    end
+    local host, port = "127.0.0.1", opts.port
+    if not port then host, port = P.listen() end
     local settings = { failsafe_timeout = H.patience, heartbeat_interval = 1000,
                        heartbeat_misses = 60, idle_shutdown_after = -1, shutdown_timeout = 5000 }
     for k, v in pairs(opts.settings or {}) do settings[k] = v end
@@ -138,8 +157,10 @@ describe("flame runner", function()
     function P.stop()
       if not P.exit then P.proc:kill("SIGKILL") end
       P.wait(function() return P.exit ~= nil end, "the runner to exit")
-      P.listener:close()
+      if P.listener then P.listener:close() end
+      P.listener = nil
     end
+    started[#started + 1] = P
     return P
   end
 
@@ -629,5 +650,59 @@ describe("flame runner", function()
     assert.are.equal(1, P.exit.code)
     assert.matches("timed out waiting for CHALLENGE", P.text(), 1, true)
     P.stop()
+  end)
+
+  describe("with a failsafe timeout of forever (boot_timeout = math.huge)", function()
+    -- a port of 127.0.0.1 nobody listens on: the OS picked it free, and it is free again
+    local function free_port()
+      local l = assert(core.listen { host = "127.0.0.1", port = 0,
+                                     on_connect = function(c) c:close("not here") end })
+      local _, port = l:address()
+      l:close()
+      return port
+    end
+    -- the runner's threads (its main one, and its first worker once it has started)
+    local function threads(pid)
+      local f = io.open("/proc/" .. pid .. "/status")
+      local text = f and f:read("a")
+      if f then f:close() end
+      return tonumber(text and text:match("\nThreads:%s*(%d+)")) or 0
+    end
+
+    it("gives up a parent whose every address refuses the connection, and says why", function()
+      local port = free_port()
+      local P = fake_parent { port = port,
+                              addrs = function() return { "127.0.0.1:" .. port, "localhost:" .. port } end,
+                              settings = { failsafe_timeout = -1, heartbeat_interval = 1000,
+                                           heartbeat_misses = 3 } }
+      P.wait(function() return P.exit ~= nil end, "the runner to give up its parent")
+      assert.are.equal(1, P.exit.code, P.text())
+      assert.matches("flame runner: the parent is gone: every address in FLAME_PARENT refused "
+        .. "the connection for %d+ ms", P.text())
+      assert.matches("(last: localhost:" .. port .. ": connection refused (ECONNREFUSED))",
+        P.text(), 1, true)
+      assert.matches("check the pool's link.advertise", P.text(), 1, true)
+      P.stop()
+    end)
+
+    it("waits for a parent that listens a little later, and reaches it", function()
+      local port = free_port()
+      -- a grace of 10 s (the heartbeat window): far more than the second it waits here
+      local P = fake_parent { port = port,
+                              settings = { failsafe_timeout = -1, heartbeat_interval = 1000,
+                                           heartbeat_misses = 10 } }
+      P.wait(function() return P.exit ~= nil or threads(P.proc:pid()) >= 2 end,
+        "the runner to start")
+      flame.sleep(1000)                        -- its connects are refused meanwhile
+      assert.is_nil(P.exit, "the runner gave up its parent too early:\n" .. P.text())
+      P.listen(port)
+      P.wait(function() return P.message(wire.HELLO) ~= nil or P.exit ~= nil end, "its HELLO")
+      assert.is_table(P.message(wire.HELLO), P.text())
+      P.wait(function() return P.up ~= nil end, "REMOTE_UP")
+      P.conn:send(wire.SHUTDOWN, 0, "")
+      P.wait(function() return P.exit ~= nil end, "the runner to exit")
+      assert.are.equal(0, P.exit.code, P.text())
+      P.stop()
+    end)
   end)
 end)
