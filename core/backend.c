@@ -7,24 +7,23 @@
  * callback asks of its environment (docs/backends.md) comes out of its coroutine as
  * a request; the answer resumes it. The environment's plain functions are C of the
  * state itself (benv.c) and are no requests. Requests are served here, on the
- * runtime thread (timers, logs, processes: bsvc_*.c), or passed to the pool's Lua.
+ * runtime thread (timers, logs, processes, HTTP, runners and their links:
+ * bsvc_*.c); one the environment does not have is answered nil and why.
  *
  * Contract (Lua, methods of the hub object; the application's thread):
- *   hub:bk_new(name, bytes, path, runner) -> id   a backend state: the module `name`
- *        (flame.backends.NAME, else NAME), or the backend table the codec made into
- *        `bytes`; `path` is package.path for its require. Made on the thread pool;
- *        when it cannot be, every call on it fails with why.
+ *   hub:bk_new(name, bytes, path, runner, is_min) -> id   a backend state: the
+ *        module `name` (flame.backends.NAME, else NAME), or the backend table the
+ *        codec made into `bytes`; `path` is package.path for its require; is_min:
+ *        its runner keeps the pool's min. Made on the thread pool; when it cannot
+ *        be, every call on it fails with why.
  *   hub:bk_call(id, co, callback, arg)    runs callback ("init", "remote_boot",
  *        "remote_spawn_monitor", "handle_info", "remote_shutdown") as coroutine co
  *        (an id the caller picks, unique in this state); arg crosses as a bval.
- *   hub:bk_reply(id, co, ...) -> true | false, why   resumes co with the values;
- *        false when a value cannot cross (co is then resumed with nil and why).
  *   hub:bk_close(id)                      the state closes once its step is done;
  *        calls waiting end with "closed". A state outlives the pool's hub closing
  *        (a remote_shutdown may still run, a late exit reach handle_info): it holds
  *        the hub, and so its mailbox, until it is closed (or the process exits).
  * Events (the hub's mailbox):
- *   "breq", id, co, name, ...   coroutine co asks for name(...): answer bk_reply
  *   "bdone", id, co, "done", ...            the callback returned these
  *   "binfo", id, msg            a message for handle_info (a process's exit, ...)
  *   "blog", id, level, line     a line for the pool's log
@@ -204,6 +203,8 @@ struct bk {
   size_t nhandles, cap;
   int64_t next_handle;
   int nprocs;
+  int is_min;                       /* a runner booted to keep the pool's min */
+  struct blink *link;               /* bsvc_link.c's: its parents and boot wait */
   hub *h;                           /* held (hub_hold) while the state lives */
   sandbox *sb;                      /* the step thread's while a step runs */
   char *name, *path;                /* BS_START's */
@@ -491,8 +492,7 @@ static void bk_free(bk *b) {
   bk_fields_free(b);
 }
 
-/* The requests served here, on the runtime thread (bsvc.h); the others go to the
- * pool's Lua on the application's side, which answers with bk_reply. */
+/* The requests, served on the runtime thread (bsvc.h). */
 static const struct {
   const char *name;
   bk_service fn;
@@ -502,7 +502,10 @@ static const struct {
   { "proc_kill", bsvc_proc_kill }, { "proc_exited", bsvc_proc_exited },
   { "http_request", bsvc_http_request }, { "http_watch", bsvc_http_watch },
   { "http_stream", bsvc_http_stream }, { "stream_read", bsvc_stream_read },
-  { "stream_close", bsvc_stream_close }, { NULL, NULL }
+  { "stream_close", bsvc_stream_close }, { "parent_new", bsvc_parent_new },
+  { "await_remote_up", bsvc_await_remote_up }, { "local_terminator", bsvc_local_terminator },
+  { "spawn_monitor", bsvc_spawn_monitor }, { "config", bsvc_config },
+  { "flame_bin", bsvc_flame_bin }, { "code_paths", bsvc_code_paths }, { NULL, NULL }
 };
 
 static void serve(bk *b, bstep *st) {
@@ -517,17 +520,7 @@ static void serve(bk *b, bstep *st) {
       return;
     }
   }
-  hub_event *e = hub_event_new(EV_BREQ);
-  if (e == NULL) return;
-  e->tid = b->id;
-  e->id = (uint64_t)st->co;
-  e->text = st->name;
-  e->vals = st->out;
-  e->nvals = st->nout;
-  st->name = NULL;
-  st->out = NULL;
-  st->nout = 0;
-  hub_post(b->h, e);
+  bk_fail(b, st->co, "the backend environment has no %s", st->name);
 }
 
 static void step_after(uv_work_t *w, int status) {
@@ -647,6 +640,27 @@ uv_loop_t *bk_loop(void) {
 
 const char *bk_runner(const bk *b) {
   return b->runner ? b->runner : "?";
+}
+
+hub *bk_hub(bk *b) {
+  return b->h;
+}
+
+int64_t bk_id(const bk *b) {
+  return b->id;
+}
+
+int bk_is_min(const bk *b) {
+  return b->is_min;
+}
+
+struct blink **bk_link(bk *b) {
+  return &b->link;
+}
+
+bk *bk_find(int64_t id) {
+  bk *b = find(id);
+  return b && !b->closing ? b : NULL;
 }
 
 void bk_answer(bk *b, int64_t co, bval *vals, int n) {
@@ -910,12 +924,14 @@ static int l_bk_new(lua_State *L) {
   const char *spec = luaL_optlstring(L, 3, NULL, &slen);
   const char *path = luaL_optstring(L, 4, "");
   const char *runner = luaL_optstring(L, 5, "?");
+  int is_min = lua_toboolean(L, 6);
   luaL_argcheck(L, (name != NULL) != (spec != NULL), 2, "a module name or the backend's bytes");
   bk *b = calloc(1, sizeof *b);
   bcmd *m = calloc(1, sizeof *m);
   if (b == NULL || m == NULL) goto oom;
   b->id = (int64_t)atomic_fetch_add(&next_id, 1) + 1;
   b->h = lh->rt;
+  b->is_min = is_min;
   b->name = dup(name);
   b->path = dup(path);
   b->runner = dup(runner);
@@ -963,44 +979,6 @@ static int l_bk_call(lua_State *L) {
   return 0;
 }
 
-static int l_bk_reply(lua_State *L) {
-  luaL_checkudata(L, 1, HUB_MT);
-  lua_Integer id = luaL_checkinteger(L, 2);
-  lua_Integer co = luaL_checkinteger(L, 3);
-  int n = lua_gettop(L) - 3;
-  char why[200];
-  bval *vals = NULL;
-  int ok = bval_read_list(L, 4, n, &vals, why, sizeof why) == 0;
-  if (!ok) {                          /* the coroutine hears why instead */
-    char m2[260];
-    snprintf(m2, sizeof m2, "the answer cannot cross: %s", why);
-    n = 2;
-    vals = calloc(2, sizeof *vals);
-    if (vals == NULL || bval_set_str(&vals[1], m2, strlen(m2)) != 0) {
-      free(vals);
-      return luaL_error(L, "not enough memory");
-    }
-  }
-  bcmd *m = calloc(1, sizeof *m);
-  if (m == NULL) {
-    bval_list_free(vals, n);
-    return luaL_error(L, "not enough memory");
-  }
-  m->op = OP_REPLY;
-  m->id = id;
-  m->co = co;
-  m->vals = vals;
-  m->nvals = n;
-  bcmd_post(L, m);
-  if (ok) {
-    lua_pushboolean(L, 1);
-    return 1;
-  }
-  lua_pushboolean(L, 0);
-  lua_pushstring(L, why);
-  return 2;
-}
-
 static int l_bk_close(lua_State *L) {
   luaL_checkudata(L, 1, HUB_MT);
   lua_Integer id = luaL_checkinteger(L, 2);
@@ -1012,7 +990,7 @@ static int l_bk_close(lua_State *L) {
 
 void backend_lua_methods(lua_State *L) {
   static const luaL_Reg methods[] = {
-    { "bk_new", l_bk_new }, { "bk_call", l_bk_call }, { "bk_reply", l_bk_reply },
+    { "bk_new", l_bk_new }, { "bk_call", l_bk_call },
     { "bk_close", l_bk_close }, { NULL, NULL }
   };
   luaL_setfuncs(L, methods, 0);

@@ -311,7 +311,7 @@ static int benv_json_decode(lua_State *L) {
 /* --------------------------------------------------------------- others ---- */
 
 /* n characters of [a-z0-9] from the CSPRNG into out: 0, or uv_random's error. */
-static int random_chars(char *out, size_t n) {
+int benv_random_chars(char *out, size_t n) {
   static const char alphabet[] = "abcdefghijklmnopqrstuvwxyz0123456789";
   unsigned char b[256];
   int rc = uv_random(NULL, NULL, b, n, 0, NULL);
@@ -324,7 +324,7 @@ static int benv_random_id(lua_State *L) {
   lua_Integer n = luaL_optinteger(L, 1, 20);
   luaL_argcheck(L, n >= 1 && n <= 256, 1, "1 to 256 characters");
   char b[256];
-  int rc = random_chars(b, (size_t)n);
+  int rc = benv_random_chars(b, (size_t)n);
   if (rc != 0) return luaL_error(L, "random_id: %s", uv_strerror(rc));
   lua_pushlstring(L, b, (size_t)n);
   return 1;
@@ -417,7 +417,7 @@ static void read_line(const char *path, char *out, size_t n) {
 }
 
 static void identity_read(void) {
-  if (random_chars(identity.id, sizeof identity.id - 1) != 0)
+  if (benv_random_chars(identity.id, sizeof identity.id - 1) != 0)
     memset(identity.id, 'a', sizeof identity.id - 1);   /* as the zero bytes gave */
   identity.pid = (long)uv_os_getpid();
   read_line("/proc/sys/kernel/hostname", identity.host, sizeof identity.host);

@@ -46,6 +46,16 @@ void bk_info(bk *b, bval *msg);
 void bk_log(bk *b, const char *level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 void bk_procs(bk *b, int delta);
 const char *bk_runner(const bk *b);
+/* The state's hub, id and whether its runner keeps the pool's min; bk_link is
+ * bsvc_link.c's slot for what it keeps of the state (NULL until it needs one).
+ * bk_find: the open state with that id, or NULL. */
+struct hub;
+struct blink;
+struct hub *bk_hub(bk *b);
+int64_t bk_id(const bk *b);
+int bk_is_min(const bk *b);
+struct blink **bk_link(bk *b);
+bk *bk_find(int64_t id);
 
 void bk_res_add(bk *b, bk_res *r);
 void bk_res_remove(bk_res *r);
@@ -54,7 +64,7 @@ int64_t bk_handle_new(bk *b, int kind, void *obj);
 void *bk_handle_get(bk *b, int64_t id, int kind);
 void bk_handle_drop(bk *b, int64_t id);
 
-enum { BK_H_PROCESS = 1, BK_H_STREAM };
+enum { BK_H_PROCESS = 1, BK_H_STREAM, BK_H_TERM };
 
 /* A table answer, built field by field: 0, or -1 out of memory (t holds what it
  * had). */
@@ -77,5 +87,12 @@ void bsvc_http_watch(bk *b, int64_t co, bval *args, int n);
 void bsvc_http_stream(bk *b, int64_t co, bval *args, int n);
 void bsvc_stream_read(bk *b, int64_t co, bval *args, int n);
 void bsvc_stream_close(bk *b, int64_t co, bval *args, int n);
+void bsvc_parent_new(bk *b, int64_t co, bval *args, int n);
+void bsvc_await_remote_up(bk *b, int64_t co, bval *args, int n);
+void bsvc_local_terminator(bk *b, int64_t co, bval *args, int n);
+void bsvc_spawn_monitor(bk *b, int64_t co, bval *args, int n);
+void bsvc_config(bk *b, int64_t co, bval *args, int n);
+void bsvc_flame_bin(bk *b, int64_t co, bval *args, int n);
+void bsvc_code_paths(bk *b, int64_t co, bval *args, int n);
 
 #endif

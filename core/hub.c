@@ -10,8 +10,8 @@
  *   core.hub{ host, port, heartbeat_interval, heartbeat_misses, max_message,
  *             on_event = fn(kind, ...) } -> hub | nil, message
  *   hub:address() -> ip, port
- *   hub:expect(ref, secret)   a runner the hub will accept (secret: raw bytes)
- *   hub:forget(ref)           no longer: a runner that comes later is refused
+ *   (runners expected and awaited: hub.h, for bsvc_link.c's parent_new and
+ *   await_remote_up)
  *   hub:send(tid, type, id, payload [, prefix]), hub:close_term(tid, reason)
  *   hub:close()               closes the listener and every connection
  * Events, in the order they happened:
@@ -142,6 +142,10 @@ typedef struct expect {
   unsigned char secret[SECRET_MAX];
   size_t slen;
   int claimed, users;               /* users: connections in the handshake with it */
+  hub_up_fn fn;                     /* who awaits it (hub_await), or NULL */
+  void *ud;
+  int64_t up_tid, up_pid;           /* up before anyone awaited it: kept until then */
+  char *up_host;
 } expect;
 
 typedef struct tick {
@@ -161,6 +165,8 @@ typedef struct hconn {
   int64_t tid;
   uint64_t msgs, deadline;
   wire_heartbeat hb;
+  hub_code_fn code_fn;              /* a code_sync waiting for its answer (CODE) */
+  void *code_ud;
   char peer[80];
 } hconn;
 
@@ -176,6 +182,7 @@ struct hub {
   int holds;                        /* backend states still open (hub_hold) */
   int64_t interval, misses, next_tid;
   size_t max_message;
+  struct blink_cfg *boot;           /* what runners are booted with (bsvc_link.c) */
   /* hub_open's arguments and answer */
   struct sockaddr_storage addr;
   int err;
@@ -198,7 +205,15 @@ static void expect_drop(hub *h, expect *x) {
     }
   }
   free(x->ref);
+  free(x->up_host);
   free(x);
+}
+
+/* Out of the hub's list once no handshake uses it; until then a forgotten one. */
+static void expect_retire(hub *h, expect *x) {
+  x->fn = NULL;
+  if (x->users == 0) expect_drop(h, x);
+  else x->ref[0] = '\0';
 }
 
 static void done_handshaking(hconn *hc) {
@@ -280,6 +295,17 @@ static void on_proof(hconn *hc, const buf *msg) {
   hc->stage = H_AUTH;
 }
 
+static void hand_off(hub *h, expect *x) {
+  hub_up_fn fn = x->fn;
+  void *ud = x->ud;
+  int64_t tid = x->up_tid, pid = x->up_pid;
+  char *host = x->up_host;
+  x->up_host = NULL;
+  expect_retire(h, x);
+  fn(ud, tid, pid, host, NULL);
+  free(host);
+}
+
 static void on_up(hconn *hc, const buf *msg) {
   hub *h = hc->hub;
   expect *x = hc->entry;
@@ -291,21 +317,17 @@ static void on_up(hconn *hc, const buf *msg) {
   cJSON *doc = cJSON_ParseWithLength(msg->data ? (const char *)msg->data : "", msg->len);
   const cJSON *pid = cJSON_GetObjectItemCaseSensitive(doc, "pid");
   const cJSON *host = cJSON_GetObjectItemCaseSensitive(doc, "host");
-  event *e = calloc(1, sizeof *e);
   hc->tid = ++h->next_tid;
   hc->stage = H_UP;
   hc->hb.heard = hc->msgs;
   link_limits(hc->c, h->max_message, LINK_PARTIALS_MAX);
-  if (e) {
-    e->kind = EV_UP;
-    e->tid = hc->tid;
-    e->pid = cJSON_IsNumber(pid) ? (int64_t)pid->valuedouble : 0;
-    e->text = dup_str(x->ref);
-    e->text2 = cJSON_IsString(host) ? dup_str(host->valuestring) : NULL;
-    post(h->mb, e);
-  }
+  x->up_tid = hc->tid;
+  x->up_pid = cJSON_IsNumber(pid) && pid->valuedouble > 0 && pid->valuedouble < 4194305
+                ? (int64_t)pid->valuedouble : 0;
+  x->up_host = cJSON_IsString(host) ? dup_str(host->valuestring) : NULL;
   cJSON_Delete(doc);
-  done_handshaking(hc);
+  done_handshaking(hc);                      /* x stays: it is claimed, not forgotten */
+  if (x->fn) hand_off(h, x);                 /* else kept until hub_await */
 }
 
 static void on_message(link_conn *c, void *ud, int type, uint64_t id, buf *msg) {
@@ -316,8 +338,12 @@ static void on_message(link_conn *c, void *ud, int type, uint64_t id, buf *msg) 
   if (hc->stage == H_UP) {
     if (type == WIRE_RESULT) {               /* the pool's: the call's slot and caller */
       pool_on_result(hc->hub->pool, hc->tid, id, msg);
-    } else if (type == WIRE_REMOTE_SHUTDOWN || type == WIRE_CODE) {
-      if (type == WIRE_REMOTE_SHUTDOWN) pool_on_draining(hc->hub->pool, hc->tid);
+    } else if (type == WIRE_CODE) {           /* the answer to a code_sync */
+      hub_code_fn fn = hc->code_fn;
+      hc->code_fn = NULL;
+      if (fn) fn(hc->code_ud, hc->tid, msg, NULL);
+    } else if (type == WIRE_REMOTE_SHUTDOWN) {
+      pool_on_draining(hc->hub->pool, hc->tid);
       event *e = calloc(1, sizeof *e);
       if (e == NULL) {
         link_close(hc->c, "not enough memory for a runner's message");
@@ -360,6 +386,7 @@ static void on_close(link_conn *c, void *ud, const char *reason) {
   }
   done_handshaking(hc);
   if (hc->stage == H_UP) {
+    if (hc->code_fn) hc->code_fn(hc->code_ud, hc->tid, NULL, reason);
     pool_on_lost(h->pool, hc->tid);          /* no call goes to it any more */
     post_text(h->mb, EV_LOST, hc->tid, reason);
   } else if (hc->stage != H_REFUSED && strncmp(reason, "protocol", 8) == 0) {
@@ -444,6 +471,7 @@ void hub_maybe_free(hub *h) {
   if (h->pool && !pool_rt_closed(h->pool)) return;
   pool_rt_free(h->pool);
   h->pool = NULL;
+  blink_cfg_free(h->boot);
   while (h->expects) expect_drop(h, h->expects);
   event *e = calloc(1, sizeof *e);
   if (e) {
@@ -534,33 +562,82 @@ void hub_post(hub *h, hub_event *e) {
   post(h->mb, e);
 }
 
-static void cmd_expect(void *arg) {
-  hcmd *c = arg;
-  expect *x = calloc(1, sizeof *x);
-  if (x && c->data.len <= SECRET_MAX) {
-    x->ref = c->ref;
-    c->ref = NULL;
-    memcpy(x->secret, c->data.data, c->data.len);
-    x->slen = c->data.len;
-    x->next = c->h->expects;
-    c->h->expects = x;
-  } else {
-    free(x);                                /* never accepted: its boot times out */
+int hub_expect(hub *h, const char *ref, const unsigned char *secret, size_t slen) {
+  expect *x = slen >= 1 && slen <= SECRET_MAX && !h->closing ? calloc(1, sizeof *x) : NULL;
+  if (x == NULL || (x->ref = strdup(ref)) == NULL) {
+    free(x);
+    return -1;
   }
-  hcmd_free(c);
+  memcpy(x->secret, secret, slen);
+  x->slen = slen;
+  x->next = h->expects;
+  h->expects = x;
+  return 0;
 }
 
-static void cmd_forget(void *arg) {
-  hcmd *c = arg;
-  expect *x = expect_find(c->h, c->ref);
-  if (x) {
-    if (x->users == 0) {
-      expect_drop(c->h, x);
-    } else {
-      x->ref[0] = '\0';                      /* a handshake in progress ends refused */
-    }
+void hub_forget(hub *h, const char *ref) {
+  expect *x = expect_find(h, ref);
+  if (x == NULL) return;
+  if (x->up_tid) {                           /* up, but no boot took it */
+    hconn *hc = find_term(h, x->up_tid);
+    if (hc) link_close(hc->c, "boot abandoned");
   }
-  hcmd_free(c);
+  expect_retire(h, x);                       /* a handshake in progress ends refused */
+}
+
+int hub_await(hub *h, const char *ref, hub_up_fn fn, void *ud) {
+  expect *x = expect_find(h, ref);
+  if (x == NULL || x->fn) return -1;
+  x->fn = fn;
+  x->ud = ud;
+  if (x->up_tid == 0) return 0;
+  hand_off(h, x);
+  return 1;
+}
+
+void hub_await_cancel(hub *h, const char *ref) {
+  expect *x = expect_find(h, ref);
+  if (x) x->fn = NULL;
+}
+
+int hub_code_send(hub *h, int64_t tid, const void *raw, size_t rawlen, const void *pack,
+                  size_t packlen, hub_code_fn fn, void *ud) {
+  hconn *hc = find_term(h, tid);
+  if (hc == NULL || link_closing(hc->c) || hc->code_fn) return -1;
+  int rc = link_send(hc->c, WIRE_CODE, 0, raw, rawlen, pack, packlen);
+  if (rc != 0) return rc;
+  hc->code_fn = fn;
+  hc->code_ud = ud;
+  return 0;
+}
+
+void hub_code_cancel(hub *h, int64_t tid) {
+  hconn *hc = find_term(h, tid);
+  if (hc) hc->code_fn = NULL;
+}
+
+void hub_term_close(hub *h, int64_t tid, const char *reason) {
+  hconn *hc = find_term(h, tid);
+  if (hc) link_close(hc->c, reason);
+}
+
+void hub_post_up(hub *h, const char *ref, int64_t tid, int64_t pid, const char *host) {
+  event *e = calloc(1, sizeof *e);
+  if (e == NULL) return;
+  e->kind = EV_UP;
+  e->tid = tid;
+  e->pid = pid;
+  e->text = dup_str(ref);
+  e->text2 = host ? dup_str(host) : NULL;
+  post(h->mb, e);
+}
+
+struct blink_cfg **hub_boot(hub *h) {
+  return &h->boot;
+}
+
+int hub_closing(const hub *h) {
+  return h->closing;
 }
 
 static void cmd_send(void *arg) {
@@ -590,6 +667,16 @@ static void cmd_close(void *arg) {
     uv_close((uv_handle_t *)&h->tick->timer, tick_free);
   }
   for (hconn *hc = h->conns; hc; hc = hc->next) link_close(hc->c, "the pool is shutting down");
+  /* boots waiting for their runner learn it now */
+  for (;;) {                                 /* a callback may retire others: from the top */
+    expect *x = h->expects;
+    while (x && x->fn == NULL) x = x->next;
+    if (x == NULL) break;
+    hub_up_fn fn = x->fn;
+    void *ud = x->ud;
+    expect_retire(h, x);
+    if (fn) fn(ud, 0, 0, NULL, "the pool is shutting down");
+  }
   hub_maybe_free(h);
 }
 
@@ -607,7 +694,7 @@ static int event_call(lua_State *L) {
   static const char *const kinds[] = { "up", "message", "lost", "refused", "dropped",
                                        "closed", "done", "fail", "grow", "shrink", "idle",
                                        "via", "reencode", "drained", "runner_failed",
-                                       "breq", "bdone", "binfo", "blog", "bprocs" };
+                                       "bdone", "binfo", "blog", "bprocs" };
   lua_settop(L, 0);
   lua_rawgeti(L, LUA_REGISTRYINDEX, aa->event_ref);
   lua_pushstring(L, kinds[e->kind]);
@@ -685,11 +772,6 @@ static int event_call(lua_State *L) {
       lua_pushinteger(L, (lua_Integer)e->id);
       lua_pushinteger(L, e->pid);
       lua_pushinteger(L, e->tid);
-      break;
-    case EV_BREQ:                             /* state, co, name, values... */
-      lua_pushinteger(L, e->tid);
-      lua_pushinteger(L, (lua_Integer)e->id);
-      lua_pushstring(L, e->text ? e->text : "");
       break;
     case EV_BINFO:                            /* state, msg */
       lua_pushinteger(L, e->tid);
@@ -783,34 +865,6 @@ static hcmd *hcmd_new(lua_State *L, lhub *lh) {
   if (c == NULL) luaL_error(L, "not enough memory");
   c->h = lh->rt;
   return c;
-}
-
-static int hub_expect(lua_State *L) {
-  lhub *lh = hub_check(L);
-  const char *ref = luaL_checkstring(L, 2);
-  size_t slen;
-  const char *secret = luaL_checklstring(L, 3, &slen);
-  luaL_argcheck(L, slen >= 1 && slen <= SECRET_MAX, 3, "a secret of 1 to 256 bytes expected");
-  hcmd *c = hcmd_new(L, lh);
-  if ((c->ref = strdup(ref)) == NULL || buf_append(&c->data, secret, slen) != 0) {
-    hcmd_free(c);
-    return luaL_error(L, "not enough memory");
-  }
-  posted(L, cmd_expect, c);
-  return 0;
-}
-
-static int hub_forget(lua_State *L) {
-  lhub *lh = luaL_checkudata(L, 1, HUB_MT);
-  const char *ref = luaL_checkstring(L, 2);
-  if (lh->rt == NULL) return 0;
-  hcmd *c = hcmd_new(L, lh);
-  if ((c->ref = strdup(ref)) == NULL) {
-    hcmd_free(c);
-    return luaL_error(L, "not enough memory");
-  }
-  posted(L, cmd_forget, c);
-  return 0;
 }
 
 /* hub:send(tid, type, id, payload [, prefix]): payload a string or a flame.bytes;
@@ -994,7 +1048,7 @@ static int l_hub(lua_State *L) {
 
 void flame_hub_open(lua_State *L) {
   static const luaL_Reg methods[] = {
-    { "expect", hub_expect }, { "forget", hub_forget }, { "send", hub_send },
+    { "send", hub_send },
     { "close_term", hub_close_term }, { "address", hub_address }, { "close", hub_close },
     { NULL, NULL }
   };
@@ -1002,6 +1056,7 @@ void flame_hub_open(lua_State *L) {
     luaL_newlib(L, methods);
     pool_lua_methods(L);
     backend_lua_methods(L);
+    blink_lua_methods(L);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, hub_gc);
     lua_setfield(L, -2, "__gc");

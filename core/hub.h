@@ -22,6 +22,7 @@
 #ifndef FLAME_HUB_H
 #define FLAME_HUB_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include <lua.h>
@@ -38,7 +39,7 @@ enum {
   EV_UP, EV_MESSAGE, EV_LOST, EV_REFUSED, EV_DROPPED, EV_CLOSED,
   EV_DONE, EV_FAIL, EV_GROW, EV_SHRINK, EV_IDLE, EV_VIA, EV_REENCODE, EV_DRAINED,
   EV_RFAIL,
-  EV_BREQ, EV_BDONE, EV_BINFO, EV_BLOG, EV_BPROCS   /* backend.c's */
+  EV_BDONE, EV_BINFO, EV_BLOG, EV_BPROCS   /* backend.c's */
 };
 
 typedef struct hub_event {
@@ -63,6 +64,42 @@ int64_t hub_new_tid(hub *h);
 pool_rt *hub_pool(hub *h);
 void hub_maybe_free(hub *h);
 
+/* Runners expected and awaited (bsvc_link.c's await_remote_up):
+ * - hub_expect: a runner with ref and secret will be accepted: 0, or -1 (no memory,
+ *   or the hub is closing).
+ * - hub_await: fn(ud, tid, pid, host, NULL) once that runner has proved itself and
+ *   reported REMOTE_UP (now, returning 1, when it already has; else 0), or
+ *   fn(ud, 0, 0, NULL, why) when the hub closes first; -1 for a ref not expected or
+ *   already awaited. The ref is then forgotten: nobody else can come with it.
+ * - hub_await_cancel: fn is not called; hub_forget: no runner comes with ref any
+ *   more (one up and not awaited yet is closed, "boot abandoned").
+ * - hub_code_send: sends a CODE frame (raw then pack, copied) to runner tid and
+ *   calls fn(ud, tid, answer, NULL) with the runner's CODE answer, or fn(ud, tid,
+ *   NULL, why) when its link ends first: 0, or -1 (no such link, or a code_sync is
+ *   already waiting on it). hub_code_cancel: fn is not called.
+ * - hub_post_up: tells the application's side of runner tid ("up").
+ * - hub_term_close: closes runner tid's link with reason. */
+typedef void (*hub_up_fn)(void *ud, int64_t tid, int64_t pid, const char *host,
+                          const char *err);
+typedef void (*hub_code_fn)(void *ud, int64_t tid, const buf *answer, const char *err);
+int hub_expect(hub *h, const char *ref, const unsigned char *secret, size_t slen);
+void hub_forget(hub *h, const char *ref);
+int hub_await(hub *h, const char *ref, hub_up_fn fn, void *ud);
+void hub_await_cancel(hub *h, const char *ref);
+int hub_code_send(hub *h, int64_t tid, const void *raw, size_t rawlen, const void *pack,
+                  size_t packlen, hub_code_fn fn, void *ud);
+void hub_code_cancel(hub *h, int64_t tid);
+void hub_post_up(hub *h, const char *ref, int64_t tid, int64_t pid, const char *host);
+void hub_term_close(hub *h, int64_t tid, const char *reason);
+int hub_closing(const hub *h);
+
+/* bsvc_link.c: what runners of this hub's pool are booted with, kept in the hub
+ * (set by hub:boot_config); freed with it. */
+struct blink_cfg;
+struct blink_cfg **hub_boot(hub *h);
+void blink_cfg_free(struct blink_cfg *c);
+void blink_lua_methods(lua_State *L);
+
 /* pool.c */
 pool_rt *pool_rt_new(hub *h);
 void pool_rt_close(pool_rt *p);
@@ -71,6 +108,15 @@ void pool_rt_free(pool_rt *p);
 void pool_on_result(pool_rt *p, int64_t tid, uint64_t id, buf *msg);
 void pool_on_draining(pool_rt *p, int64_t tid);
 void pool_on_lost(pool_rt *p, int64_t tid);
+/* A backend's spawn_monitor: sends held call id to runner tid: 1, or 0 with why. */
+int pool_via_sent(pool_rt *p, uint64_t id, int64_t tid, char *err, size_t errlen);
+/* A local runner: an executor on the runtime loop (its workers starting: wait for
+ * them with executor_ready, off the loop): its tid, or -1 with why. */
+struct executor;
+struct sandbox_config;
+int64_t pool_local_term(pool_rt *p, int workers, const struct sandbox_config *cfg,
+                        struct executor **ex, char *err, size_t errlen);
+void pool_local_close(pool_rt *p, int64_t tid);
 
 /* A backend state holds its hub (and so its mailbox) until it closes: the hub is
  * freed after its last release. Runtime thread. */

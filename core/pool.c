@@ -973,24 +973,25 @@ static void op_idle_answer(pool_rt *p, pcmd *m) {
   else idle_watch(p, r);
 }
 
-static void op_via_sent(pool_rt *p, pcmd *m) {
-  pcall *c = call_find(p, m->id);
-  m->ret = 0;
+int pool_via_sent(pool_rt *p, uint64_t id, int64_t tid, char *err, size_t errlen) {
+  pcall *c = call_find(p, id);
   if (c == NULL || c->state != C_HELD) {
-    snprintf(m->err, sizeof m->err, "spawn_monitor: no such call");
-    return;
+    snprintf(err, errlen, "spawn_monitor: no such call");
+    return 0;
   }
-  if (c->r->tid != m->tid) {
-    snprintf(m->err, sizeof m->err, "spawn_monitor: the call is for runner %s", c->r->name);
-    return;
+  if (c->r->tid != tid) {
+    snprintf(err, errlen, "spawn_monitor: the call is for runner %s", c->r->name);
+    return 0;
   }
   prunner *r = c->r;
-  if (transmit(p, r, c)) {
-    m->ret = 1;
-    return;
-  }
-  snprintf(m->err, sizeof m->err, "spawn_monitor: runner %s could not take the call", r->name);
+  if (transmit(p, r, c)) return 1;
+  snprintf(err, errlen, "spawn_monitor: runner %s could not take the call", r->name);
   serve(p);                                   /* it may have gone back to the queue */
+  return 0;
+}
+
+static void op_via_sent(pool_rt *p, pcmd *m) {
+  m->ret = pool_via_sent(p, m->id, m->tid, m->err, sizeof m->err);
 }
 
 static void op_via_failed(pool_rt *p, pcmd *m) {
@@ -1078,31 +1079,35 @@ static void op_stats(pool_rt *p, pcmd *m) {
   m->st[7] = peak_running;
 }
 
-static void op_local_term(pool_rt *p, pcmd *m) {
+int64_t pool_local_term(pool_rt *p, int workers, const sandbox_config *cfg, executor **ex,
+                        char *err, size_t errlen) {
   lterm *lt = calloc(1, sizeof *lt);
-  m->ret = -1;
   if (lt == NULL) {
-    snprintf(m->err, sizeof m->err, "not enough memory");
-    return;
+    snprintf(err, errlen, "not enough memory");
+    return -1;
   }
   lt->p = p;
   lt->tid = hub_new_tid(p->h);
-  const char *err = "";
-  lt->ex = executor_new(L_(), m->workers, &m->cfg, EXECUTOR_PRESTART, local_done, lt, &err);
+  const char *why = "";
+  lt->ex = executor_new(L_(), workers, cfg, EXECUTOR_PRESTART, local_done, lt, &why);
   if (lt->ex == NULL) {
-    snprintf(m->err, sizeof m->err, "executor: %s", err);
+    snprintf(err, errlen, "executor: %s", why);
     free(lt);
-    return;
+    return -1;
   }
   lt->next = p->lterms;
   p->lterms = lt;
-  m->ret = lt->tid;
-  m->ex = lt->ex;
+  *ex = lt->ex;
+  return lt->tid;
 }
 
-static void op_local_close(pool_rt *p, pcmd *m) {
+static void op_local_term(pool_rt *p, pcmd *m) {
+  m->ret = pool_local_term(p, m->workers, &m->cfg, &m->ex, m->err, sizeof m->err);
+}
+
+void pool_local_close(pool_rt *p, int64_t tid) {
   for (lterm **q = &p->lterms; *q; q = &(*q)->next) {
-    if ((*q)->tid == m->tid) {
+    if ((*q)->tid == tid) {
       lterm *lt = *q;
       *q = lt->next;
       prunner *r = runner_find(p, lt->tid);
@@ -1112,6 +1117,10 @@ static void op_local_close(pool_rt *p, pcmd *m) {
       return;
     }
   }
+}
+
+static void op_local_close(pool_rt *p, pcmd *m) {
+  pool_local_close(p, m->tid);
 }
 
 static void op_local_stats(pool_rt *p, pcmd *m) {

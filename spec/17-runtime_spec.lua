@@ -275,6 +275,79 @@ describe("a backend state's requests", function()
     end
   end)
 
+  it("answers a misused runner service, and one the environment has not, with nil and why",
+    function()
+    local msg = boot_says("misused-link", function(_, env)
+      local out = {}
+      local function try(name, f, ...)
+        local ok, a, b = pcall(f, ...)
+        out[#out + 1] = ("%s=[%s|%s|%s]"):format(name, tostring(ok), tostring(a), tostring(b))
+      end
+      try("unknown", coroutine.yield, "no_such_service")
+      try("no-record", env.await_remote_up, "ref")
+      try("unknown-ref", env.await_remote_up, { ref = "nobody" })
+      local rec = env.parent_new { node_base = "misused" }
+      try("bad-timeout", env.await_remote_up, rec, -5)
+      try("workers", env.local_terminator, { max_concurrency = 0 })
+      try("profile", env.local_terminator, { max_concurrency = 1, sandbox = { profile = "x" } })
+      try("monitor", env.spawn_monitor, { __flame_handle = 1 }, { id = 1 })
+      -- the record: what the pool was told, fresh ref and secret
+      out[#out + 1] = ("record=[%s|%s|%s|%d|%s|%s]"):format(rec.node_base, rec.backend,
+        tostring(rec.settings.max_concurrency), #rec.ref, tostring(#rec.secret > 40),
+        tostring(rec.addrs[1]):match("^127%.0%.0%.1:%d+$") and "addr" or tostring(rec.addrs[1]))
+      return nil, table.concat(out, " ")
+    end, { max_concurrency = 7, link = { bind = "127.0.0.1" } })
+    for _, want in ipairs {
+      "unknown=[true|nil|the backend environment has no no_such_service]",
+      "no-record=[true|nil|await_remote_up: a parent record from parent_new expected]",
+      "unknown-ref=[true|nil|no runner is expected with this ref]",
+      "bad-timeout=[true|nil|await_remote_up: timeout must be milliseconds >= 0]",
+      "workers=[true|nil|local_terminator: max_concurrency in [1, 4096] expected]",
+      "profile=[true|nil|local_terminator: unknown sandbox profile 'x']",
+      "monitor=[true|nil|spawn_monitor: not a terminator]",
+      "record=[misused|process|7|20|true|addr]",
+    } do
+      assert.matches(want, msg, 1, true)
+    end
+  end)
+
+  it("meets its runner in await_remote_up while the program computes", function()
+    local dir = H.tmpdir()
+    local booting, up = dir .. "/booting", dir .. "/up"
+    local function touch(env, file) assert(env.proc.run { path = "/bin/touch", args = { file } }) end
+    -- the process backend, with a file made when remote_boot starts and when it has
+    -- its runner
+    local p = H.pool { name = "boot-beside", boot_timeout = 120000, link = LINK, backend = {
+      init = function(opts, env) return require("flame.backends.process").init(opts, env) end,
+      remote_boot = function(state, env)
+        touch(env, booting)
+        local term, st = require("flame.backends.process").remote_boot(state, env)
+        if term then touch(env, up) end
+        return term, st
+      end,
+      handle_info = function(msg, state, env)
+        return require("flame.backends.process").handle_info(msg, state, env)
+      end,
+      remote_shutdown = function(state, reason, env)
+        return require("flame.backends.process").remote_shutdown(state, reason, env)
+      end,
+    } }
+    local t = flame.spawn(function() return flame.call(p, which_runner) end)
+    assert.is_true(H.wait_for(function() return H.exists(booting) end, 60000),
+      "remote_boot did not start")
+    -- from here on this thread never returns to flame until the runner is met:
+    -- its process starts, connects, proves itself and reaches the backend's state
+    local t0, seen = core.hrtime(), false
+    while core.hrtime() - t0 < 60e9 do
+      if H.exists(up) then seen = true break end
+      compute(5)
+    end
+    assert.is_true(seen, "await_remote_up did not return while the program computed")
+    assert.is_string(t:await())
+    assert.are.equal(1, p:stats().runners)
+    H.rmdir(dir)
+  end)
+
   it("gives the pool's log a backend's long line whole", function()
     local lines = {}
     local p = H.pool { name = "long-line", boot_timeout = 60000, backend = {

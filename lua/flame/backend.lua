@@ -3,10 +3,8 @@
 -- I/O), owned by the runtime thread and stepped on libuv's thread pool, so a
 -- backend that computes holds up neither the program nor the heartbeats; a
 -- callback that computes for 2 s without waiting is stopped. What a callback asks
--- of its environment that is not plain C of its state comes here as a request
--- ("breq"), served by `serve` in a task of its own (it may wait) and answered with
--- bk_reply. Objects the backend holds (processes, terminators) stay with `serve`;
--- the backend gets handles.
+-- of its environment is served on the runtime thread (core/bsvc_*.c) or is plain
+-- C of its state (core/benv.c); the backend gets handles for what it holds.
 -- @module flame.backend
 local core = require "flame.core"
 local task = require "flame.task"
@@ -18,10 +16,11 @@ Host.__index = Host
 
 --- A backend state for one runner on the pool's hub (`engine`). spec is the pool's
 -- backend: a module name, or a table (copied in with the codec). `hosts` maps the
--- hub's state ids to their hosts, for the events. `on` has what the services on the
--- runtime thread tell: runner (its name, for logs), info(msg) for handle_info,
+-- hub's state ids to their hosts, for the events. `on` has the runner's name (for
+-- logs), is_min (it keeps the pool's min: its idle time is min_idle_shutdown_after)
+-- and what the services on the runtime thread tell: info(msg) for handle_info,
 -- log(level, line), procs(count) (its processes still running).
-function M.new(engine, spec, serve, hosts, on)
+function M.new(engine, spec, hosts, on)
   local name, bytes = nil, nil
   if type(spec) == "string" then
     name = spec
@@ -30,9 +29,10 @@ function M.new(engine, spec, serve, hosts, on)
     if not b then return nil, "cannot send the backend table to its state: " .. tostring(err) end
     bytes = b
   end
-  local ok, id = pcall(engine.bk_new, engine, name, bytes, package.path, on.runner)
+  local ok, id = pcall(engine.bk_new, engine, name, bytes, package.path, on.runner,
+                       on.is_min or false)
   if not ok then return nil, "cannot make a backend state: " .. tostring(id) end
-  local host = setmetatable({ engine = engine, id = id, serve = serve, hosts = hosts,
+  local host = setmetatable({ engine = engine, id = id, hosts = hosts,
                               calls = {}, next_co = 0, on = on }, Host)
   hosts[id] = host
   return host
@@ -55,20 +55,6 @@ function Host:call(cb, arg)
   self.calls[co] = nil
   if r[1] == "done" then return table.unpack(r, 2, r.n) end
   error(tostring(r[2]), 0)
-end
-
---- A request of coroutine co: served in a task, answered.
-function Host:request(co, name, ...)
-  local args = table.pack(...)
-  task.spawn(function()
-    local r = table.pack(pcall(self.serve, name, table.unpack(args, 1, args.n)))
-    if self.closed then return end
-    if r[1] then
-      pcall(self.engine.bk_reply, self.engine, self.id, co, table.unpack(r, 2, r.n))
-    else
-      pcall(self.engine.bk_reply, self.engine, self.id, co, nil, tostring(r[2]))
-    end
-  end)
 end
 
 --- A callback's end: "done", results... or "error", message.

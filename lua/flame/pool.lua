@@ -9,7 +9,6 @@ local code_sync = require "flame.code_sync"
 local errors = require "flame.errors"
 local task = require "flame.task"
 local logmod = require "flame.log"
-local parentmod = require "flame.parent"
 local remote = require "flame.remote"
 local backend = require "flame.backend"
 
@@ -186,124 +185,34 @@ local function flame_bin()
   return "flame"
 end
 
--- The backend environment's requests from a runner's backend state that are still
--- served here, on the application's thread: those that need the pool's Lua side
--- (its hub, its terminators, code_sync's pack). Timers, logs, processes and HTTP
--- are served on the runtime thread (core/bsvc_*.c), the plain functions in the
--- state itself (core/benv.c); docs/backends.md has what each does. Terminators
--- stay here; the backend gets handles.
-local function backend_server(pool, runner)
-  local handles, next_handle = {}, 0
-  runner.handles = handles
-  local function keep(obj, kind, extra)
-    next_handle = next_handle + 1
-    handles[next_handle] = obj
-    local h = { __flame_handle = next_handle, kind = kind }
-    for k, v in pairs(extra or {}) do h[k] = v end
-    return h
-  end
-  local S = {}
-  function S.config(name) return pool.config[name] or {} end
-  S.flame_bin = flame_bin
-  -- where this program finds its modules now: a runner on this machine that is
-  -- given them finds the same ones (a lib/ put on package.path at run time too)
-  function S.code_paths()
-    return { path = package.path, cpath = package.cpath, cwd = core.cwd() }
-  end
-  function S.parent_new(fields)
-    local hub = assert(pool:hub())
-    local o = pool.opts
-    local function ms(v) return v == math.huge and -1 or v end
-    local idle = type(o.idle_shutdown_after) == "table" and o.idle_shutdown_after[1]
-      or o.idle_shutdown_after
-    if runner.is_min then idle = o.min_idle_shutdown_after end
-    local p = parentmod.new {
-      node_base = fields and fields.node_base, host_env = fields and fields.host_env,
-      backend = type(o.backend) == "string" and o.backend or (fields and fields.backend),
-      addrs = hub.addrs,
-      settings = {
-        max_concurrency = o.max_concurrency, shutdown_timeout = ms(o.shutdown_timeout),
-        idle_shutdown_after = ms(idle), failsafe_timeout = ms(o.boot_timeout),
-        -- the check comes in CONFIG after REMOTE_UP: the runner must not idle before
-        idle_check = type(o.idle_shutdown_after) == "table" or nil,
-        heartbeat_interval = hub.opts.heartbeat_interval,
-        heartbeat_misses = hub.opts.heartbeat_misses,
-        sandbox = sandbox_settings(o.sandbox),
-      },
-    }
-    if o.code_sync and o.backend ~= "local" then
-      -- what to ship, now: modules loaded since the last boot are in it
-      local code, err = code_sync.pack(o.code_sync, pool.code)
-      if not code then error(err, 0) end
-      pool:code_ready(code)
-      runner.code = code
-      p.settings.code_sync = true
-    end
-    hub:expect(p)
-    runner.parents[#runner.parents + 1] = p.ref
-    return p
-  end
-
-  function S.await_remote_up(p, timeout)
-    local hub = assert(pool:hub())
-    if type(p) ~= "table" or type(p.ref) ~= "string" then
-      error("await_remote_up: a parent record from parent_new expected", 0)
-    end
-    if runner.failed then return nil, runner.failed end  -- handle_info told already
-    runner.awaiting = p.ref
-    local term, err = hub:await(p, timeout or pool.opts.boot_timeout)
-    runner.awaiting = nil
-    if not term then return nil, err end
-    if runner.code then                       -- its code first, before any call
-      local ok, why = term:sync_code(runner.code, pool.opts.boot_timeout)
-      if not ok then
-        term:close("code_sync failed")
-        return nil, why
-      end
-    end
-    return keep(term, "terminator")
-  end
-
-  -- A local runner: an executor on the runtime thread's loop, whose workers run
-  -- calls in sandboxes of this process.
-  function S.local_terminator(state)
-    local sb = type(state) == "table" and state.sandbox or {}
-    local engine = pool.engine
-    local ok, tid, why = pcall(engine.local_term, engine, {
-      workers = state.max_concurrency,
-      profile = sb.profile or "application",
-      memory_limit = sb.memory_limit or 0,
-      info = assert(core.encode(nil, { ref = runner.id, backend = "local",
-        node_base = runner.id, flame_vsn = core.VERSION })),
-      -- the workers find modules where this program does now (a lib/ it put on
-      -- package.path at run time included), as a process runner does
-      path = package.path, cpath = package.cpath,
-    })
-    if not ok then return nil, tostring(tid) end
-    if not tid then return nil, why end       -- a sandbox that cannot be made fails the boot
-    return keep(setmetatable({ engine = engine, tid = tid }, LocalTerm), "terminator")
-  end
-
-  function S.spawn_monitor(h, work)
-    local term = type(h) == "table" and handles[h.__flame_handle]
-    if not term or not term.tid then error("spawn_monitor: not a terminator", 0) end
-    if type(work) ~= "table" or math.type(work.id) ~= "integer" then
-      error("spawn_monitor: the work given to remote_spawn_monitor expected", 0)
-    end
-    local ok, err = pool.engine:via_sent(work.id, term.tid)
-    if not ok then
-      runner.send_error = err
-      error(err, 0)
-    end
-    runner.sent[work.id] = true
-    return work.id
-  end
-
-  return function(name, ...)
-    local f = S[name]
-    if not f then error("the backend environment has no " .. tostring(name), 0) end
-    return f(...)
-  end
+-- What the runtime side boots this pool's runners with (core/bsvc_link.c serves
+-- the backend environment's parent_new, await_remote_up, local_terminator,
+-- spawn_monitor, flame_bin and code_paths from it): told before each boot, as
+-- where this program finds its modules may have changed (a lib/ put on
+-- package.path at run time: a runner on this machine finds the same ones).
+local function boot_config(pool)
+  local o, hub = pool.opts, pool.hub_
+  local function ms(v) return v == math.huge and -1 or v end
+  local idle = type(o.idle_shutdown_after) == "table" and o.idle_shutdown_after[1]
+    or o.idle_shutdown_after
+  return {
+    backend = type(o.backend) == "string" and o.backend or nil,
+    addrs = hub.addrs or {},
+    settings = {
+      max_concurrency = o.max_concurrency, shutdown_timeout = ms(o.shutdown_timeout),
+      failsafe_timeout = ms(o.boot_timeout),
+      -- the check comes in CONFIG after REMOTE_UP: the runner must not idle before
+      idle_check = type(o.idle_shutdown_after) == "table" or nil,
+      heartbeat_interval = hub.opts.heartbeat_interval,
+      heartbeat_misses = hub.opts.heartbeat_misses,
+      sandbox = sandbox_settings(o.sandbox),
+    },
+    idle = ms(idle), min_idle = ms(o.min_idle_shutdown_after),
+    boot_timeout = o.boot_timeout,
+    code_sync = (o.code_sync and o.backend ~= "local") or nil,
+    flame_bin = flame_bin(),
+    code_paths = { path = package.path, cpath = package.cpath, cwd = core.cwd() },
+  }
 end
 
 --- The pool's hub: the pool's object on the runtime thread (core/hub.c and
@@ -408,6 +317,7 @@ function Pool:code_ready(code)
     code.gen = self.code_gen
     code.how = { name = "work", buffer = true, head = SPAWN_HEADER, synced = code.synced }
     self.hows[code.gen] = code.how
+    self.engine:boot_code(code.gen, code.pack, code.raw, code.hash)  -- runners from now get it
     self.log.info("code_sync: %d files, %d bytes, sha256 %s", code.files, code.bytes,
       code.hash:sub(1, 12))
   end
@@ -467,13 +377,10 @@ function EVENTS.via(self, id, tid, timeout, link)
     return
   end
   task.spawn(function()
-    r.send_error = nil
     local ok, e = pcall(r.host.call, r.host, "remote_spawn_monitor",
       { id = id, link = link, timeout = timeout })
-    local sent = r.sent[id]
-    r.sent[id] = nil
-    if ok and sent then return end
-    if ok then e = r.send_error or "the backend did not send the call" end
+    if ok then e = "the backend did not send the call" end
+    -- a call its spawn_monitor sent is not held any more: this changes nothing then
     self.engine:via_failed(id, tid,
       ("runner %s could not take the call: %s"):format(r.id, tostring(e)))
   end)
@@ -497,12 +404,7 @@ function EVENTS.reencode(self, id, gen, tid)
   f:set("fail", "encode", tostring(ok and err or b))
 end
 
--- A backend state's request, and a callback's end (core/backend.c).
-function EVENTS.breq(self, id, co, name, ...)
-  local host = self.hosts[id]
-  if host then host:request(co, name, ...) end
-end
-
+-- A backend callback's end, and what its services tell (core/backend.c).
 function EVENTS.bdone(self, id, co, status, ...)
   local host = self.hosts[id]
   if host then host:done(co, status, ...) end
@@ -536,6 +438,17 @@ function Pool:event(kind, ...)
   if fn then fn(self, ...) end
 end
 
+-- The terminator a backend's remote_boot returned (a handle of its state): a local
+-- runner's executor, or a remote runner's link (the hub heard of it first), or nil.
+function Pool:terminator(host, h, runner)
+  if math.type(h.__flame_handle) ~= "integer" then return nil end
+  local tid, is_local, code = self.engine:bk_term(host.id, h.__flame_handle)
+  if not tid then return nil end
+  runner.code = code ~= 0 and code or nil
+  if is_local then return setmetatable({ engine = self.engine, tid = tid }, LocalTerm) end
+  return self.hub_.terms[tid]
+end
+
 -- Boots one runner in a task of its own, for the runtime side's grow; tells it the
 -- end (boot_up or boot_failed).
 function Pool:boot(boot_no, is_min, count)
@@ -545,8 +458,8 @@ function Pool:boot(boot_no, is_min, count)
   self.log.info("runner %s booting", id)
   local engine = self.engine
   task.spawn(function()
-    local runner = { id = id, pool = self, status = "booting", parents = {}, sent = {},
-                     is_min = is_min, nprocs = 0 }  -- processes its backend started, running
+    local runner = { id = id, pool = self, status = "booting", is_min = is_min,
+                     nprocs = 0 }             -- processes its backend started, running
     self.booting[runner] = true              -- a shutdown fails it and waits for its end
     local told = false                       -- the runtime side hears the end, whatever happens
     local guard <close> = setmetatable({}, { __close = function()
@@ -564,9 +477,16 @@ function Pool:boot(boot_no, is_min, count)
       pool = self.name, runner_id = id,
     }
     for k, v in pairs(self.opts.backend_opts or {}) do settings[k] = v end
-    local host, err = backend.new(self.engine, self.opts.backend, backend_server(self, runner),
-      self.hosts, {
-        runner = id,
+    local host, err
+    if self.opts.code_sync and self.opts.backend ~= "local" then
+      -- what to ship, now: modules loaded since the last boot are in it
+      local code, why = code_sync.pack(self.opts.code_sync, self.code)
+      if code then self:code_ready(code) else err = why end
+    end
+    if not err then
+      self.engine:boot_config(boot_config(self))
+      host, err = backend.new(self.engine, self.opts.backend, self.hosts, {
+        runner = id, is_min = is_min,
         info = function(msg) self:info(runner, msg) end,
         log = function(level, line)
           local log = self.log[level] or self.log.info
@@ -577,6 +497,7 @@ function Pool:boot(boot_no, is_min, count)
           self:ended_check(runner)
         end,
       })
+    end
     local term, made, inited
     local ok = host ~= nil
     if ok then
@@ -586,9 +507,9 @@ function Pool:boot(boot_no, is_min, count)
       if ok then
         local ok2, h, why = pcall(host.call, host, "remote_boot")
         ok, err = ok2, ok2 and why or h
-        term = ok2 and type(h) == "table" and runner.handles[h.__flame_handle] or nil
+        term = ok2 and type(h) == "table" and self:terminator(host, h, runner) or nil
         made = term
-        if ok2 and h and not (term and term.tid) then
+        if ok2 and h and not term then
           ok, err, term = false, "remote_boot returned something that is not a terminator", nil
         end
         if term and runner.failed then          -- declared down while it booted
@@ -604,9 +525,8 @@ function Pool:boot(boot_no, is_min, count)
         :format(self.name, id, reason))
       call_hook(self, "on_grow_end", reason, { name = self.name, count = #self.runners })
       runner.status = "down"
-      if self.hub_ then
-        for _, ref in ipairs(runner.parents) do self.hub_:forget(ref) end
-      end
+      -- a runner of this boot that connects later is refused
+      if host then pcall(self.engine.bk_fail, self.engine, host.id, reason) end
       if made and made.close then made:close() end  -- connected, but the boot failed
       -- the backend releases what it made (a container, a process group) as after
       -- any runner; its requests still running are cancelled when its state closes
@@ -622,9 +542,8 @@ function Pool:boot(boot_no, is_min, count)
     end
     self.by_tid[runner.tid] = runner
     runner.status = "up"
-    local code = runner.code
     told = true
-    local n = engine:boot_up(boot_no, runner.tid, code and code.gen or 0, id)
+    local n = engine:boot_up(boot_no, runner.tid, runner.code or 0, id)
     if not n then                              -- the pool closed meanwhile
       self.by_tid[runner.tid] = nil
       self:stop_runner(runner)
@@ -769,7 +688,7 @@ function Pool:info(r, msg)
     reason = tostring(ok and (reason or "the backend reported the runner down") or alive)
     if r.status == "booting" then
       r.failed = reason                      -- the boot fails with it
-      if r.awaiting and self.hub_ then self.hub_:fail(r.awaiting, reason) end
+      pcall(self.engine.bk_fail, self.engine, host.id, reason)
     else
       self:runner_down(r, reason)
     end
@@ -970,7 +889,7 @@ function Pool:shutdown()
   for r in pairs(self.booting) do booting[#booting + 1] = r end
   for _, r in ipairs(booting) do
     r.failed = r.failed or ("pool '%s' is shutting down"):format(self.name)
-    if r.awaiting and self.hub_ then self.hub_:fail(r.awaiting, r.failed) end
+    if r.host then pcall(self.engine.bk_fail, self.engine, r.host.id, r.failed) end
   end
   for _, r in ipairs(booting) do
     if self.booting[r] then

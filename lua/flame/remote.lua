@@ -1,18 +1,17 @@
 --- The parent's side of the link: a hub listens for a pool's runners, makes each
 -- prove it holds its runner's secret (and proves the parent does too), and hands
--- the authenticated connection to whoever awaits that runner's ref as a *remote
--- terminator*: submit, kill, shutdown, close. The hub itself is C on the runtime
+-- the authenticated connection to the boot that awaits it (core/bsvc_link.c's
+-- await_remote_up); here it is a *remote terminator*: configure, shutdown, close,
+-- and its runner's events. The hub itself is C on the runtime
 -- thread (core/hub.c): listening, the handshake, heartbeats and frames go on while
 -- this state computes, and what happens reaches this module as events. Anything
 -- else that connects (a wrong secret, an old protocol, random bytes, an unknown ref)
 -- is closed and logged, and nothing it sent runs.
 -- @module flame.remote
 local core = require "flame.core"
-local task = require "flame.task"
 local wire = require "flame.wire"
 
 local M = {}
-local loop = task.loop
 
 local Term = {}
 Term.__index = Term
@@ -23,26 +22,6 @@ function Term:configure(idle_check)
   local bytes, err = core.encode({ name = "idle_shutdown_after[2]" }, idle_check)
   if not bytes then error(err, 0) end
   self.hub.c:send(self.tid, wire.CONFIG, 0, bytes)
-end
-
---- code_sync: sends the pack (code_sync.pack's record) and waits until the runner
--- has unpacked it and started its workers: true, or nil and why not.
-function Term:sync_code(code, timeout)
-  if self.closed then return nil, "code_sync: the runner's link is closed" end
-  local f = task.future()
-  self.code_wait = f
-  self.hub.c:send(self.tid, wire.CODE, 0, code.pack, code.raw)
-  local timer = timeout < math.huge and loop:timer(timeout, function()
-    f:set(nil, ("code_sync: the runner did not take its code within %d ms (a runner of an "
-      .. "older flame ignores it: run the same flame on both sides)"):format(timeout))
-  end)
-  local answer, err = f:wait()
-  if timer then timer:stop() end
-  self.code_wait = nil
-  if not answer then return nil, err end
-  if answer:sub(1, 1) == "o" and answer:sub(2) == code.hash then return true end
-  if answer:sub(1, 1) == "e" then return nil, answer:sub(2) end
-  return nil, "code_sync: the runner's answer does not match the pack sent: " .. answer:sub(1, 80)
 end
 
 --- Asks the runner to stop taking work, drain and exit.
@@ -75,8 +54,6 @@ function Term:lost(reason)
   self.gone = true
   self.closed = true                      -- the hub has closed its link already
   self.hub.terms[self.tid] = nil
-  if self.code_wait then self.code_wait:set(nil, "code_sync: lost the link to the runner: "
-    .. tostring(reason)) end
   self:emit("lost", reason)
 end
 
@@ -88,7 +65,7 @@ Hub.__index = Hub
 -- heartbeat_misses, max_message, log; listen = false for a pool without remote
 -- runners; on_pool(kind, ...) hears the pool's events (core/pool.c).
 function M.hub(opts)
-  local h = setmetatable({ pending = {}, log = opts.log, opts = opts, terms = {},
+  local h = setmetatable({ log = opts.log, opts = opts, terms = {},
                            refusals = 0, drops = 0 }, Hub)
   h.on_pool = opts.on_pool
   local c, err = core.hub { host = opts.bind or "127.0.0.1", port = opts.port or 0,
@@ -104,65 +81,16 @@ function M.hub(opts)
   return h
 end
 
---- Registers a runner the hub will accept: its parent record (ref, secret).
-function Hub:expect(p)
-  self.pending[p.ref] = { parent = p, future = task.future() }
-  self.c:expect(p.ref, core.b64decode(p.secret))
-end
-
-function Hub:forget(ref)
-  self.pending[ref] = nil
-  if not self.closed then self.c:forget(ref) end
-end
-
---- Ends the wait for a runner that will not come (its process exited, say).
-function Hub:fail(ref, reason)
-  local entry = self.pending[ref]
-  if entry then entry.future:set(nil, reason) end
-end
-
---- Waits until the runner with this ref has connected and authenticated; returns
--- its terminator, or nil and why not.
-function Hub:await(p, timeout)
-  local entry = self.pending[p.ref]
-  if not entry then return nil, "no runner is expected with this ref" end
-  local timer
-  if timeout and timeout < math.huge then
-    timer = loop:timer(timeout, function()
-      entry.future:set(nil, ("the runner did not connect within the boot timeout of %d ms")
-        :format(timeout))
-    end)
-  end
-  local term, err = entry.future:wait()
-  if timer then timer:stop() end
-  self:forget(p.ref)                          -- a runner that comes later is refused
-  if not term and entry.term then entry.term:close("boot abandoned") end
-  return term, err
-end
-
 -- What the hub on the runtime thread tells: runners up, their messages, links lost,
 -- connections refused.
 function Hub:event(kind, a, b, c, d, ...)
-  if kind == "up" then
-    local entry = self.pending[a]
-    local term = setmetatable({ hub = self, tid = b, early = {},
+  if kind == "up" then                         -- handed to its boot's await_remote_up
+    self.terms[b] = setmetatable({ hub = self, tid = b, early = {},
       pid = c ~= 0 and c or nil, host = d }, Term)
-    self.terms[b] = term
-    if not entry or entry.future.done then       -- its boot is over: not wanted
-      term:close("boot abandoned")
-      self.terms[b] = nil
-      return
-    end
-    entry.term = term
-    entry.future:set(term)
   elseif kind == "message" then
     local term = self.terms[a]
     if not term then return end
-    if b == wire.REMOTE_SHUTDOWN then
-      term:emit("remote_shutdown", d)
-    elseif b == wire.CODE then
-      if term.code_wait then term.code_wait:set(d) end
-    end
+    if b == wire.REMOTE_SHUTDOWN then term:emit("remote_shutdown", d) end
   elseif kind == "lost" then
     local term = self.terms[a]
     if term then term:lost(b) end
@@ -180,10 +108,7 @@ end
 function Hub:close()
   if self.closed then return end
   self.closed = true
-  self.c:close()
-  for _, entry in pairs(self.pending) do       -- boots in flight learn it at once
-    entry.future:set(nil, "the pool is shutting down")
-  end
+  self.c:close()                               -- boots in flight learn it at once
 end
 
 return M
