@@ -188,6 +188,14 @@ typedef struct bstep {
   char *msg;                        /* BO_ERROR */
 } bstep;
 
+/* A callback the runtime side itself called (backend_call): its end goes to fn. */
+typedef struct bkcall {
+  struct bkcall *next;
+  int64_t co;
+  bk_done_fn fn;
+  void *ud;
+} bkcall;
+
 typedef struct bhandle {
   int64_t id;
   int kind;
@@ -212,6 +220,8 @@ struct bk {
   char *start_err;                  /* the state could not be made */
   bstep *queue, *tail;
   bstep *running;
+  bkcall *ccalls;                   /* backend_call's, not ended yet */
+  int64_t next_cco;
   uv_work_t work;
   int closing;
   bstep close_step;
@@ -456,6 +466,15 @@ static void step_work(uv_work_t *w) {
 static void pump(bk *b);
 
 static void post_done(bk *b, int64_t co, int ok, bval *vals, int n, const char *msg) {
+  for (bkcall **q = &b->ccalls; *q; q = &(*q)->next) {
+    if ((*q)->co == co) {             /* the runtime side's own call */
+      bkcall *c = *q;
+      *q = c->next;
+      c->fn(c->ud, ok, vals, n, ok ? NULL : (msg ? msg : "failed"));
+      free(c);
+      return;
+    }
+  }
   hub_event *e = hub_event_new(EV_BDONE);
   if (e == NULL) {
     bval_list_free(vals, n);
@@ -615,6 +634,8 @@ static void close_bk(bk *b) {
     step_free(st);
     st = next;
   }
+  while (b->ccalls)                   /* waiting on a request that will not be answered */
+    post_done(b, b->ccalls->co, 0, NULL, 0, "the runner's backend state is closed");
   bstep *c = &b->close_step;          /* made with b: a close needs no memory */
   memset(c, 0, sizeof *c);
   c->kind = BS_CLOSE;
@@ -630,6 +651,39 @@ static void backends_at_stop(void) {
     close_bk(b);
     b = next;
   }
+}
+
+int backend_call(int64_t id, const char *cb, bval *arg, bk_done_fn fn, void *ud) {
+  bk *b = find(id);
+  bkcall *c = b && !b->closing ? calloc(1, sizeof *c) : NULL;
+  bstep *st = c ? calloc(1, sizeof *st) : NULL;
+  if (st == NULL || (st->cb = strdup(cb)) == NULL) {
+    free(st);
+    free(c);
+    bval_free(arg);
+    return -1;
+  }
+  /* apart from the ids the pool's Lua picks (counted from 1) */
+  c->co = ((int64_t)1 << 48) + ++b->next_cco;
+  c->fn = fn;
+  c->ud = ud;
+  c->next = b->ccalls;
+  b->ccalls = c;
+  st->kind = BS_CALL;
+  st->co = c->co;
+  st->in = malloc(sizeof *st->in);
+  if (st->in == NULL) {
+    b->ccalls = c->next;
+    free(c);
+    step_free(st);
+    bval_free(arg);
+    return -1;
+  }
+  *st->in = *arg;
+  arg->type = BV_NIL;
+  st->nin = 1;
+  enqueue(b, st);
+  return 0;
 }
 
 /* ------------------------------------------------- for the services (bsvc.h) ---- */

@@ -693,7 +693,7 @@ static int event_call(lua_State *L) {
   const event *e = lua_touserdata(L, 2);
   static const char *const kinds[] = { "up", "message", "lost", "refused", "dropped",
                                        "closed", "done", "fail", "grow", "shrink", "idle",
-                                       "via", "reencode", "drained", "runner_failed",
+                                       "reencode", "drained", "runner_failed",
                                        "bdone", "binfo", "blog", "bprocs" };
   lua_settop(L, 0);
   lua_rawgeti(L, LUA_REGISTRYINDEX, aa->event_ref);
@@ -760,13 +760,6 @@ static int event_call(lua_State *L) {
       break;
     case EV_IDLE:
       lua_pushinteger(L, e->tid);
-      break;
-    case EV_VIA:                              /* id, tid, timeout (ms or nil), link */
-      lua_pushinteger(L, (lua_Integer)e->id);
-      lua_pushinteger(L, e->tid);
-      if (e->pid >= 0) lua_pushinteger(L, e->pid);
-      else lua_pushnumber(L, HUGE_VAL);
-      lua_pushboolean(L, e->type);
       break;
     case EV_REENCODE:                         /* id, the runner's code, the runner */
       lua_pushinteger(L, (lua_Integer)e->id);

@@ -37,7 +37,7 @@ typedef struct pool_rt pool_rt;
 /* The events of hub.c's header comment, then the pool's (pool.c's comment). */
 enum {
   EV_UP, EV_MESSAGE, EV_LOST, EV_REFUSED, EV_DROPPED, EV_CLOSED,
-  EV_DONE, EV_FAIL, EV_GROW, EV_SHRINK, EV_IDLE, EV_VIA, EV_REENCODE, EV_DRAINED,
+  EV_DONE, EV_FAIL, EV_GROW, EV_SHRINK, EV_IDLE, EV_REENCODE, EV_DRAINED,
   EV_RFAIL,
   EV_BDONE, EV_BINFO, EV_BLOG, EV_BPROCS   /* backend.c's */
 };
@@ -122,6 +122,14 @@ void pool_local_close(pool_rt *p, int64_t tid);
  * freed after its last release. Runtime thread. */
 void hub_hold(hub *h);
 void hub_release(hub *h);
+
+/* backend.c: runs callback cb of backend state id with arg (taken) for the runtime
+ * side itself; fn(ud, ok, results, n, NULL) or fn(ud, 0, NULL, 0, why) once it has
+ * ended (fn takes the results), also when the state closes first. 0, or -1 (no
+ * such open state, no memory: fn is not called). */
+struct bval;
+typedef void (*bk_done_fn)(void *ud, int ok, struct bval *vals, int n, const char *msg);
+int backend_call(int64_t id, const char *cb, struct bval *arg, bk_done_fn fn, void *ud);
 
 /* backend.c: its methods on the hub object. */
 void backend_lua_methods(lua_State *L);

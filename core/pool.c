@@ -12,12 +12,11 @@
  *   hub:call(id, work, timeout_ms, link, code)      a call: its bytes taken, no copy
  *   hub:cancel(id)                 the caller went away: out of the queue, or its
  *                                  linked work killed (its slot waits for the end)
- *   hub:boot_up(boot, tid, code, name) -> count | nil   sync; nil: the pool closed
+ *   hub:boot_up(boot, tid, code, name, bk) -> count | nil   sync; nil: the pool
+ *                                  closed; bk: the runner's backend state
  *   hub:boot_failed(boot, message)
  *   hub:runner_down(tid, reason, quiet) -> count    sync; its callers get "down"
  *   hub:idle_answer(tid, ready)
- *   hub:via_sent(id, tid) -> true | nil, why         sync; a backend's spawn_monitor
- *   hub:via_failed(id, tid, reason)   the try on runner tid failed
  *   hub:reencoded(id, tid, work)   for runner tid's code
  *   hub:close_pool() -> busy       sync; queued callers get "shutdown"; "drained"
  *                                  comes when busy reaches 0
@@ -25,9 +24,8 @@
  *                                  "shutdown"; the runners are out of the pool
  *   hub:pool_stats() -> { runners, pending, busy, waiting, calls, peak_busy,
  *                         workers, peak_running }    sync
- *   hub:local_term{ workers, profile, memory_limit, info, path, cpath }
- *                  -> tid | nil, why   sync; an executor on the runtime loop, ready
- *   hub:local_close(tid), hub:local_stats(tid) -> table (sync)
+ *   hub:local_close(tid), hub:local_stats(tid) -> table (sync)   a local runner's
+ *                                  executor (made by bsvc_link.c's local_terminator)
  * Events (through the hub's mailbox, in order):
  *   "done", id, status, payload, leaving     a call's answer (leaving: its runner
  *                                             was shutting down)
@@ -38,11 +36,13 @@
  *   "shrink", tid, why, count       the runner left the pool (idle, single use):
  *                                   stop it
  *   "idle", tid                     run the idle check, then idle_answer
- *   "via", id, tid, timeout, link   the backend's remote_spawn_monitor sends it
  *   "reencode", id, code, tid       encode again for runner tid's code, then
  *                                   reencoded (its slot is held)
  *   "drained"                       after close_pool, no call is running any more
  *   "runner_failed", tid, why       a local runner could not take a call: down it
+ * A pool whose backend has its own remote_spawn_monitor hands each call to it here,
+ * on the runtime thread (backend_call); the call is held until the backend's
+ * spawn_monitor sends it (pool_via_sent), else it goes to another runner.
  * Every call ends with exactly one "done" or "fail" unless it was cancelled.
  * Threads: everything but the Lua functions runs on the runtime thread; the Lua
  * functions post commands (or wait for them) and read nothing of the runtime's.
@@ -58,6 +58,8 @@
 
 #include "flame.h"
 #include "buf.h"
+#include "bsvc.h"
+#include "bval.h"
 #include "executor.h"
 #include "hub.h"
 #include "loop.h"
@@ -107,6 +109,7 @@ struct prunner {
   prunner *next;
   pool_rt *p;
   int64_t tid;
+  int64_t bk;                       /* its backend state (backend.c), 0: none */
   lterm *lt;                        /* a local runner's executor, or NULL (remote) */
   int status, inflight, used, is_min, code, peak, checking;
   pcall *calls;
@@ -457,6 +460,47 @@ static int transmit(pool_rt *p, prunner *r, pcall *c) {
   return 0;
 }
 
+static void via_failed(pool_rt *p, uint64_t id, int64_t tid, const char *why);
+
+/* A call the backend's remote_spawn_monitor was to send: its end. */
+typedef struct via {
+  hub *h;
+  uint64_t id;
+  int64_t tid;
+} via;
+
+static void via_done(void *ud, int ok, bval *vals, int n, const char *msg) {
+  via *v = ud;
+  bval_list_free(vals, n);
+  /* sent (spawn_monitor transmitted it): the call is not held any more, and this
+   * changes nothing; else it goes to another runner */
+  via_failed(hub_pool(v->h), v->id, v->tid, ok ? "the backend did not send the call" : msg);
+  free(v);
+}
+
+/* Hands call c to runner r's backend (remote_spawn_monitor), holding its slot:
+ * 0, or -1 when it cannot be asked. */
+static int via_backend(pool_rt *p, prunner *r, pcall *c) {
+  via *v = malloc(sizeof *v);
+  bval arg = { .type = BV_NIL }, tmo = { .type = BV_NUM };
+  int64_t left = ms_left(c);                  /* no deadline: math.huge, as a call's */
+  tmo.u.n = left < 0 ? HUGE_VAL : (double)left;
+  if (v == NULL || bk_table_set_int(&arg, "id", (lua_Integer)c->id) != 0
+      || bk_table_set_bool(&arg, "link", c->link) != 0
+      || bk_table_set(&arg, "timeout", &tmo) != 0) {
+    free(v);
+    bval_free(&arg);
+    return -1;
+  }
+  *v = (via){ p->h, c->id, r->tid };
+  c->state = C_HELD;
+  if (backend_call(r->bk, "remote_spawn_monitor", &arg, via_done, v) != 0) {
+    free(v);
+    return -1;
+  }
+  return 0;
+}
+
 static void send_call(pool_rt *p, prunner *r, pcall *c) {
   if (c->code != r->code) {   /* code_sync: encoded for other code */
     hub_event *e = ev(EV_REENCODE);
@@ -470,16 +514,15 @@ static void send_call(pool_rt *p, prunner *r, pcall *c) {
     }
   }
   if (!p->direct) {                           /* the backend's remote_spawn_monitor */
-    hub_event *e = ev(EV_VIA);
-    if (e) {
-      c->state = C_HELD;
-      e->id = c->id;
-      e->tid = r->tid;
-      e->pid = ms_left(c);
-      e->type = c->link;
-      hub_post(p->h, e);
-      return;
-    }
+    if (via_backend(p, r, c) == 0) return;
+    c->state = C_HELD;
+    char why[256];
+    snprintf(why, sizeof why, "runner %s could not take the call: its backend state is closed",
+             r->name);
+    untake(p, r, c);
+    requeue(p, c, why, r->name);
+    runner_failed(p, r, why);
+    return;
   }
   (void)transmit(p, r, c);
 }
@@ -760,8 +803,8 @@ static void pool_unregister(pool_rt *p) {
 
 enum {
   OP_CONFIGURE, OP_CALL, OP_CANCEL, OP_BOOT_UP, OP_BOOT_FAILED, OP_RUNNER_DOWN,
-  OP_IDLE_ANSWER, OP_VIA_SENT, OP_VIA_FAILED, OP_REENCODED, OP_CLOSE_POOL, OP_STOP_ALL,
-  OP_STATS, OP_LOCAL_TERM, OP_LOCAL_CLOSE, OP_LOCAL_STATS
+  OP_IDLE_ANSWER, OP_REENCODED, OP_CLOSE_POOL, OP_STOP_ALL,
+  OP_STATS, OP_LOCAL_CLOSE, OP_LOCAL_STATS
 };
 
 typedef struct pcmd {
@@ -775,12 +818,8 @@ typedef struct pcmd {
   /* configure */
   int max, min, slots, single_use, direct, idle_check;
   double idle_ms, min_idle_ms;
-  /* local_term */
-  int workers;
-  sandbox_config cfg;               /* its strings the caller's, who waits */
   /* answers of sync commands */
   int64_t ret;
-  executor *ex;
   char err[256];
   long st[8];
   executor_stats xs;
@@ -872,6 +911,7 @@ static void op_boot_up(pool_rt *p, pcmd *m) {
   }
   r->p = p;
   r->tid = m->tid;
+  r->bk = m->ms;                              /* its backend state */
   r->code = (int)m->code;
   r->is_min = is_min;
   r->lt = lterm_find(p, m->tid);
@@ -990,18 +1030,17 @@ int pool_via_sent(pool_rt *p, uint64_t id, int64_t tid, char *err, size_t errlen
   return 0;
 }
 
-static void op_via_sent(pool_rt *p, pcmd *m) {
-  m->ret = pool_via_sent(p, m->id, m->tid, m->err, sizeof m->err);
-}
-
-static void op_via_failed(pool_rt *p, pcmd *m) {
-  pcall *c = call_find(p, m->id);
+static void via_failed(pool_rt *p, uint64_t id, int64_t tid, const char *msg) {
+  pcall *c = call_find(p, id);
   /* only the try it was for: the call may be held for another runner by now */
-  if (c == NULL || c->state != C_HELD || c->r->tid != m->tid) return;
+  if (c == NULL || c->state != C_HELD || c->r->tid != tid) return;
   prunner *r = c->r;
+  char why[400];
+  snprintf(why, sizeof why, "runner %s could not take the call: %s", r->name,
+           msg ? msg : "the backend did not send the call");
   untake(p, r, c);
-  requeue(p, c, m->text ? m->text : "the backend did not send the call", r->name);
-  runner_failed(p, r, m->text ? m->text : "the backend did not send the call");
+  requeue(p, c, why, r->name);
+  runner_failed(p, r, why);
   serve(p);
 }
 
@@ -1101,10 +1140,6 @@ int64_t pool_local_term(pool_rt *p, int workers, const sandbox_config *cfg, exec
   return lt->tid;
 }
 
-static void op_local_term(pool_rt *p, pcmd *m) {
-  m->ret = pool_local_term(p, m->workers, &m->cfg, &m->ex, m->err, sizeof m->err);
-}
-
 void pool_local_close(pool_rt *p, int64_t tid) {
   for (lterm **q = &p->lterms; *q; q = &(*q)->next) {
     if ((*q)->tid == tid) {
@@ -1147,8 +1182,8 @@ static void pcmd_run(void *arg) {
   pcmd *m = arg;
   pool_rt *p = hub_pool(m->h);
   int sync = m->op == OP_CONFIGURE || m->op == OP_BOOT_UP || m->op == OP_RUNNER_DOWN
-             || m->op == OP_VIA_SENT || m->op == OP_CLOSE_POOL || m->op == OP_STOP_ALL
-             || m->op == OP_STATS || m->op == OP_LOCAL_TERM || m->op == OP_LOCAL_STATS;
+             || m->op == OP_CLOSE_POOL || m->op == OP_STOP_ALL
+             || m->op == OP_STATS || m->op == OP_LOCAL_STATS;
   if (p && !p->closing) {
     switch (m->op) {
       case OP_CONFIGURE: op_configure(p, m); break;
@@ -1158,20 +1193,14 @@ static void pcmd_run(void *arg) {
       case OP_BOOT_FAILED: op_boot_failed(p, m); break;
       case OP_RUNNER_DOWN: op_runner_down(p, m); break;
       case OP_IDLE_ANSWER: op_idle_answer(p, m); break;
-      case OP_VIA_SENT: op_via_sent(p, m); break;
-      case OP_VIA_FAILED: op_via_failed(p, m); break;
       case OP_REENCODED: op_reencoded(p, m); break;
       case OP_CLOSE_POOL: op_close_pool(p, m); break;
       case OP_STOP_ALL: op_stop_all(p, m); break;
       case OP_STATS: op_stats(p, m); break;
-      case OP_LOCAL_TERM: op_local_term(p, m); break;
       case OP_LOCAL_CLOSE: op_local_close(p, m); break;
       case OP_LOCAL_STATS: op_local_stats(p, m); break;
       default: break;
     }
-  } else if (m->op == OP_LOCAL_TERM) {
-    snprintf(m->err, sizeof m->err, "the pool is shutting down");
-    m->ret = -1;
   }
   if (!sync) pcmd_free(m);
 }
@@ -1291,22 +1320,6 @@ static int l_with_id(lua_State *L, int op) {
 
 static int l_cancel(lua_State *L) { return l_with_id(L, OP_CANCEL); }
 static int l_idle_answer(lua_State *L) { return l_with_id(L, OP_IDLE_ANSWER); }
-/* hub:via_failed(id, tid, reason) */
-static int l_via_failed(lua_State *L) {
-  lhub *lh = lhub_of(L);
-  lua_Integer id = luaL_checkinteger(L, 2), tid = luaL_checkinteger(L, 3);
-  const char *why = luaL_checkstring(L, 4);
-  if (lh->rt == NULL) return 0;
-  pcmd *m = pcmd_new(L, lh, OP_VIA_FAILED);
-  m->id = (uint64_t)id;
-  m->tid = tid;
-  if ((m->text = dup(why)) == NULL) {
-    pcmd_free(m);
-    return luaL_error(L, "not enough memory");
-  }
-  post_cmd(L, m);
-  return 0;
-}
 static int l_local_close(lua_State *L) { return l_with_id(L, OP_LOCAL_CLOSE); }
 
 static int l_boot_up(lua_State *L) {
@@ -1314,7 +1327,9 @@ static int l_boot_up(lua_State *L) {
   lua_Integer b = luaL_checkinteger(L, 2), tid = luaL_checkinteger(L, 3);
   lua_Integer code = luaL_optinteger(L, 4, 0);
   const char *name = luaL_optstring(L, 5, "?");
+  lua_Integer bkid = luaL_optinteger(L, 6, 0);
   pcmd *m = pcmd_new(L, lh, OP_BOOT_UP);
+  m->ms = bkid;
   m->boot = b;
   m->tid = tid;
   m->code = code;
@@ -1354,26 +1369,6 @@ static int l_runner_down(lua_State *L) {
   return 1;
 }
 
-static int l_via_sent(lua_State *L) {
-  lhub *lh = lhub_of(L);
-  lua_Integer id = luaL_checkinteger(L, 2), tid = luaL_checkinteger(L, 3);
-  pcmd *m = pcmd_new(L, lh, OP_VIA_SENT);
-  m->id = (uint64_t)id;
-  m->tid = tid;
-  snprintf(m->err, sizeof m->err, "spawn_monitor: the pool is shut down");
-  call_cmd(m);
-  if (m->ret) {
-    pcmd_free(m);
-    lua_pushboolean(L, 1);
-    return 1;
-  }
-  lua_pushnil(L);
-  lua_pushstring(L, m->err);
-  pcmd_free(m);
-  return 2;
-}
-
-/* hub:reencoded(id, tid, work) */
 static int l_reencoded(lua_State *L) {
   lhub *lh = lhub_of(L);
   lua_Integer id = luaL_checkinteger(L, 2), tid = luaL_checkinteger(L, 3);
@@ -1429,54 +1424,6 @@ static int l_pool_stats(lua_State *L) {
 
 /* hub:local_term{ workers, profile, memory_limit, requires, info, path, cpath }
  * -> tid | nil, why: an executor on the runtime loop, its first sandbox made */
-static int l_local_term(lua_State *L) {
-  lhub *lh = lhub_of(L);
-  luaL_checktype(L, 2, LUA_TTABLE);
-  /* everything read before the command is made: an error here leaks nothing */
-  int workers = opt_int(L, 2, "workers", 1);
-  if (workers < 1 || workers > 4096)
-    return luaL_error(L, "local_term: workers in [1, 4096] expected");
-  sandbox_config cfg = { SANDBOX_APPLICATION, 0, NULL, NULL, 0, NULL, NULL };
-  const char *profile = str_field(L, 2, "profile", NULL);
-  if (profile && sandbox_profile_parse(profile, &cfg.profile))
-    return luaL_error(L, "local_term: unknown profile '%s'", profile);
-  lua_getfield(L, 2, "memory_limit");
-  lua_Integer limit = luaL_optinteger(L, -1, 0);
-  cfg.memory_limit = limit > 0 ? (size_t)limit : 0;
-  /* on the stack until the command has run (it waits): executor_new copies them */
-  cfg.requires = str_field(L, 2, "requires", NULL);
-  cfg.info = str_field(L, 2, "info", &cfg.info_len);
-  cfg.path = str_field(L, 2, "path", NULL);
-  cfg.cpath = str_field(L, 2, "cpath", NULL);
-  pcmd *m = pcmd_new(L, lh, OP_LOCAL_TERM);
-  m->workers = workers;
-  m->cfg = cfg;
-  snprintf(m->err, sizeof m->err, "the pool is shut down");
-  m->ret = -1;
-  call_cmd(m);
-  if (m->ret < 0) {
-    lua_pushnil(L);
-    lua_pushstring(L, m->err);
-    pcmd_free(m);
-    return 2;
-  }
-  int64_t tid = m->ret;
-  char why[256];
-  /* the executor's own wait (its lock and condition): the runtime goes on meanwhile */
-  int ready = executor_ready(m->ex, why, sizeof why);
-  pcmd_free(m);
-  if (ready != 0) {
-    pcmd *c = pcmd_new(L, lh, OP_LOCAL_CLOSE);
-    c->tid = tid;
-    post_cmd(L, c);
-    lua_pushnil(L);
-    lua_pushfstring(L, "executor: %s", why);
-    return 2;
-  }
-  lua_pushinteger(L, (lua_Integer)tid);
-  return 1;
-}
-
 static int l_local_stats(lua_State *L) {
   lhub *lh = lhub_of(L);
   lua_Integer tid = luaL_checkinteger(L, 2);
@@ -1497,10 +1444,10 @@ void pool_lua_methods(lua_State *L) {
     { "configure", l_configure }, { "call", l_call }, { "cancel", l_cancel },
     { "boot_up", l_boot_up }, { "boot_failed", l_boot_failed },
     { "runner_down", l_runner_down }, { "idle_answer", l_idle_answer },
-    { "via_sent", l_via_sent }, { "via_failed", l_via_failed },
+
     { "reencoded", l_reencoded }, { "close_pool", l_close_pool },
     { "stop_all", l_stop_all }, { "pool_stats", l_pool_stats },
-    { "local_term", l_local_term }, { "local_close", l_local_close },
+    { "local_close", l_local_close },
     { "local_stats", l_local_stats }, { NULL, NULL }
   };
   luaL_setfuncs(L, methods, 0);

@@ -348,6 +348,40 @@ describe("a backend state's requests", function()
     H.rmdir(dir)
   end)
 
+  it("sends a call through the backend's own remote_spawn_monitor while the program computes",
+    function()
+    local dir = H.tmpdir()
+    local ran = dir .. "/ran"
+    local p = H.pool { name = "via-beside", max_concurrency = 4, backend = {
+      init = function(opts, env) return env.merge({}, opts) end,
+      remote_boot = function(state, env)
+        state.terminator = env.local_terminator(state)
+        return state.terminator, state
+      end,
+      remote_spawn_monitor = function(state, work, env)
+        env.sleep(500)                        -- a request first: it waits, then sends
+        assert(env.spawn_monitor(state.terminator, work))
+      end,
+    } }
+    assert.is_true(flame.call(p, function() return true end))   -- booted: no boot in the way
+    local t = flame.spawn(function()
+      return flame.call(p, function() io.open(ran, "w"):close() return "sent" end)
+    end)
+    assert.is_true(H.wait_for(function() return p:stats().busy == 1 end), "no call held")
+    assert.is_false(H.exists(ran))           -- held in the backend's sleep
+    -- the call is with the runtime thread now; from here this thread never returns
+    -- to flame until the work has run: the backend's step, its sleep and its send
+    -- happen beside it
+    local t0, seen = core.hrtime(), false
+    while core.hrtime() - t0 < 60e9 do
+      if H.exists(ran) then seen = true break end
+      compute(5)
+    end
+    assert.is_true(seen, "the call was not sent while the program computed")
+    assert.are.equal("sent", t:await())
+    H.rmdir(dir)
+  end)
+
   it("gives the pool's log a backend's long line whole", function()
     local lines = {}
     local p = H.pool { name = "long-line", boot_timeout = 60000, backend = {

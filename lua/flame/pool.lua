@@ -369,23 +369,6 @@ function EVENTS.idle(self, tid)
   end)
 end
 
--- A backend's own remote_spawn_monitor sends the call (env.spawn_monitor).
-function EVENTS.via(self, id, tid, timeout, link)
-  local r = self.by_tid[tid]
-  if not r then
-    self.engine:via_failed(id, tid, "the runner left before the call was sent")
-    return
-  end
-  task.spawn(function()
-    local ok, e = pcall(r.host.call, r.host, "remote_spawn_monitor",
-      { id = id, link = link, timeout = timeout })
-    if ok then e = "the backend did not send the call" end
-    -- a call its spawn_monitor sent is not held any more: this changes nothing then
-    self.engine:via_failed(id, tid,
-      ("runner %s could not take the call: %s"):format(r.id, tostring(e)))
-  end)
-end
-
 -- code_sync: a runner booted with other code; encoded again for it.
 function EVENTS.reencode(self, id, gen, tid)
   local f = self.pending[id]
@@ -543,7 +526,7 @@ function Pool:boot(boot_no, is_min, count)
     self.by_tid[runner.tid] = runner
     runner.status = "up"
     told = true
-    local n = engine:boot_up(boot_no, runner.tid, runner.code or 0, id)
+    local n = engine:boot_up(boot_no, runner.tid, runner.code or 0, id, host.id)
     if not n then                              -- the pool closed meanwhile
       self.by_tid[runner.tid] = nil
       self:stop_runner(runner)
