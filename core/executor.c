@@ -48,7 +48,8 @@ typedef struct worker {
 
 struct executor {
   flame_handle base;          /* first: a Lua loop's close walk frees through it */
-  uv_async_t async;
+  flame_waker waker;          /* finished jobs wake the loop (loop.h: not uv_async,
+                                 whose receiver spins on the sender) */
   uv_mutex_t lock;            /* guards everything down to cfg */
   uv_cond_t cond;
   job *pending, *pending_tail;
@@ -57,6 +58,8 @@ struct executor {
   worker *workers;
   int nworkers, maxworkers, idle, running, peak;
   int spinning;               /* workers in spin_for_job: they take the next job */
+  int returning;              /* workers waking the loop after a result, unlocked:
+                                 they look for the next job before they sleep */
   int signalled;              /* signals not yet taken by a worker leaving its wait */
   int starting;               /* threads started, still making their sandbox */
   int spin_skip, spin_backoff;  /* idle turns left without a spin, and the next count */
@@ -73,8 +76,8 @@ struct executor {
   executor_done_fn done_fn;   /* loop thread only, from here on */
   void *done_ud;
   int closed;
-  int inflight;               /* submitted, not yet delivered; the async handle keeps
-                                 the loop alive only while > 0 */
+  int inflight;               /* submitted, not yet delivered; the waker keeps the
+                                 loop alive only while > 0 */
   uv_work_t join;             /* executor_close_async: the workers joined off the loop */
 };
 
@@ -103,11 +106,13 @@ static void push(job **head, job **tail, job *j) {
 
 /* A finished job to the loop, with ex->lock held. The loop takes the whole list at
  * once, so only the push onto an empty list wakes it: a worker finishing while the
- * loop has not taken the last ones makes no system call. */
-static void done_push(executor *ex, job *j) {
+ * loop has not taken the last ones makes no system call. Returns whether to wake
+ * it: the caller sends after its unlock, so the loop it wakes does not find the
+ * lock still held (a futex wait and wake more a call). */
+static int done_push(executor *ex, job *j) {
   int wake = ex->done == NULL;
   push(&ex->done, &ex->done_tail, j);
-  if (wake) uv_async_send(&ex->async);
+  return wake;
 }
 
 /* Completes j with a status and one string, without a Lua state (killed in queue,
@@ -117,7 +122,8 @@ static void complete_plain(executor *ex, job *j, int status, const char *text) {
   if (buf_byte(&j->out, (unsigned char)status) != 0
       || codec_encode_cstring(&j->out, text) != 0)
     j->out.len = 0;           /* reported as "not enough memory" on the loop side */
-  done_push(ex, j);
+  /* rare (a kill in queue, no sandbox): sent with the lock held, for simplicity */
+  if (done_push(ex, j)) flame_waker_send(&ex->waker);
 }
 
 /* An idle check's verdict: is the first of its results true? Decoded in the
@@ -148,6 +154,8 @@ static int first_is_true(sandbox *sb, const buf *out) {
  *   slower with spinning there).
  * A spin that ends with no job makes the next ones skip, 1, 2, 4 ... 64 idle turns:
  * a program calling once a second spins once in a while, not at every call.
+ * busy: more than one job undelivered, read when the worker pushed its own result
+ * (before it lets go of the lock to wake the loop, which may deliver it meanwhile).
  * Called and returns with ex->lock held. */
 static int process_spinner;   /* 1 while a worker of the process spins */
 static int undelivered;       /* jobs submitted, not yet delivered (process-wide) */
@@ -177,10 +185,8 @@ static int spin_claim(void) {
                                      __ATOMIC_RELAXED);
 }
 
-static void spin_for_job(executor *ex) {
-  if (spin_ns == 0 || ex->spinning > 0
-      || __atomic_load_n(&undelivered, __ATOMIC_RELAXED) > 1)
-    return;
+static void spin_for_job(executor *ex, int busy) {
+  if (spin_ns == 0 || ex->spinning > 0 || busy) return;
   if (ex->spin_skip > 0) {
     ex->spin_skip--;
     return;
@@ -225,12 +231,15 @@ static void worker_main(void *arg) {
     snprintf(ex->first_err, sizeof ex->first_err, "%s", w->sb ? "" : err);
     uv_cond_broadcast(&ex->ready_cond);
   }
+  int busy = -1;                          /* -1: read the count now */
   for (;;) {
     if (w->fresh) {                       /* its sandbox is made: it is here */
       w->fresh = 0;
       ex->starting--;
     }
-    if (!ex->stopping && ex->pending == NULL) spin_for_job(ex);
+    if (busy < 0) busy = __atomic_load_n(&undelivered, __ATOMIC_RELAXED) > 1;
+    if (!ex->stopping && ex->pending == NULL) spin_for_job(ex, busy);
+    busy = -1;
     while (!ex->stopping && ex->pending == NULL) {
       ex->idle++;
       uv_cond_wait(&ex->cond, &ex->lock);
@@ -261,7 +270,17 @@ static void worker_main(void *arg) {
     uv_mutex_lock(&ex->lock);
     ex->running--;
     w->current = NULL;
-    done_push(ex, j);
+    busy = __atomic_load_n(&undelivered, __ATOMIC_RELAXED) > 1;  /* its own counts */
+    if (done_push(ex, j)) {
+      /* after the unlock: the waker is closed only once the workers are joined.
+       * Meanwhile it counts as on its way to the next job (returning), so a job
+       * submitted in this window does not start a worker more. */
+      ex->returning++;
+      uv_mutex_unlock(&ex->lock);
+      flame_waker_send(&ex->waker);
+      uv_mutex_lock(&ex->lock);
+      ex->returning--;
+    }
   }
   uv_mutex_unlock(&ex->lock);
   sandbox_close(w->sb);
@@ -269,8 +288,8 @@ static void worker_main(void *arg) {
 }
 
 /* Loop thread: hands finished jobs to done, in the order they finished. */
-static void on_async(uv_async_t *h) {
-  executor *ex = h->data;
+static void on_wake(flame_waker *wk) {
+  executor *ex = wk->poll.data;
   uv_mutex_lock(&ex->lock);
   job *j = ex->done;
   ex->done = ex->done_tail = NULL;
@@ -280,7 +299,7 @@ static void on_async(uv_async_t *h) {
     /* a done_fn that closed the executor (a single-use pool's shrink) took what was
      * in flight off the counts already: the rest is only freed */
     if (!ex->closed) {
-      if (--ex->inflight == 0) uv_unref((uv_handle_t *)&ex->async);
+      if (--ex->inflight == 0) uv_unref((uv_handle_t *)&ex->waker.poll);
       __atomic_sub_fetch(&undelivered, 1, __ATOMIC_RELAXED);
       ex->done_fn(ex->done_ud, j->id, &j->out, j->truthy);
     }
@@ -291,6 +310,7 @@ static void on_async(uv_async_t *h) {
 
 static void executor_free(uv_handle_t *h) {
   executor *ex = h->data;
+  flame_waker_end(&ex->waker);               /* a close walk closed only its handle */
   jobs_free(ex->done);
   uv_cond_destroy(&ex->cond);
   uv_cond_destroy(&ex->ready_cond);
@@ -326,7 +346,7 @@ static void close_end(executor *ex, int loop_alive) {
   jobs_free(ex->pending);
   ex->pending = ex->pending_tail = NULL;
   __atomic_store_n(&ex->npending, 0, __ATOMIC_RELAXED);
-  if (loop_alive) uv_close((uv_handle_t *)&ex->async, executor_free);
+  if (loop_alive) flame_waker_close(&ex->waker, executor_free);
 }
 
 void executor_close(executor *ex, int loop_alive) {
@@ -350,7 +370,7 @@ void executor_close_async(executor *ex) {
   if (ex->closed) return;
   close_begin(ex);
   ex->join.data = ex;
-  if (uv_queue_work(ex->async.loop, &ex->join, join_work, join_done) == 0) {
+  if (uv_queue_work(ex->waker.poll.loop, &ex->join, join_work, join_done) == 0) {
     joining++;
     return;
   }
@@ -386,7 +406,7 @@ static int worker_start(executor *ex) {
  * workers awake, not by one wake-up per job (on 2 cores a runner with 25 calls in
  * flight spent half its time switching between workers). Lock held. */
 static void wake_one(executor *ex) {
-  if (ex->signalled > 0 || ex->spinning > 0) return;
+  if (ex->signalled > 0 || ex->spinning > 0 || ex->returning > 0) return;
   if (ex->idle > 0) {
     ex->signalled++;
     uv_cond_signal(&ex->cond);
@@ -421,7 +441,7 @@ int executor_submit(executor *ex, int64_t id, buf *work, size_t skip, int kind,
   __atomic_add_fetch(&ex->npending, 1, __ATOMIC_RELAXED);
   wake_one(ex);
   uv_mutex_unlock(&ex->lock);
-  if (ex->inflight++ == 0) uv_ref((uv_handle_t *)&ex->async);
+  if (ex->inflight++ == 0) uv_ref((uv_handle_t *)&ex->waker.poll);
   return 0;
 }
 
@@ -519,14 +539,20 @@ executor *executor_new(uv_loop_t *loop, int workers, const sandbox_config *cfg, 
     uv_mutex_destroy(&ex->lock);
     goto fail_uv;
   }
-  if ((rc = uv_async_init(loop, &ex->async, on_async)) != 0) {
+  if ((rc = flame_waker_init(loop, &ex->waker, on_wake)) != 0) {
+    if (ex->waker.made) {                   /* made, not started: freed once closed */
+      ex->waker.poll.data = ex;
+      flame_waker_close(&ex->waker, executor_free);
+      *err = "cannot make the executor's locks or wake-up handle";
+      return NULL;
+    }
     uv_cond_destroy(&ex->ready_cond);
     uv_cond_destroy(&ex->cond);
     uv_mutex_destroy(&ex->lock);
     goto fail_uv;
   }
-  ex->async.data = ex;
-  uv_unref((uv_handle_t *)&ex->async);      /* referenced while jobs are in flight */
+  ex->waker.poll.data = ex;
+  uv_unref((uv_handle_t *)&ex->waker.poll);  /* referenced while jobs are in flight */
   if (flags & EXECUTOR_PRESTART) {
     uv_mutex_lock(&ex->lock);
     if (worker_start(ex) != 0) {             /* no thread: executor_ready says so */

@@ -14,7 +14,7 @@
  * - executor_kill reaches the job wherever it is: queued, or running (the sandbox's
  *   kill switch); a kill for a job that has ended does nothing.
  * - executor_close kills running work ("shutdown"), joins the workers, and frees
- *   everything once the loop has closed the async handle (or at once when the
+ *   everything once the loop has closed the wake-up handle (or at once when the
  *   loop is gone).
  * - Workers are woken one at a time: a job wakes an idle worker only when none is
  *   on its way already, and starts a new one only when none is idle or starting;
@@ -79,7 +79,7 @@ void executor_get_stats(executor *ex, executor_stats *st);
 /* [-0, +1, m] st as a Lua table (the fields of executor_stats). */
 void executor_stats_push(lua_State *L, const executor_stats *st);
 /* loop_alive: 0 when the loop has already closed every handle (a Lua state's loop at
- * exit: its walk has freed the executor then), so the async handle is not closed
+ * exit: its walk has freed the executor then), so the wake-up handle is not closed
  * twice. */
 void executor_close(executor *ex, int loop_alive);
 /* Like executor_close, but the workers are joined on libuv's thread pool, so the

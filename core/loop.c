@@ -13,9 +13,18 @@
  *   raises.
  * - A timer fires once; its callback is called exactly once unless stopped first.
  */
+#include <errno.h>
+#ifndef __linux__
+#include <fcntl.h>
+#endif
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/eventfd.h>
+#endif
 
 #include <lua.h>
 #include <lauxlib.h>
@@ -48,6 +57,92 @@ int flame_pcall_report(lua_State *L, int nargs, const char *where) {
   }
   lua_remove(L, base);
   return st;
+}
+
+/* ----------------------------------------------------------------- waker ---- */
+
+/* Reads what the senders wrote: an eventfd's count in one read, a pipe until empty. */
+static void waker_drain(flame_waker *w) {
+  char b[64];
+  for (;;) {
+    ssize_t n = read(w->rfd, b, sizeof b);
+    if (n < 0 && errno == EINTR) continue;
+    if (n > 0 && w->rfd != w->wfd) continue;
+    return;
+  }
+}
+
+static void on_waker(uv_poll_t *p, int status, int events) {
+  (void)status;                               /* an error on an eventfd: run cb anyway */
+  (void)events;
+  flame_waker *w = (flame_waker *)(void *)((char *)p - offsetof(flame_waker, poll));
+  waker_drain(w);
+  /* cleared before cb looks at its queue: what is queued from now on wakes again */
+  __atomic_store_n(&w->pending, 0, __ATOMIC_SEQ_CST);
+  w->cb(w);
+}
+
+#ifndef __linux__
+static int nonblock_cloexec(int fd) {
+  int fl = fcntl(fd, F_GETFL);
+  if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return -1;
+  int fdf = fcntl(fd, F_GETFD);
+  if (fdf < 0 || fcntl(fd, F_SETFD, fdf | FD_CLOEXEC) < 0) return -1;
+  return 0;
+}
+#endif
+
+void flame_waker_end(flame_waker *w) {
+  if (w->wfd >= 0 && w->wfd != w->rfd) close(w->wfd);
+  if (w->rfd >= 0) close(w->rfd);
+  w->rfd = w->wfd = -1;
+}
+
+int flame_waker_init(uv_loop_t *loop, flame_waker *w, void (*cb)(flame_waker *w)) {
+  w->rfd = w->wfd = -1;
+  w->pending = 0;
+  w->made = 0;
+  w->cb = cb;
+#ifdef __linux__
+  int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (fd < 0) return uv_translate_sys_error(errno);
+  w->rfd = w->wfd = fd;
+#else
+  int fds[2];
+  if (pipe(fds) != 0) return uv_translate_sys_error(errno);
+  w->rfd = fds[0];
+  w->wfd = fds[1];
+  if (nonblock_cloexec(fds[0]) != 0 || nonblock_cloexec(fds[1]) != 0) {
+    int e = uv_translate_sys_error(errno);
+    flame_waker_end(w);
+    return e;
+  }
+#endif
+  int rc = uv_poll_init(loop, &w->poll, w->rfd);
+  if (rc != 0) {
+    flame_waker_end(w);
+    return rc;
+  }
+  w->made = 1;
+  return uv_poll_start(&w->poll, UV_READABLE, on_waker);
+}
+
+void flame_waker_send(flame_waker *w) {
+  if (__atomic_exchange_n(&w->pending, 1, __ATOMIC_SEQ_CST) != 0) return;  /* on its way */
+#ifdef __linux__
+  uint64_t one = 1;
+#else
+  char one = 0;
+#endif
+  /* EAGAIN: a full pipe is readable already */
+  while (write(w->wfd, &one, sizeof one) < 0 && errno == EINTR) {}
+}
+
+void flame_waker_close(flame_waker *w, uv_close_cb close_cb) {
+  /* uv_close stops the poll (the descriptor leaves epoll) before it returns */
+  if (w->made && !uv_is_closing((uv_handle_t *)&w->poll))
+    uv_close((uv_handle_t *)&w->poll, close_cb);
+  flame_waker_end(w);
 }
 
 /* ------------------------------------------------------------------ loop ---- */

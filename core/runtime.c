@@ -1,7 +1,7 @@
 /*
  * runtime.c - the runtime thread (contract in runtime.h). Commands cross by a
- * mutex-guarded list and a uv_async that wakes the runtime's loop; the loop runs
- * until exit, kept alive by the async handle.
+ * mutex-guarded list and a flame_waker (loop.h: a uv_async without the receiver's
+ * spin) that wakes the runtime's loop; the loop runs until exit, kept alive by it.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,23 +23,28 @@ static uv_once_t start_once = UV_ONCE_INIT;
 static int started;           /* 1 when the thread runs; written once, in start */
 static uv_thread_t thread;
 static uv_loop_t loop;
-static uv_async_t wake;
+static flame_waker wake;      /* its descriptor stays open until the process ends: a
+                                 poster preempted between its unlock and its send may
+                                 write after the loop has closed, and must not reach
+                                 a descriptor reused since */
 static uv_mutex_t lock;       /* guards the queue, stopping, and every cmd->done */
 static uv_cond_t done_cond;
 static cmd *head, *tail;
+static int draining;          /* drain runs commands and will look at the queue again */
 static int stopping;
 static void (*at_stop[4])(void);   /* runtime thread only */
 static int nat_stop;
 
-static void drain(uv_async_t *h) {
-  (void)h;
+/* Takes the whole queue at once and runs it: one lock a batch, not one a command,
+ * so a poster rarely finds the lock taken (a futex wait and wake each time it does).
+ * Until it finds the queue empty, posts do not wake it (draining). */
+static void drain(flame_waker *w) {
+  (void)w;
   for (;;) {
     uv_mutex_lock(&lock);
     cmd *c = head;
-    if (c) {
-      head = c->next;
-      if (head == NULL) tail = NULL;
-    }
+    head = tail = NULL;
+    draining = c != NULL;                     /* posts meanwhile need not wake it */
     int stop = stopping && c == NULL;
     uv_mutex_unlock(&lock);
     if (stop) {
@@ -47,14 +52,18 @@ static void drain(uv_async_t *h) {
       return;
     }
     if (c == NULL) return;
-    c->fn(c->arg);
-    if (c->sync) {
-      uv_mutex_lock(&lock);
-      c->done = 1;
-      uv_cond_broadcast(&done_cond);
-      uv_mutex_unlock(&lock);
-    } else {
-      free(c);
+    while (c) {
+      cmd *next = c->next;                    /* a sync c is gone once done is set */
+      c->fn(c->arg);
+      if (c->sync) {
+        uv_mutex_lock(&lock);
+        c->done = 1;
+        uv_cond_broadcast(&done_cond);
+        uv_mutex_unlock(&lock);
+      } else {
+        free(c);
+      }
+      c = next;
     }
   }
 }
@@ -63,7 +72,7 @@ static void close_walk(uv_handle_t *h, void *arg) {
   (void)arg;
   if (uv_is_closing(h)) return;
   flame_handle *fh = h->data;
-  uv_close(h, h == (uv_handle_t *)&wake || fh == NULL ? NULL : fh->on_close);
+  uv_close(h, h == (uv_handle_t *)&wake.poll || fh == NULL ? NULL : fh->on_close);
 }
 
 static void runtime_main(void *arg) {
@@ -80,7 +89,7 @@ static void stop_at_exit(void) {
   uv_mutex_lock(&lock);
   stopping = 1;
   uv_mutex_unlock(&lock);
-  uv_async_send(&wake);
+  flame_waker_send(&wake);
   uv_thread_join(&thread);
 }
 
@@ -90,12 +99,18 @@ static void start(void) {
   if (uv_mutex_init(&lock) != 0) return;
   if (uv_cond_init(&done_cond) != 0) return;
   if (uv_loop_init(&loop) != 0) return;
-  if (uv_async_init(&loop, &wake, drain) != 0) {
+  int rc = flame_waker_init(&loop, &wake, drain);
+  if (rc != 0) {
+    if (wake.made) {
+      flame_waker_close(&wake, NULL);
+      uv_run(&loop, UV_RUN_DEFAULT);
+    }
     uv_loop_close(&loop);
     return;
   }
+  wake.poll.data = NULL;                      /* static: nothing to free */
   if (uv_thread_create(&thread, runtime_main, NULL) != 0) {
-    uv_close((uv_handle_t *)&wake, NULL);
+    flame_waker_close(&wake, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
     uv_loop_close(&loop);
     return;
@@ -114,14 +129,15 @@ static int post(cmd *c) {
     return -1;
   }
   c->next = NULL;
-  /* drain runs until the queue is empty: a command queued behind others is found
-   * without waking the thread again (no system call while it is behind) */
-  int first = head == NULL;
+  /* drain runs until the queue is empty: a command queued behind others, or while
+   * it runs a batch, is found without waking the thread again (no system call
+   * while it is behind) */
+  int first = head == NULL && !draining;
   if (tail) tail->next = c;
   else head = c;
   tail = c;
   uv_mutex_unlock(&lock);
-  if (first) uv_async_send(&wake);
+  if (first) flame_waker_send(&wake);
   return 0;
 }
 
