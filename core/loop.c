@@ -73,9 +73,19 @@ static void waker_drain(flame_waker *w) {
 }
 
 static void on_waker(uv_poll_t *p, int status, int events) {
-  (void)status;                               /* an error on an eventfd: run cb anyway */
   (void)events;
   flame_waker *w = (flame_waker *)(void *)((char *)p - offsetof(flame_waker, poll));
+  if (status < 0) {
+    /* libuv stops a poll that reported an error: a waker that stopped would lose
+     * every wake-up from now on, so it polls again (an eventfd has no error to
+     * repeat; should it, the process cannot go on without its wake-ups) */
+    int rc = uv_poll_start(p, UV_READABLE, on_waker);
+    if (rc != 0) {
+      fprintf(stderr, "flame: the loop's wake-up handle failed (%s): aborting\n",
+              uv_strerror(rc));
+      abort();
+    }
+  }
   waker_drain(w);
   /* cleared before cb looks at its queue: what is queued from now on wakes again */
   __atomic_store_n(&w->pending, 0, __ATOMIC_SEQ_CST);
