@@ -10,31 +10,26 @@
  * runtime thread (timers, logs, processes, HTTP, runners and their links:
  * bsvc_*.c); one the environment does not have is answered nil and why.
  *
- * Contract (Lua, methods of the hub object; the application's thread):
- *   hub:bk_new(name, bytes, path, runner, is_min) -> id   a backend state: the
+ * Contract (runtime thread; runner.c is the one user, hub.h and runner.h):
+ *   backend_new(h, name, bytes, path, runner, is_min) -> id   a backend state: the
  *        module `name` (flame.backends.NAME, else NAME), or the backend table the
  *        codec made into `bytes`; `path` is package.path for its require; is_min:
  *        its runner keeps the pool's min. Made on the thread pool; when it cannot
  *        be, every call on it fails with why.
- *   hub:bk_call(id, co, callback, arg)    runs callback ("init", "remote_boot",
- *        "remote_spawn_monitor", "handle_info", "remote_shutdown") as coroutine co
- *        (an id the caller picks, unique in this state); arg crosses as a bval.
- *   hub:bk_close(id)                      the state closes once its step is done;
- *        calls waiting end with "closed". A state outlives the pool's hub closing
- *        (a remote_shutdown may still run, a late exit reach handle_info): it holds
- *        the hub, and so its mailbox, until it is closed (or the process exits).
- * Events (the hub's mailbox):
- *   "bdone", id, co, "done", ...            the callback returned these
- *   "binfo", id, msg            a message for handle_info (a process's exit, ...)
- *   "blog", id, level, line     a line for the pool's log
- *   "bprocs", id, count         processes the backend started that still run
- *   "bdone", id, co, "error", message       it raised (a traceback follows the
- *            message when it is not an error(msg, 0)), it was stopped, or the state
- *            could not be made or was closed
+ *   backend_call(id, callback, arg, fn, ud)   runs callback ("init", "remote_boot",
+ *        "remote_spawn_monitor", "handle_info", "remote_shutdown") as a coroutine;
+ *        its end goes to fn, also when the state closes first ("closed").
+ *   backend_close(id)      the state closes once its step is done; calls waiting
+ *        end with "closed" (their fn is called before backend_close returns). A
+ *        state outlives the pool's hub closing (a remote_shutdown may still run, a
+ *        late exit reach handle_info): it holds the hub, and so its mailbox, until
+ *        it is closed (or the process exits).
+ * What its services tell goes to runner.c (runner_on_info: a message for
+ * handle_info; runner_on_procs: processes the backend started that still run), and
+ * log lines to the application ("blog", id, level, line).
  * Threads: bk structs are the runtime thread's; a step's lua_State belongs to the
  * thread-pool thread running it until its after-work callback runs (libuv orders
- * the two), and one state runs at most one step at a time. The Lua functions only
- * post commands. No lock.
+ * the two), and one state runs at most one step at a time. No lock.
  */
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -52,6 +47,7 @@
 #include "bsvc.h"
 #include "codec.h"
 #include "hub.h"
+#include "runner.h"
 #include "runtime.h"
 #include "sandbox.h"
 
@@ -475,18 +471,8 @@ static void post_done(bk *b, int64_t co, int ok, bval *vals, int n, const char *
       return;
     }
   }
-  hub_event *e = hub_event_new(EV_BDONE);
-  if (e == NULL) {
-    bval_list_free(vals, n);
-    return;
-  }
-  e->tid = b->id;
-  e->id = (uint64_t)co;
-  e->type = ok;
-  e->vals = vals;
-  e->nvals = n;
-  if (!ok) e->text = strdup(msg ? msg : "failed");
-  hub_post(b->h, e);
+  (void)b;
+  bval_list_free(vals, n);            /* a call nobody waits for any more */
 }
 
 /* Frees what b holds and b (not linked, not holding its hub: any thread). */
@@ -752,19 +738,11 @@ void bk_fail(bk *b, int64_t co, const char *fmt, ...) {
 }
 
 void bk_info(bk *b, bval *msg) {
-  hub_event *e = b->closing ? NULL : hub_event_new(EV_BINFO);
-  bval *v = e ? malloc(sizeof *v) : NULL;
-  if (v == NULL) {
-    if (e) hub_event_free(e);
+  if (b->closing) {
     bval_free(msg);
     return;
   }
-  *v = *msg;
-  msg->type = BV_NIL;
-  e->tid = b->id;
-  e->vals = v;
-  e->nvals = 1;
-  hub_post(b->h, e);
+  runner_on_info(b->id, msg);         /* its handle_info decides (runner.c) */
 }
 
 void bk_log(bk *b, const char *level, const char *fmt, ...) {
@@ -792,11 +770,7 @@ void bk_log(bk *b, const char *level, const char *fmt, ...) {
 
 void bk_procs(bk *b, int delta) {
   b->nprocs += delta;
-  hub_event *e = hub_event_new(EV_BPROCS);
-  if (e == NULL) return;
-  e->tid = b->id;
-  e->pid = b->nprocs;
-  hub_post(b->h, e);
+  runner_on_procs(b->id, b->nprocs);  /* a shutdown waits for them (runner.c) */
 }
 
 void bk_res_add(bk *b, bk_res *r) {
@@ -886,166 +860,46 @@ int bk_table_set_bool(bval *t, const char *k, int x) {
   return table_add(t, k, &v);
 }
 
-/* ------------------------------------------------------------- commands ---- */
+/* ------------------------------------------------- for runner.c ---- */
 
-enum { OP_NEW, OP_CALL, OP_REPLY, OP_CLOSE };
-
-typedef struct bcmd {
-  int op;
-  int64_t id, co;
-  bk *made;                         /* OP_NEW: the state, made on the application's side */
-  char *cb;
-  bval *vals;
-  int nvals;
-} bcmd;
-
-static void bcmd_free(bcmd *m) {
-  free(m->cb);
-  bval_list_free(m->vals, m->nvals);
-  free(m);
-}
-
-static void bcmd_run(void *arg) {
-  bcmd *m = arg;
+int64_t backend_new(hub *h, const char *name, const void *spec, size_t slen,
+                    const char *path, const char *runner, int is_min, char *err,
+                    size_t errlen) {
   static int registered;
   if (!registered) {
     registered = 1;
     runtime_at_stop(backends_at_stop);
   }
-  if (m->op == OP_NEW) {
-    bk *b = m->made;
-    hub_hold(b->h);
-    b->next = all;
-    all = b;
-    bstep *st = calloc(1, sizeof *st);
-    if (st == NULL) b->start_err = dup("not enough memory to make the backend state");
-    else {
-      st->kind = BS_START;
-      enqueue(b, st);
-    }
-    bcmd_free(m);
-    return;
+  if ((name != NULL) == (spec != NULL)) {
+    snprintf(err, errlen, "a backend module name or the backend's bytes expected");
+    return -1;
   }
-  bk *b = find(m->id);
-  if (b == NULL || b->closing) {      /* only after the Lua side closed it */
-    bcmd_free(m);
-    return;
-  }
-  if (m->op == OP_CLOSE) {
-    close_bk(b);
-    bcmd_free(m);
-    return;
-  }
-  bstep *st = calloc(1, sizeof *st);
-  if (st == NULL) {
-    if (m->op == OP_CALL) post_done(b, m->co, 0, NULL, 0, "not enough memory");
-    bcmd_free(m);
-    return;
-  }
-  st->kind = m->op == OP_CALL ? BS_CALL : BS_RESUME;
-  st->co = m->co;
-  st->cb = m->cb;
-  st->in = m->vals;
-  st->nin = m->nvals;
-  m->cb = NULL;
-  m->vals = NULL;
-  m->nvals = 0;
-  bcmd_free(m);
-  enqueue(b, st);
-}
-
-/* ------------------------------------------------------------------ Lua ---- */
-
-static bcmd *bcmd_new(lua_State *L, int op) {
-  bcmd *m = calloc(1, sizeof *m);
-  if (m == NULL) luaL_error(L, "not enough memory");
-  m->op = op;
-  return m;
-}
-
-static void bcmd_post(lua_State *L, bcmd *m) {
-  if (runtime_post(bcmd_run, m) != 0) {
-    bcmd_free(m);
-    luaL_error(L, "backend: the runtime thread is not running");
-  }
-}
-
-static int l_bk_new(lua_State *L) {
-  lhub *lh = luaL_checkudata(L, 1, HUB_MT);
-  if (lh->rt == NULL) return luaL_error(L, "hub is closed");
-  const char *name = luaL_optstring(L, 2, NULL);
-  size_t slen = 0;
-  const char *spec = luaL_optlstring(L, 3, NULL, &slen);
-  const char *path = luaL_optstring(L, 4, "");
-  const char *runner = luaL_optstring(L, 5, "?");
-  int is_min = lua_toboolean(L, 6);
-  luaL_argcheck(L, (name != NULL) != (spec != NULL), 2, "a module name or the backend's bytes");
   bk *b = calloc(1, sizeof *b);
-  bcmd *m = calloc(1, sizeof *m);
-  if (b == NULL || m == NULL) goto oom;
+  bstep *st = calloc(1, sizeof *st);
+  if (b == NULL || st == NULL) goto oom;
   b->id = (int64_t)atomic_fetch_add(&next_id, 1) + 1;
-  b->h = lh->rt;
+  b->h = h;
   b->is_min = is_min;
   b->name = dup(name);
-  b->path = dup(path);
-  b->runner = dup(runner);
+  b->path = dup(path ? path : "");
+  b->runner = dup(runner ? runner : "?");
   if ((name && b->name == NULL) || b->path == NULL || b->runner == NULL
       || (spec && buf_append(&b->spec, spec, slen) != 0))
     goto oom;
-  m->op = OP_NEW;
-  m->made = b;
-  lua_Integer id = (lua_Integer)b->id;
-  if (runtime_post(bcmd_run, m) != 0) {
-    bk_fields_free(b);                /* never linked: the runtime's list is not touched */
-    free(m);
-    return luaL_error(L, "backend: the runtime thread is not running");
-  }
-  lua_pushinteger(L, id);
-  return 1;
+  hub_hold(h);
+  b->next = all;
+  all = b;
+  st->kind = BS_START;                /* made on the thread pool */
+  enqueue(b, st);
+  return b->id;
 oom:
   if (b) bk_fields_free(b);
-  free(m);
-  return luaL_error(L, "not enough memory");
+  free(st);
+  snprintf(err, errlen, "not enough memory");
+  return -1;
 }
 
-static int l_bk_call(lua_State *L) {
-  luaL_checkudata(L, 1, HUB_MT);
-  lua_Integer id = luaL_checkinteger(L, 2);
-  lua_Integer co = luaL_checkinteger(L, 3);
-  const char *cb = luaL_checkstring(L, 4);
-  lua_settop(L, 5);                   /* no argument: nil */
-  char why[200];
-  bval *vals = NULL;
-  if (bval_read_list(L, 5, 1, &vals, why, sizeof why) != 0)
-    return luaL_error(L, "backend: the callback's argument cannot cross: %s", why);
-  bcmd *m = calloc(1, sizeof *m);
-  if (m == NULL || (m->cb = strdup(cb)) == NULL) {
-    free(m);
-    bval_list_free(vals, 1);
-    return luaL_error(L, "not enough memory");
-  }
-  m->op = OP_CALL;
-  m->id = id;
-  m->co = co;
-  m->vals = vals;
-  m->nvals = 1;
-  bcmd_post(L, m);
-  return 0;
-}
-
-static int l_bk_close(lua_State *L) {
-  luaL_checkudata(L, 1, HUB_MT);
-  lua_Integer id = luaL_checkinteger(L, 2);
-  bcmd *m = bcmd_new(L, OP_CLOSE);
-  m->id = id;
-  bcmd_post(L, m);
-  return 0;
-}
-
-void backend_lua_methods(lua_State *L) {
-  static const luaL_Reg methods[] = {
-    { "bk_new", l_bk_new }, { "bk_call", l_bk_call },
-    { "bk_close", l_bk_close }, { NULL, NULL }
-  };
-  luaL_setfuncs(L, methods, 0);
+void backend_close(int64_t id) {
+  bk *b = find(id);
+  if (b) close_bk(b);
 }

@@ -21,11 +21,10 @@
  *   hub:boot_config{ backend, addrs, settings, idle, min_idle, boot_timeout,
  *                    flame_bin, code_paths }   posted; for the boots from now
  *   hub:boot_code(gen, pack, raw, hash)       posted; code_sync's pack (gen 0: none)
- *   hub:bk_term(id, handle) -> tid, is_local, code | nil     sync; a terminator
- *        handle of state id (code: the pack generation the runner took, 0 none)
- *   hub:bk_fail(id, reason)                   posted; the state's boot failed: its
- *        wait ends, a runner that comes later is refused, and the runners it met
- *        already are let go (links closed, executors closed)
+ * For runner.c (runner.h): blink_config (the table above), blink_term (a
+ * terminator handle of a state: its runner, local or not, the pack generation it
+ * took, 0 none), blink_fail (the state's boot failed: its wait ends, a runner that
+ * comes later is refused, and the runners it met already are let go).
  * Threads: everything but the Lua functions runs on the runtime thread.
  */
 #include <math.h>
@@ -48,6 +47,7 @@
 #include "executor.h"
 #include "hub.h"
 #include "loop.h"
+#include "runner.h"
 #include "runtime.h"
 #include "sandbox.h"
 #include "wire.h"
@@ -610,7 +610,7 @@ void bsvc_code_paths(bk *b, int64_t co, bval *args, int n) {
 
 /* ------------------------------------------------------------------ Lua ---- */
 
-enum { LOP_CONFIG, LOP_CODE, LOP_TERM, LOP_FAIL };
+enum { LOP_CONFIG, LOP_CODE };
 
 typedef struct lcmd {
   int op;
@@ -621,9 +621,6 @@ typedef struct lcmd {
   char raw[64];
   size_t rawlen;
   char *text;
-  /* LOP_TERM's answer */
-  int found, local;
-  int64_t tid, code;
 } lcmd;
 
 static void lcmd_free(lcmd *m) {
@@ -635,50 +632,52 @@ static void lcmd_free(lcmd *m) {
 
 static void lcmd_run(void *arg) {
   lcmd *m = arg;
-  if (m->op == LOP_CONFIG || m->op == LOP_CODE) {
-    struct blink_cfg *c = cfg_of(m->h);
-    if (c && m->op == LOP_CONFIG) {
-      bval_free(&c->cfg);
-      c->cfg = m->cfg;
-      m->cfg.type = BV_NIL;
-    } else if (c) {
-      buf_free(&c->pack);
-      free(c->hash);
-      c->pack = m->pack;
-      buf_init(&m->pack);
-      memcpy(c->raw, m->raw, m->rawlen);
-      c->rawlen = m->rawlen;
-      c->hash = m->text;
-      m->text = NULL;
-      c->gen = c->hash ? m->gen : 0;
-    }
-    lcmd_free(m);
-    return;
-  }
-  bk *b = bk_find(m->id);
-  if (m->op == LOP_TERM) {          /* sync: the caller frees m */
-    bterm *t = b ? term_find(*bk_link(b), m->handle) : NULL;
-    if (t) {
-      m->found = 1;
-      m->tid = t->tid;
-      m->local = t->local;
-      m->code = t->code;
-    }
-    return;
-  }
-  blink *l = b ? link_of(b) : NULL;   /* LOP_FAIL */
-  if (l && l->failed == NULL) {
-    l->failed = m->text;
+  struct blink_cfg *c = cfg_of(m->h);
+  if (c && m->op == LOP_CONFIG) {
+    bval_free(&c->cfg);
+    c->cfg = m->cfg;
+    m->cfg.type = BV_NIL;
+  } else if (c) {
+    buf_free(&c->pack);
+    free(c->hash);
+    c->pack = m->pack;
+    buf_init(&m->pack);
+    memcpy(c->raw, m->raw, m->rawlen);
+    c->rawlen = m->rawlen;
+    c->hash = m->text;
     m->text = NULL;
-    forget_refs(l);                 /* a runner that comes later is refused */
-    if (l->wait == W_UP || l->wait == W_CODE) wait_fail(l, l->failed);
-    /* runners it met already are not the pool's: their links close, executors end */
-    for (int i = 0; i < l->nterms; i++) {
-      if (l->terms[i].local) pool_local_close(hub_pool(m->h), l->terms[i].tid);
-      else hub_term_close(m->h, l->terms[i].tid, "its boot failed");
-    }
+    c->gen = c->hash ? m->gen : 0;
   }
   lcmd_free(m);
+}
+
+const bval *blink_config(hub *h) {
+  struct blink_cfg *c = *hub_boot(h);
+  return c && c->cfg.type == BV_TABLE ? &c->cfg : NULL;
+}
+
+int blink_term(int64_t id, int64_t handle, int64_t *tid, int *local, int64_t *code) {
+  bk *b = bk_find(id);
+  bterm *t = b ? term_find(*bk_link(b), handle) : NULL;
+  if (t == NULL) return 0;
+  *tid = t->tid;
+  *local = t->local;
+  *code = t->code;
+  return 1;
+}
+
+void blink_fail(hub *h, int64_t id, const char *reason) {
+  bk *b = bk_find(id);
+  blink *l = b ? link_of(b) : NULL;
+  if (l == NULL || l->failed != NULL) return;
+  if ((l->failed = strdup(reason)) == NULL) return;   /* out of memory: as it was */
+  forget_refs(l);                   /* a runner that comes later is refused */
+  if (l->wait == W_UP || l->wait == W_CODE) wait_fail(l, l->failed);
+  /* runners it met already are not the pool's: their links close, executors end */
+  for (int i = 0; i < l->nterms; i++) {
+    if (l->terms[i].local) pool_local_close(hub_pool(h), l->terms[i].tid);
+    else hub_term_close(h, l->terms[i].tid, "its boot failed");
+  }
 }
 
 static lcmd *lcmd_new(lua_State *L, int op) {
@@ -741,40 +740,9 @@ static int l_boot_code(lua_State *L) {
   return lcmd_post(L, m);
 }
 
-static int l_bk_term(lua_State *L) {
-  lua_Integer id = luaL_checkinteger(L, 2);
-  lua_Integer handle = luaL_checkinteger(L, 3);
-  lcmd *m = lcmd_new(L, LOP_TERM);
-  m->id = id;
-  m->handle = handle;
-  if (runtime_call(lcmd_run, m) != 0 || !m->found) {
-    lcmd_free(m);
-    lua_pushnil(L);
-    return 1;
-  }
-  lua_pushinteger(L, (lua_Integer)m->tid);
-  lua_pushboolean(L, m->local);
-  lua_pushinteger(L, (lua_Integer)m->code);
-  lcmd_free(m);
-  return 3;
-}
-
-static int l_bk_fail(lua_State *L) {
-  lua_Integer id = luaL_checkinteger(L, 2);
-  const char *reason = luaL_checkstring(L, 3);
-  lcmd *m = lcmd_new(L, LOP_FAIL);
-  m->id = id;
-  if ((m->text = strdup(reason)) == NULL) {
-    lcmd_free(m);
-    return luaL_error(L, "not enough memory");
-  }
-  return lcmd_post(L, m);
-}
-
 void blink_lua_methods(lua_State *L) {
   static const luaL_Reg methods[] = {
-    { "boot_config", l_boot_config }, { "boot_code", l_boot_code }, { "bk_term", l_bk_term },
-    { "bk_fail", l_bk_fail }, { NULL, NULL }
+    { "boot_config", l_boot_config }, { "boot_code", l_boot_code }, { NULL, NULL }
   };
   luaL_setfuncs(L, methods, 0);
 }

@@ -44,6 +44,7 @@
 #include "hub.h"
 #include "bval.h"
 #include "link.h"
+#include "runner.h"
 #include "loop.h"
 #include "runtime.h"
 #include "wire.h"
@@ -343,7 +344,7 @@ static void on_message(link_conn *c, void *ud, int type, uint64_t id, buf *msg) 
       hc->code_fn = NULL;
       if (fn) fn(hc->code_ud, hc->tid, msg, NULL);
     } else if (type == WIRE_REMOTE_SHUTDOWN) {
-      pool_on_draining(hc->hub->pool, hc->tid);
+      pool_on_draining(hc->hub->pool, hc->tid, msg);
       event *e = calloc(1, sizeof *e);
       if (e == NULL) {
         link_close(hc->c, "not enough memory for a runner's message");
@@ -387,7 +388,7 @@ static void on_close(link_conn *c, void *ud, const char *reason) {
   done_handshaking(hc);
   if (hc->stage == H_UP) {
     if (hc->code_fn) hc->code_fn(hc->code_ud, hc->tid, NULL, reason);
-    pool_on_lost(h->pool, hc->tid);          /* no call goes to it any more */
+    pool_on_lost(h->pool, hc->tid, reason);  /* no call goes to it any more */
     post_text(h->mb, EV_LOST, hc->tid, reason);
   } else if (hc->stage != H_REFUSED && strncmp(reason, "protocol", 8) == 0) {
     char text[256];
@@ -693,8 +694,7 @@ static int event_call(lua_State *L) {
   const event *e = lua_touserdata(L, 2);
   static const char *const kinds[] = { "up", "message", "lost", "refused", "dropped",
                                        "closed", "done", "fail", "grow", "shrink", "idle",
-                                       "reencode", "drained", "runner_failed",
-                                       "bdone", "binfo", "blog", "bprocs" };
+                                       "reencode", "drained", "blog", "grown", "ended" };
   lua_settop(L, 0);
   lua_rawgeti(L, LUA_REGISTRYINDEX, aa->event_ref);
   lua_pushstring(L, kinds[e->kind]);
@@ -748,15 +748,26 @@ static int event_call(lua_State *L) {
       if (e->name) lua_pushstring(L, e->name);
       else lua_pushnil(L);
       break;
-    case EV_GROW:                             /* boot, is_min, count */
+    case EV_GROW:                             /* boot, is_min, count, name */
       lua_pushinteger(L, (lua_Integer)e->id);
       lua_pushboolean(L, e->type);
       lua_pushinteger(L, e->pid);
+      lua_pushstring(L, e->text ? e->text : "?");
       break;
-    case EV_SHRINK: case EV_RFAIL:            /* tid, why, count */
+    case EV_SHRINK:                           /* tid, why, count, hook */
       lua_pushinteger(L, e->tid);
       lua_pushstring(L, e->text ? e->text : "");
       lua_pushinteger(L, e->pid);
+      lua_pushboolean(L, e->type);
+      break;
+    case EV_GROWN:                            /* result, count, tid, name */
+      lua_pushstring(L, e->text ? e->text : "?");
+      lua_pushinteger(L, e->pid);
+      lua_pushinteger(L, e->tid);
+      lua_pushstring(L, e->text2 ? e->text2 : "?");
+      break;
+    case EV_ENDED:                            /* the runners still ending, or "" */
+      lua_pushstring(L, e->text ? e->text : "");
       break;
     case EV_IDLE:
       lua_pushinteger(L, e->tid);
@@ -766,27 +777,10 @@ static int event_call(lua_State *L) {
       lua_pushinteger(L, e->pid);
       lua_pushinteger(L, e->tid);
       break;
-    case EV_BINFO:                            /* state, msg */
-      lua_pushinteger(L, e->tid);
-      break;
     case EV_BLOG:                             /* state, level, line */
       lua_pushinteger(L, e->tid);
       lua_pushstring(L, e->text ? e->text : "info");
       lua_pushstring(L, e->text2 ? e->text2 : "");
-      break;
-    case EV_BPROCS:                           /* state, count */
-      lua_pushinteger(L, e->tid);
-      lua_pushinteger(L, e->pid);
-      break;
-    case EV_BDONE:                            /* state, co, "done", values | "error", why */
-      lua_pushinteger(L, e->tid);
-      lua_pushinteger(L, (lua_Integer)e->id);
-      if (e->type) {
-        lua_pushliteral(L, "done");
-      } else {
-        lua_pushliteral(L, "error");
-        lua_pushstring(L, e->text ? e->text : "failed");
-      }
       break;
     default:
       break;
@@ -1048,7 +1042,7 @@ void flame_hub_open(lua_State *L) {
   if (luaL_newmetatable(L, HUB_MT)) {
     luaL_newlib(L, methods);
     pool_lua_methods(L);
-    backend_lua_methods(L);
+    runner_lua_methods(L);
     blink_lua_methods(L);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, hub_gc);

@@ -38,8 +38,8 @@ typedef struct pool_rt pool_rt;
 enum {
   EV_UP, EV_MESSAGE, EV_LOST, EV_REFUSED, EV_DROPPED, EV_CLOSED,
   EV_DONE, EV_FAIL, EV_GROW, EV_SHRINK, EV_IDLE, EV_REENCODE, EV_DRAINED,
-  EV_RFAIL,
-  EV_BDONE, EV_BINFO, EV_BLOG, EV_BPROCS   /* backend.c's */
+  EV_BLOG,                                 /* a backend state's log line, or runner.c's */
+  EV_GROWN, EV_ENDED                       /* runner.c's */
 };
 
 typedef struct hub_event {
@@ -106,8 +106,8 @@ void pool_rt_close(pool_rt *p);
 int pool_rt_closed(const pool_rt *p);
 void pool_rt_free(pool_rt *p);
 void pool_on_result(pool_rt *p, int64_t tid, uint64_t id, buf *msg);
-void pool_on_draining(pool_rt *p, int64_t tid);
-void pool_on_lost(pool_rt *p, int64_t tid);
+void pool_on_draining(pool_rt *p, int64_t tid, const buf *msg);
+void pool_on_lost(pool_rt *p, int64_t tid, const char *reason);
 /* A backend's spawn_monitor: sends held call id to runner tid: 1, or 0 with why. */
 int pool_via_sent(pool_rt *p, uint64_t id, int64_t tid, char *err, size_t errlen);
 /* A local runner: an executor on the runtime loop (its workers starting: wait for
@@ -131,8 +131,6 @@ struct bval;
 typedef void (*bk_done_fn)(void *ud, int ok, struct bval *vals, int n, const char *msg);
 int backend_call(int64_t id, const char *cb, struct bval *arg, bk_done_fn fn, void *ud);
 
-/* backend.c: its methods on the hub object. */
-void backend_lua_methods(lua_State *L);
 
 /* Lua: the hub's object as the application's thread holds it. */
 typedef struct lhub {

@@ -3,8 +3,9 @@
  * queue of callers, every call's deadline, the one grow rule, single_use, the idle
  * clock of local runners, min runners kept and replaced with backoff, and a runner's
  * loss told to every caller on it at once. One per hub (hub.h). docs/pools.md has the
- * rules; the application's Lua (lua/flame/pool.lua) boots and stops runners through
- * their backends when this side asks, and tells it when a runner is up or gone.
+ * rules; runner.c boots and stops the runners through their backends when this side
+ * asks (runner_boot, runner_shrunk, runner_stop_all), and tells it when a runner is
+ * up or gone (pool_boot_up, pool_boot_failed, pool_runner_down).
  *
  * Contract (Lua, methods of the hub object; "sync" ones wait for the runtime thread):
  *   hub:configure{ name, max, min, slots, single_use, direct, idle_ms, min_idle_ms,
@@ -12,16 +13,13 @@
  *   hub:call(id, work, timeout_ms, link, code)      a call: its bytes taken, no copy
  *   hub:cancel(id)                 the caller went away: out of the queue, or its
  *                                  linked work killed (its slot waits for the end)
- *   hub:boot_up(boot, tid, code, name, bk) -> count | nil   sync; nil: the pool
- *                                  closed; bk: the runner's backend state
- *   hub:boot_failed(boot, message)
- *   hub:runner_down(tid, reason, quiet) -> count    sync; its callers get "down"
  *   hub:idle_answer(tid, ready)
  *   hub:reencoded(id, tid, work)   for runner tid's code
  *   hub:close_pool() -> busy       sync; queued callers get "shutdown"; "drained"
  *                                  comes when busy reaches 0
- *   hub:stop_all() -> { tid, ... } sync; running calls are killed, their callers get
- *                                  "shutdown"; the runners are out of the pool
+ *   hub:stop_all()                 sync; running calls are killed, their callers get
+ *                                  "shutdown"; the runners are out of the pool and
+ *                                  stopped (runner.c), boots in flight fail
  *   hub:pool_stats() -> { runners, pending, busy, waiting, calls, peak_busy,
  *                         workers, peak_running }    sync
  *   hub:local_close(tid), hub:local_stats(tid) -> table (sync)   a local runner's
@@ -32,14 +30,16 @@
  *   "fail", id, why, detail, phase, tid      no answer: why is "timeout" (phase
  *            "boot"/"queue" while waiting, nil once sent), "down", "boot",
  *            "unsent", "shutdown"
- *   "grow", boot, is_min, count     boot a runner, then boot_up or boot_failed
- *   "shrink", tid, why, count       the runner left the pool (idle, single use):
- *                                   stop it
+ *   "grow", boot, is_min, count, name   a boot starts (on_grow_start; a code_sync
+ *                                   pool packs, then hub:boot_go)
+ *   "grown", result, count, tid, name   it ended: "ok" or why (on_grow_end)
+ *   "shrink", tid, why, count, hook     the runner left the pool (hook: on_shrink
+ *                                   not told yet)
+ *   "ended", left                   after hub:await_ended: the runners still ending
  *   "idle", tid                     run the idle check, then idle_answer
  *   "reencode", id, code, tid       encode again for runner tid's code, then
  *                                   reencoded (its slot is held)
  *   "drained"                       after close_pool, no call is running any more
- *   "runner_failed", tid, why       a local runner could not take a call: down it
  * A pool whose backend has its own remote_spawn_monitor hands each call to it here,
  * on the runtime thread (backend_call); the call is held until the backend's
  * spawn_monitor sends it (pool_via_sent), else it goes to another runner.
@@ -63,6 +63,7 @@
 #include "executor.h"
 #include "hub.h"
 #include "loop.h"
+#include "runner.h"
 #include "runtime.h"
 #include "sandbox.h"
 #include "wire.h"
@@ -141,6 +142,7 @@ struct pool_rt {
   ptimer *min_t;
   lterm *lterms;
   int handles;                      /* ptimers not yet closed */
+  int runner_no;                    /* runners booted so far (their names) */
 };
 
 static void pool_register(pool_rt *p);
@@ -353,23 +355,21 @@ static void grow_for_waiters(pool_rt *p) {
 /* 1, or 0 when memory refused (nothing boots: callers time out). */
 static int grow(pool_rt *p) {
   boot *b = calloc(1, sizeof *b);
-  hub_event *e = ev(EV_GROW);
-  if (b == NULL || e == NULL) {
-    free(b);
-    free(e);
-    return 0;
-  }
+  if (b == NULL) return 0;
   b->id = ++p->next_boot;
   b->is_min = p->nmin < p->min;               /* it keeps the pool at min: min rules */
   if (b->is_min) p->nmin++;
   b->next = p->boots;
   p->boots = b;
   p->booting++;
-  e->id = b->id;
-  e->type = b->is_min;
-  e->pid = p->nrunners + p->booting;
-  hub_post(p->h, e);
-  return 1;
+  if (runner_boot(p, b->id, b->is_min, p->nrunners + p->booting) != 0) {
+    p->boots = b->next;                       /* nothing started: as if never asked */
+    p->booting--;
+    if (b->is_min) p->nmin--;
+    free(b);
+    return 0;
+  }
+  return 1;                                   /* it ends on a later turn */
 }
 
 static boot *boot_take(pool_rt *p, uint64_t id) {
@@ -408,12 +408,7 @@ static void requeue(pool_rt *p, pcall *c, const char *why, const char *name) {
 /* A runner's slots are no longer offered: it gets no calls from now on. */
 static void runner_failed(pool_rt *p, prunner *r, const char *why) {
   r->status = R_LOST;
-  hub_event *e = ev(EV_RFAIL);
-  if (e == NULL) return;
-  e->tid = r->tid;
-  e->text = dup(why);
-  e->pid = p->nrunners;
-  hub_post(p->h, e);
+  runner_lost_slot(p, r->tid, why);          /* down on a later turn (runner.c) */
 }
 
 static int64_t ms_left(pcall *c) {
@@ -600,13 +595,7 @@ static void runner_unlink(pool_rt *p, prunner *r) {
 static void shrink(pool_rt *p, prunner *r, const char *why) {
   runner_unlink(p, r);
   if (r->is_min) p->nmin--;
-  hub_event *e = ev(EV_SHRINK);
-  if (e) {
-    e->tid = r->tid;
-    e->text = dup(why);
-    e->pid = p->nrunners;
-    hub_post(p->h, e);
-  }
+  runner_shrunk(p, r->tid, why, p->nrunners); /* stopped and released (runner.c) */
   for (pcall *c = r->calls, *next; c; c = next) {   /* none, unless answered already */
     next = c->next;
     call_free(c);
@@ -675,14 +664,16 @@ void pool_on_result(pool_rt *p, int64_t tid, uint64_t id, buf *msg) {
   call_done(p, r, c, msg);
 }
 
-void pool_on_draining(pool_rt *p, int64_t tid) {
+void pool_on_draining(pool_rt *p, int64_t tid, const buf *msg) {
   prunner *r = p ? runner_find(p, tid) : NULL;
   if (r && r->status == R_UP) r->status = R_DRAINING;
+  if (p && !p->closing) runner_on_remote_shutdown(p, tid, msg);
 }
 
-void pool_on_lost(pool_rt *p, int64_t tid) {
+void pool_on_lost(pool_rt *p, int64_t tid, const char *reason) {
   prunner *r = p ? runner_find(p, tid) : NULL;
   if (r) r->status = R_LOST;
+  if (p && !p->closing) runner_on_lost(p, tid, reason);
 }
 
 static void local_done(void *ud, int64_t id, buf *out, int truthy) {
@@ -738,6 +729,27 @@ void pool_rt_close(pool_rt *p) {
   ptimer_cancel(p->min_t);
   p->min_t = NULL;
   for (lterm *lt = p->lterms; lt; lt = lt->next) lterm_close(lt);
+  runner_pool_closing(p);
+}
+
+hub *pool_hub(pool_rt *p) {
+  return p->h;
+}
+
+const char *pool_name(const pool_rt *p) {
+  return p->name;
+}
+
+int pool_is_closed(const pool_rt *p) {
+  return p->closed;
+}
+
+int pool_count(const pool_rt *p) {
+  return p->nrunners;
+}
+
+int pool_next_no(pool_rt *p) {
+  return ++p->runner_no;
 }
 
 int pool_rt_closed(const pool_rt *p) {
@@ -778,6 +790,7 @@ static void pools_at_stop(void) {
     }
   }
   while (executor_joining() > 0) uv_run(runtime_loop(), UV_RUN_ONCE);
+  runner_at_stop();                           /* before the backend states close */
 }
 
 static void pool_register(pool_rt *p) {
@@ -802,9 +815,9 @@ static void pool_unregister(pool_rt *p) {
 /* -------------------------------------------------------------- commands ---- */
 
 enum {
-  OP_CONFIGURE, OP_CALL, OP_CANCEL, OP_BOOT_UP, OP_BOOT_FAILED, OP_RUNNER_DOWN,
+  OP_CONFIGURE, OP_CALL, OP_CANCEL,
   OP_IDLE_ANSWER, OP_REENCODED, OP_CLOSE_POOL, OP_STOP_ALL,
-  OP_STATS, OP_LOCAL_CLOSE, OP_LOCAL_STATS
+  OP_STATS, OP_LOCAL_STATS
 };
 
 typedef struct pcmd {
@@ -823,14 +836,11 @@ typedef struct pcmd {
   char err[256];
   long st[8];
   executor_stats xs;
-  int64_t *tids;
-  int ntids;
 } pcmd;
 
 static void pcmd_free(pcmd *c) {
   free(c->text);
   buf_free(&c->work);
-  free(c->tids);
   free(c);
 }
 
@@ -893,40 +903,41 @@ static void op_cancel(pool_rt *p, pcmd *m) {
   if (c->link) kill_work(p, r, c, "cancelled", SANDBOX_KILL_CANCEL);
 }
 
-static void op_boot_up(pool_rt *p, pcmd *m) {
-  boot *b = boot_take(p, (uint64_t)m->boot);
-  m->ret = -1;
-  if (b == NULL) return;
+int pool_boot_up(pool_rt *p, uint64_t boot_no, int64_t tid, int code, const char *name,
+                 int64_t bkid) {
+  boot *b = boot_take(p, boot_no);
+  if (b == NULL) return -1;
   int is_min = b->is_min;
   free(b);
   p->booting--;
   if (p->closed) {
     if (is_min) p->nmin--;
-    return;
+    return -1;
   }
   prunner *r = calloc(1, sizeof *r);
   if (r == NULL) {
     if (is_min) p->nmin--;
-    return;
+    return -1;
   }
   r->p = p;
-  r->tid = m->tid;
-  r->bk = m->ms;                              /* its backend state */
-  r->code = (int)m->code;
+  r->tid = tid;
+  r->bk = bkid;                               /* its backend state */
+  r->code = code;
   r->is_min = is_min;
-  r->lt = lterm_find(p, m->tid);
+  r->lt = lterm_find(p, tid);
   /* a link lost between its "up" and now: in the pool until the application downs
    * it (it heard "lost"), but given no call */
   if (r->lt == NULL && !hub_term_alive(p->h, r->tid)) r->status = R_LOST;
-  snprintf(r->name, sizeof r->name, "%s", m->text ? m->text : "?");
+  snprintf(r->name, sizeof r->name, "%s", name ? name : "?");
   prunner **q = &p->runners;
   while (*q) q = &(*q)->next;                 /* in boot order: ties go to the oldest */
   *q = r;
   p->nrunners++;
   if (is_min) p->backoff = 500;
-  m->ret = p->nrunners;
+  int n = p->nrunners;
   serve(p);
   idle_watch(p, r);
+  return n;
 }
 
 static void on_min_timer(void *owner) {
@@ -938,8 +949,8 @@ static void on_min_timer(void *owner) {
     if (!grow(p)) break;
 }
 
-static void op_boot_failed(pool_rt *p, pcmd *m) {
-  boot *b = boot_take(p, (uint64_t)m->boot);
+void pool_boot_failed(pool_rt *p, uint64_t boot_no, const char *message) {
+  boot *b = boot_take(p, boot_no);
   if (b == NULL) return;
   int is_min = b->is_min;
   free(b);
@@ -951,7 +962,7 @@ static void op_boot_failed(pool_rt *p, pcmd *m) {
   for (int i = 0; i < n && p->qhead; i++) {
     pcall *c = p->qhead;
     queue_remove(p, c);
-    fail_call_event(p, c, "boot", m->text, PHASE_NONE, NULL);
+    fail_call_event(p, c, "boot", message, PHASE_NONE, NULL);
     call_free(c);
   }
   if (is_min) {
@@ -965,10 +976,9 @@ static void op_boot_failed(pool_rt *p, pcmd *m) {
   grow_for_waiters(p);
 }
 
-static void op_runner_down(pool_rt *p, pcmd *m) {
-  prunner *r = runner_find(p, m->tid);
-  m->ret = p->nrunners;
-  if (r == NULL) return;
+int pool_runner_down(pool_rt *p, int64_t tid, const char *reason, int quiet) {
+  prunner *r = runner_find(p, tid);
+  if (r == NULL) return p->nrunners;
   runner_unlink(p, r);
   pcall *list = r->calls;                     /* off the runner first: some are requeued */
   r->calls = NULL;
@@ -981,27 +991,28 @@ static void op_runner_down(pool_rt *p, pcmd *m) {
     if (c->state == C_HELD && !c->answered) {  /* nothing was sent: another runner */
       char why[256];
       snprintf(why, sizeof why, "runner %s went away before the call was sent: %s",
-               r->name, m->text ? m->text : "");
+               r->name, reason ? reason : "");
       requeue(p, c, why, r->name);
       put_back = 1;
       continue;
     }
-    if (!c->answered) fail_call_event(p, c, "down", m->text, PHASE_NONE, r->name);
+    if (!c->answered) fail_call_event(p, c, "down", reason, PHASE_NONE, r->name);
     call_free(c);
   }
   int is_min = r->is_min;
   runner_free(r);
-  m->ret = p->nrunners;
+  int n = p->nrunners;
   drained_check(p);
   if (put_back) serve(p);                     /* another runner may be free now */
   if (is_min) {
     p->nmin--;
-    if (!m->flag && !p->closed) {             /* a min runner that died is replaced */
+    if (!quiet && !p->closed) {               /* a min runner that died is replaced */
       (void)grow(p);
-      return;
+      return n;
     }
   }
   grow_for_waiters(p);
+  return n;
 }
 
 static void op_idle_answer(pool_rt *p, pcmd *m) {
@@ -1079,7 +1090,7 @@ static void op_stop_all(pool_rt *p, pcmd *m) {
     fail_call_event(p, c, "shutdown", "closing", PHASE_NONE, NULL);
     call_free(c);
   }
-  m->tids = calloc((size_t)p->nrunners + 1, sizeof *m->tids);
+  (void)m;
   while (p->runners) {
     prunner *r = p->runners;
     p->runners = r->next;
@@ -1089,10 +1100,12 @@ static void op_stop_all(pool_rt *p, pcmd *m) {
       if (!c->answered) fail_call_event(p, c, "shutdown", "stopped", PHASE_NONE, r->name);
       call_free(c);
     }
-    if (m->tids) m->tids[m->ntids++] = r->tid;
     runner_free(r);
   }
   p->nrunners = 0;
+  char why[200];
+  snprintf(why, sizeof why, "pool '%s' is shutting down", p->name);
+  runner_stop_all(p, why);                    /* stopped, boots in flight failed */
 }
 
 static void op_stats(pool_rt *p, pcmd *m) {
@@ -1154,10 +1167,6 @@ void pool_local_close(pool_rt *p, int64_t tid) {
   }
 }
 
-static void op_local_close(pool_rt *p, pcmd *m) {
-  pool_local_close(p, m->tid);
-}
-
 static void op_local_stats(pool_rt *p, pcmd *m) {
   lterm *lt = lterm_find(p, m->tid);
   m->ret = lt && lt->ex;
@@ -1181,7 +1190,7 @@ static void op_configure(pool_rt *p, pcmd *m) {
 static void pcmd_run(void *arg) {
   pcmd *m = arg;
   pool_rt *p = hub_pool(m->h);
-  int sync = m->op == OP_CONFIGURE || m->op == OP_BOOT_UP || m->op == OP_RUNNER_DOWN
+  int sync = m->op == OP_CONFIGURE
              || m->op == OP_CLOSE_POOL || m->op == OP_STOP_ALL
              || m->op == OP_STATS || m->op == OP_LOCAL_STATS;
   if (p && !p->closing) {
@@ -1189,15 +1198,11 @@ static void pcmd_run(void *arg) {
       case OP_CONFIGURE: op_configure(p, m); break;
       case OP_CALL: op_call(p, m); break;
       case OP_CANCEL: op_cancel(p, m); break;
-      case OP_BOOT_UP: op_boot_up(p, m); break;
-      case OP_BOOT_FAILED: op_boot_failed(p, m); break;
-      case OP_RUNNER_DOWN: op_runner_down(p, m); break;
       case OP_IDLE_ANSWER: op_idle_answer(p, m); break;
       case OP_REENCODED: op_reencoded(p, m); break;
       case OP_CLOSE_POOL: op_close_pool(p, m); break;
       case OP_STOP_ALL: op_stop_all(p, m); break;
       case OP_STATS: op_stats(p, m); break;
-      case OP_LOCAL_CLOSE: op_local_close(p, m); break;
       case OP_LOCAL_STATS: op_local_stats(p, m); break;
       default: break;
     }
@@ -1320,54 +1325,6 @@ static int l_with_id(lua_State *L, int op) {
 
 static int l_cancel(lua_State *L) { return l_with_id(L, OP_CANCEL); }
 static int l_idle_answer(lua_State *L) { return l_with_id(L, OP_IDLE_ANSWER); }
-static int l_local_close(lua_State *L) { return l_with_id(L, OP_LOCAL_CLOSE); }
-
-static int l_boot_up(lua_State *L) {
-  lhub *lh = lhub_of(L);
-  lua_Integer b = luaL_checkinteger(L, 2), tid = luaL_checkinteger(L, 3);
-  lua_Integer code = luaL_optinteger(L, 4, 0);
-  const char *name = luaL_optstring(L, 5, "?");
-  lua_Integer bkid = luaL_optinteger(L, 6, 0);
-  pcmd *m = pcmd_new(L, lh, OP_BOOT_UP);
-  m->ms = bkid;
-  m->boot = b;
-  m->tid = tid;
-  m->code = code;
-  m->text = dup(name);
-  m->ret = -1;
-  call_cmd(m);
-  int64_t n = m->ret;
-  pcmd_free(m);
-  if (n < 0) return 0;
-  lua_pushinteger(L, (lua_Integer)n);
-  return 1;
-}
-
-static int l_boot_failed(lua_State *L) {
-  lhub *lh = lhub_of(L);
-  lua_Integer b = luaL_checkinteger(L, 2);
-  const char *msg = luaL_checkstring(L, 3);
-  if (lh->rt == NULL) return 0;
-  pcmd *m = pcmd_new(L, lh, OP_BOOT_FAILED);
-  m->boot = b;
-  m->text = dup(msg);
-  post_cmd(L, m);
-  return 0;
-}
-
-static int l_runner_down(lua_State *L) {
-  lhub *lh = lhub_of(L);
-  lua_Integer tid = luaL_checkinteger(L, 2);
-  const char *reason = luaL_checkstring(L, 3);
-  pcmd *m = pcmd_new(L, lh, OP_RUNNER_DOWN);
-  m->tid = tid;
-  m->text = dup(reason);
-  m->flag = lua_toboolean(L, 4);
-  call_cmd(m);
-  lua_pushinteger(L, (lua_Integer)m->ret);
-  pcmd_free(m);
-  return 1;
-}
 
 static int l_reencoded(lua_State *L) {
   lhub *lh = lhub_of(L);
@@ -1398,13 +1355,8 @@ static int l_stop_all(lua_State *L) {
   lhub *lh = lhub_of(L);
   pcmd *m = pcmd_new(L, lh, OP_STOP_ALL);
   call_cmd(m);
-  lua_createtable(L, m->ntids, 0);
-  for (int i = 0; i < m->ntids; i++) {
-    lua_pushinteger(L, (lua_Integer)m->tids[i]);
-    lua_rawseti(L, -2, i + 1);
-  }
   pcmd_free(m);
-  return 1;
+  return 0;
 }
 
 static int l_pool_stats(lua_State *L) {
@@ -1442,12 +1394,9 @@ static int l_local_stats(lua_State *L) {
 void pool_lua_methods(lua_State *L) {
   static const luaL_Reg methods[] = {
     { "configure", l_configure }, { "call", l_call }, { "cancel", l_cancel },
-    { "boot_up", l_boot_up }, { "boot_failed", l_boot_failed },
-    { "runner_down", l_runner_down }, { "idle_answer", l_idle_answer },
-
+    { "idle_answer", l_idle_answer },
     { "reencoded", l_reencoded }, { "close_pool", l_close_pool },
     { "stop_all", l_stop_all }, { "pool_stats", l_pool_stats },
-    { "local_close", l_local_close },
     { "local_stats", l_local_stats }, { NULL, NULL }
   };
   luaL_setfuncs(L, methods, 0);

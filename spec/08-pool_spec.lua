@@ -205,6 +205,15 @@ describe("pool runners", function()
     assert.matches("the backend table cannot be copied into a backend state", msg, 1, true)
   end)
 
+  it("refuses backend_opts that cannot reach the backend, and the name stays free", function()
+    local msg = invalid_message { name = "opts-fn", backend = "process",
+      backend_opts = { env = { hook = function() end } } }
+    assert.matches("option 'backend_opts' cannot reach the backend: a function cannot cross"
+      .. " to the other side (at backend_opts.env.hook); give it plain values", msg, 1, true)
+    local p = H.pool { name = "opts-fn", backend = "local" }
+    assert.are.equal(3, flame.call(p, function() return 3 end))
+  end)
+
   it("reports a backend that raises in remote_boot as a boot error", function()
     local p = H.pool { name = "raising", backend = {
       init = function(opts) return opts end,

@@ -214,6 +214,70 @@ describe("a backend step that computes without end", function()
   end)
 end)
 
+describe("a runner's life on the runtime thread (core/runner.c)", function()
+  after_each(H.cleanup)
+  it("boots a runner for a queued call, and the call runs, while the program computes",
+    function()
+      local dir = H.tmpdir()
+      local ran, booting, go = dir .. "/ran", dir .. "/booting", dir .. "/go"
+      -- the process backend, whose init says it started and waits for the test's go
+      local p = H.pool { name = "boots-beside", max = 1, link = LINK, boot_timeout = 120000,
+        backend = {
+          init = function(opts, env)
+            assert(env.proc.run { path = "/bin/sh", timeout = 120000, args = { "-c",
+              "touch '" .. booting .. "'; while [ ! -e '" .. go .. "' ]; do sleep 0.05; done" } })
+            return require("flame.backends.process").init(opts, env)
+          end,
+          remote_boot = function(state, env)
+            return require("flame.backends.process").remote_boot(state, env)
+          end,
+          handle_info = function(msg, state, env)
+            return require("flame.backends.process").handle_info(msg, state, env)
+          end,
+          remote_shutdown = function(state, reason, env)
+            return require("flame.backends.process").remote_shutdown(state, reason, env)
+          end,
+        } }
+      local t = flame.spawn(function()
+        return flame.call(p, function() io.open(ran, "w"):close() return which_runner() end)
+      end)
+      assert.is_true(H.wait_for(function() return H.exists(booting) end, 60000),
+        "init did not start")
+      -- from here this thread computes: init's end, remote_boot, the runner's
+      -- handshake and the call all happen beside it
+      H.touch(go)
+      local t0 = core.hrtime()
+      while not H.exists(ran) and core.hrtime() - t0 < 60e9 do compute(5) end
+      assert.is_true(H.exists(ran), "the runner did not boot and run the call while the program computed")
+      assert.are.equal(1, p:stats().runners)
+      assert.is_string(t:await())
+      H.rmdir(dir)
+    end)
+
+  it("replaces a min runner killed while the program computes", function()
+    local p = H.pool { name = "min-beside", backend = "process", min = 1, max = 1, link = LINK,
+                       boot_timeout = 120000 }
+    assert.is_true(H.wait_for(function() return p:stats().runners == 1 end), "no min runner")
+    local first = flame.call(p, which_runner)
+    local pid = p.runners[1].term.pid
+    os.execute("kill -KILL " .. pid)
+    -- the loss, the release and the new boot are the runtime thread's alone
+    local t0, lost, back = core.hrtime(), false, false
+    while core.hrtime() - t0 < 60e9 do
+      local n = p:stats().runners
+      if n == 0 then lost = true elseif lost and n == 1 then back = true break end
+      compute(5)
+    end
+    assert.is_true(lost, "the runner's loss was not seen while the program computed")
+    assert.is_true(back, "no runner replaced it while the program computed")
+    assert.is_false(H.alive(pid), "the killed runner still exists")
+    local second = flame.call(p, which_runner)
+    assert.is_string(second)
+    assert.are_not.equal(first, second)
+    assert.are.equal(1, p:stats().runners)
+  end)
+end)
+
 describe("a backend state's requests", function()
   after_each(H.cleanup)
 

@@ -10,13 +10,11 @@ local errors = require "flame.errors"
 local task = require "flame.task"
 local logmod = require "flame.log"
 local remote = require "flame.remote"
-local backend = require "flame.backend"
 
 local M = {}
 
 local loop = task.loop
 local pools = {}                 -- name -> pool, for uniqueness within the process
-local LOST_GRACE = 100           -- ms a backend has to explain a lost link
 local SPAWN_HEADER = core.SPAWN_HEADER  -- SPAWN's deadline and link flag, before the work
 local ENCODE_WORK = { name = "work", buffer = true, head = SPAWN_HEADER }
 local next_call = 0
@@ -155,20 +153,6 @@ local Pool = {}
 Pool.__index = Pool
 Pool.__name = "flame.pool"
 
--- A local runner's terminator: an executor the runtime side owns (core/pool.c).
-local LocalTerm = {}
-LocalTerm.__index = LocalTerm
-
-function LocalTerm:stats()
-  return not self.closed and self.engine:local_stats(self.tid) or { workers = 0, peak = 0 }
-end
-
-function LocalTerm:close()
-  if self.closed then return end
-  self.closed = true
-  self.engine:local_close(self.tid)
-end
-
 local function flame_bin()
   local bin = os.getenv("FLAME_BIN")
   if bin and bin ~= "" then return bin end
@@ -185,18 +169,25 @@ local function flame_bin()
   return "flame"
 end
 
--- What the runtime side boots this pool's runners with (core/bsvc_link.c serves
--- the backend environment's parent_new, await_remote_up, local_terminator,
--- spawn_monitor, flame_bin and code_paths from it): told before each boot, as
--- where this program finds its modules may have changed (a lib/ put on
+-- What the runtime side boots this pool's runners with: core/runner.c makes each
+-- runner's backend state from backend or spec and calls its init with init (and
+-- runner_id); core/bsvc_link.c serves the backend environment's parent_new,
+-- await_remote_up, local_terminator, spawn_monitor, flame_bin and code_paths from
+-- it. Told again when where this program finds its modules changes (a lib/ put on
 -- package.path at run time: a runner on this machine finds the same ones).
 local function boot_config(pool)
   local o, hub = pool.opts, pool.hub_
+  local init = {
+    max_concurrency = o.max_concurrency, sandbox = sandbox_settings(o.sandbox),
+    boot_timeout = o.boot_timeout, shutdown_timeout = o.shutdown_timeout, pool = pool.name,
+  }
+  for k, v in pairs(o.backend_opts or {}) do init[k] = v end
   local function ms(v) return v == math.huge and -1 or v end
   local idle = type(o.idle_shutdown_after) == "table" and o.idle_shutdown_after[1]
     or o.idle_shutdown_after
   return {
     backend = type(o.backend) == "string" and o.backend or nil,
+    spec = pool.spec, init = init, idle_work = pool.idle_work,
     addrs = hub.addrs or {},
     settings = {
       max_concurrency = o.max_concurrency, shutdown_timeout = ms(o.shutdown_timeout),
@@ -213,6 +204,13 @@ local function boot_config(pool)
     flame_bin = flame_bin(),
     code_paths = { path = package.path, cpath = package.cpath, cwd = core.cwd() },
   }
+end
+
+-- Tells the runtime side what boots get; raises what cannot cross (backend_opts
+-- holding a function, say).
+local function configure_boots(pool)
+  pool.path, pool.cpath = package.path, package.cpath
+  pool.engine:boot_config(boot_config(pool))
 end
 
 --- The pool's hub: the pool's object on the runtime thread (core/hub.c and
@@ -262,11 +260,19 @@ function M.new(opts)
     invalid(("flame.pool: a pool named '%s' already exists"):format(o.name), 2)
   end
   local mod = resolve_backend(o.backend)
+  local spec, idle_work
   if type(o.backend) == "table" then            -- it is copied into each backend state
-    local ok, err = core.encode({ name = "backend" }, o.backend)
-    if not ok then
+    local err
+    spec, err = core.encode({ name = "backend" }, o.backend)
+    if not spec then
       invalid("flame.pool: the backend table cannot be copied into a backend state: " .. err, 2)
     end
+  end
+  if type(o.idle_shutdown_after) == "table" and o.backend ~= "local" then
+    -- a remote runner runs the check itself: it goes in CONFIG after REMOTE_UP
+    local err
+    idle_work, err = core.encode({ name = "idle_shutdown_after[2]" }, o.idle_shutdown_after[2])
+    if not idle_work then invalid("flame.pool: option 'idle_shutdown_after' " .. err, 2) end
   end
   local cs, why = code_sync.check(o.code_sync)
   if why then invalid("flame.pool: option 'code_sync' " .. why, 2) end
@@ -278,15 +284,22 @@ function M.new(opts)
   end
   if require("flame").parent() ~= nil then o.min = 0 end  -- a runner boots no runners
   local pool = setmetatable({
-    name = o.name, opts = o,
-    runners = {}, by_tid = {}, pending = {}, hows = {}, code_gen = 0,
-    ending = {}, log = logmod.new(o.log, o.name), config = {}, closed = false, hosts = {},
-    booting = {},
-    nrunners = 0,
+    name = o.name, opts = o, spec = spec, idle_work = idle_work,
+    runners = {}, pending = {}, hows = {}, code_gen = 0,
+    log = logmod.new(o.log, o.name), closed = false,
   }, Pool)
   local _, err = pool:hub()
   if err then invalid("flame.pool: " .. err, 2) end
   if code then pool:code_ready(code) end
+  local ok, why2 = pcall(configure_boots, pool)
+  if not ok then
+    pool.hub_:close()
+    -- the runtime's words, told as the option the user wrote
+    local what = tostring(why2):gsub("^[^:]*:%d+: ", ""):gsub("^boot_config: ", "")
+      :gsub("%(at %.init%.", "(at backend_opts.")
+    invalid("flame.pool: option 'backend_opts' cannot reach the backend: " .. what
+      .. "; give it plain values (strings, numbers, booleans, tables of them)", 2)
+  end
   pools[o.name] = pool
   local idle = o.idle_shutdown_after
   -- the rules run on the runtime thread (core/pool.c); it asks for boots by events
@@ -302,9 +315,11 @@ function M.new(opts)
   return pool
 end
 
-local function remove_runner(pool, r)
+-- pool.runners: what the application knows of the runners up ({ id, tid, term },
+-- term.pid for a process runner), kept from the runtime side's events.
+local function remove_runner(pool, tid)
   for i, x in ipairs(pool.runners) do
-    if x == r then table.remove(pool.runners, i) return true end
+    if x.tid == tid then table.remove(pool.runners, i) return true end
   end
   return false
 end
@@ -343,22 +358,43 @@ function EVENTS.fail(self, id, why, detail, phase, name)
   end
 end
 
+-- A boot starts on the runtime side (core/runner.c); a code_sync pool's waits for
+-- its pack, made here: modules loaded since the last boot are in it.
 function EVENTS.grow(self, boot, is_min, count)
-  if self.closed then                        -- asked for just before the shutdown
-    self.engine:boot_failed(boot, ("pool '%s' is shutting down"):format(self.name))
-    return
+  call_hook(self, "on_grow_start", { name = self.name, count = count })
+  local synced = self.opts.code_sync and self.opts.backend ~= "local"
+  local ok, err = pcall(function()
+    if self.closed then return ("pool '%s' is shutting down"):format(self.name) end
+    if synced then
+      local code, why = code_sync.pack(self.opts.code_sync, self.code)
+      if not code then return why end
+      self:code_ready(code)
+    end
+    local done, why = pcall(configure_boots, self)
+    if not done then return "boot_config: " .. tostring(why) end
+  end)
+  -- a code_sync boot waits for this: it goes on, or fails with why (code that
+  -- cannot be shipped); whatever raised here, it hears
+  if synced and not self.hub_.closed then
+    self.engine:boot_go(boot, (not ok or err) and tostring(err) or nil)
   end
-  self:boot(boot, is_min, count)
 end
 
-function EVENTS.shrink(self, tid, why, count)
-  local r = self.by_tid[tid]
-  if r then self:shrunk(r, why, count) end
+function EVENTS.grown(self, result, count, tid, name)
+  if result == "ok" then
+    self.runners[#self.runners + 1] = { id = name, tid = tid,
+                                        term = self.hub_.terms[tid] or { tid = tid } }
+  end
+  call_hook(self, "on_grow_end", result, { name = self.name, count = count })
 end
 
-function EVENTS.runner_failed(self, tid, why)
-  local r = self.by_tid[tid]
-  if r then self:runner_down(r, why) end
+function EVENTS.shrink(self, tid, why, count, hook)
+  remove_runner(self, tid)
+  if hook then call_hook(self, "on_shrink", { name = self.name, count = count, reason = why }) end
+end
+
+function EVENTS.ended(self, left)
+  if self.ended then self.ended:set(left) end
 end
 
 function EVENTS.idle(self, tid)
@@ -387,29 +423,10 @@ function EVENTS.reencode(self, id, gen, tid)
   f:set("fail", "encode", tostring(ok and err or b))
 end
 
--- A backend callback's end, and what its services tell (core/backend.c).
-function EVENTS.bdone(self, id, co, status, ...)
-  local host = self.hosts[id]
-  if host then host:done(co, status, ...) end
-end
-
-function EVENTS.binfo(self, id, msg)
-  local host = self.hosts[id]
-  if host then host:info(msg) end
-end
-
-function EVENTS.blog(self, id, level, line)
-  local host = self.hosts[id]
-  if host then host:log(level, line)
-  else
-    local log = self.log[level] or self.log.info
-    log("%s", line)
-  end
-end
-
-function EVENTS.bprocs(self, id, n)
-  local host = self.hosts[id]
-  if host then host:procs(n) end
+-- A log line of a runner's backend state, or of the runtime side (state 0).
+function EVENTS.blog(self, _, level, line)
+  local log = self.log[level] or self.log.info
+  log("%s", line)
 end
 
 function EVENTS.drained(self)
@@ -419,263 +436,6 @@ end
 function Pool:event(kind, ...)
   local fn = EVENTS[kind]
   if fn then fn(self, ...) end
-end
-
--- The terminator a backend's remote_boot returned (a handle of its state): a local
--- runner's executor, or a remote runner's link (the hub heard of it first), or nil.
-function Pool:terminator(host, h, runner)
-  if math.type(h.__flame_handle) ~= "integer" then return nil end
-  local tid, is_local, code = self.engine:bk_term(host.id, h.__flame_handle)
-  if not tid then return nil end
-  runner.code = code ~= 0 and code or nil
-  if is_local then return setmetatable({ engine = self.engine, tid = tid }, LocalTerm) end
-  return self.hub_.terms[tid]
-end
-
--- Boots one runner in a task of its own, for the runtime side's grow; tells it the
--- end (boot_up or boot_failed).
-function Pool:boot(boot_no, is_min, count)
-  self.nrunners = self.nrunners + 1
-  local id = ("%s-%d"):format(self.name, self.nrunners)
-  call_hook(self, "on_grow_start", { name = self.name, count = count })
-  self.log.info("runner %s booting", id)
-  local engine = self.engine
-  task.spawn(function()
-    local runner = { id = id, pool = self, status = "booting", is_min = is_min,
-                     nprocs = 0 }             -- processes its backend started, running
-    self.booting[runner] = true              -- a shutdown fails it and waits for its end
-    local told = false                       -- the runtime side hears the end, whatever happens
-    local guard <close> = setmetatable({}, { __close = function()
-      self.booting[runner] = nil
-      if runner.boot_end then runner.boot_end:set() end
-      if not told then
-        engine:boot_failed(boot_no, ("pool '%s': runner %s failed to boot: the boot failed "
-          .. "in flame itself"):format(self.name, id))
-        self.log.error("runner %s: the boot failed in flame itself", id)
-      end
-    end })
-    local settings = {
-      max_concurrency = self.opts.max_concurrency, sandbox = sandbox_settings(self.opts.sandbox),
-      boot_timeout = self.opts.boot_timeout, shutdown_timeout = self.opts.shutdown_timeout,
-      pool = self.name, runner_id = id,
-    }
-    for k, v in pairs(self.opts.backend_opts or {}) do settings[k] = v end
-    local host, err
-    if self.opts.code_sync and self.opts.backend ~= "local" then
-      -- what to ship, now: modules loaded since the last boot are in it
-      local code, why = code_sync.pack(self.opts.code_sync, self.code)
-      if code then self:code_ready(code) else err = why end
-    end
-    if not err then
-      self.engine:boot_config(boot_config(self))
-      host, err = backend.new(self.engine, self.opts.backend, self.hosts, {
-        runner = id, is_min = is_min,
-        info = function(msg) self:info(runner, msg) end,
-        log = function(level, line)
-          local log = self.log[level] or self.log.info
-          log("%s", line)
-        end,
-        procs = function(n)               -- a shutdown waits for them to go
-          runner.nprocs = n
-          self:ended_check(runner)
-        end,
-      })
-    end
-    local term, made, inited
-    local ok = host ~= nil
-    if ok then
-      runner.host = host
-      ok, err = pcall(host.call, host, "init", settings)
-      inited = ok
-      if ok then
-        local ok2, h, why = pcall(host.call, host, "remote_boot")
-        ok, err = ok2, ok2 and why or h
-        term = ok2 and type(h) == "table" and self:terminator(host, h, runner) or nil
-        made = term
-        if ok2 and h and not term then
-          ok, err, term = false, "remote_boot returned something that is not a terminator", nil
-        end
-        if term and runner.failed then          -- declared down while it booted
-          ok, err, term = false, runner.failed, nil
-        end
-      end
-    end
-    if not ok or not term then
-      local reason = tostring(err or "remote_boot returned nothing")
-      self.log.error("runner %s failed to boot: %s", id, reason)
-      told = true
-      engine:boot_failed(boot_no, ("pool '%s': runner %s failed to boot: %s")
-        :format(self.name, id, reason))
-      call_hook(self, "on_grow_end", reason, { name = self.name, count = #self.runners })
-      runner.status = "down"
-      -- a runner of this boot that connects later is refused
-      if host then pcall(self.engine.bk_fail, self.engine, host.id, reason) end
-      if made and made.close then made:close() end  -- connected, but the boot failed
-      -- the backend releases what it made (a container, a process group) as after
-      -- any runner; its requests still running are cancelled when its state closes
-      if host and inited then self:release(runner, "boot failed: " .. reason)
-      elseif host then host:close() end
-      return
-    end
-    runner.term, runner.tid = term, term.tid
-    local idle = self.opts.idle_shutdown_after
-    if term.configure and type(idle) == "table" then
-      local ok2, err2 = pcall(term.configure, term, idle[2])
-      if not ok2 then self.log.error("runner %s: idle check not sent: %s", id, tostring(err2)) end
-    end
-    self.by_tid[runner.tid] = runner
-    runner.status = "up"
-    told = true
-    local n = engine:boot_up(boot_no, runner.tid, runner.code or 0, id, host.id)
-    if not n then                              -- the pool closed meanwhile
-      self.by_tid[runner.tid] = nil
-      self:stop_runner(runner)
-      return
-    end
-    self.runners[#self.runners + 1] = runner
-    -- its link's events after boot_up: a loss that came meanwhile (kept by the
-    -- terminator until attached) then takes it out of the runtime side's pool too
-    if term.attach then                       -- a remote runner: its events
-      term:attach(function(kind, a)
-        if kind == "remote_shutdown" then
-          -- it takes no more calls; calls on their way get "shutdown" and are retried
-          -- elsewhere; it leaves the pool when its link closes
-          runner.status = "draining"
-          runner.leaving = "runner shut down: " .. tostring(a)
-          call_hook(self, "on_shrink", { name = self.name, count = #self.runners - 1,
-                                          reason = runner.leaving })
-          runner.shrink_reported = true
-        elseif kind == "lost" then
-          runner.status = runner.status == "up" and "lost" or runner.status
-          -- a process exit usually says more than a closed socket: let the
-          -- backend's handle_info speak first, briefly
-          if runner.leaving then
-            self:runner_down(runner, runner.leaving, true)
-          else
-            local reason = "lost the link to the runner: " .. tostring(a)
-            -- the backend hears of it too: it may know more (an exit, a node gone)
-            self:info(runner, { event = "link_lost", reason = reason })
-            loop:timer(LOST_GRACE, function() self:runner_down(runner, reason) end)
-          end
-        end
-      end)
-    end
-    self.log.info("runner %s up", id)
-    call_hook(self, "on_grow_end", "ok", { name = self.name, count = n })
-  end)
-end
-
--- The backend releases what the runner held (remote_shutdown, an optional callback
--- of flame's own: kill the process, remove the container), then its state closes.
-function Pool:release(r, reason)
-  if r.released then return end
-  r.released = true
-  self.ending[r] = true                        -- a shutdown waits for it to end
-  local host = r.host
-  if not host then
-    r.release_done = true
-    self:ended_check(r)
-    return
-  end
-  task.spawn(function()
-    local ok, err = pcall(host.call, host, "remote_shutdown", reason)
-    if not ok then self.log.error("runner %s: remote_shutdown failed: %s", r.id, tostring(err)) end
-    r.release_done = true
-    self:ended_check(r)
-    -- the state lives on a while: the backend may still hear of the runner (a
-    -- process exit, its own reap timer); then it is closed
-    local st = self.opts.shutdown_timeout
-    local linger = (st == math.huge and 5000 or st + 1000) + 5000  -- after its reap timer
-    -- (closing it ends its requests, timers and watches: nothing outlives it)
-    loop:timer(linger, function() host:close() end)
-  end)
-end
-
--- A runner has ended when its backend has released it (remote_shutdown returned:
--- the container removed, say) and every process its backend started has exited.
-local function ended(r)
-  return r.release_done and (r.nprocs or 0) == 0
-end
-
--- Once r has ended: out of the pool's ending set, and a shutdown waiting for it
--- (await_ended) is told.
-function Pool:ended_check(r)
-  if not ended(r) then return end
-  self.ending[r] = nil
-  if r.tid and self.by_tid[r.tid] == r then self.by_tid[r.tid] = nil end
-  if r.ended then r.ended:set(true) end
-end
-
--- Waits, until deadline (task.now() ms), for the runners to end; returns the ids of
--- those still running then.
-function Pool:await_ended(runners, deadline)
-  local left = {}
-  for _, r in ipairs(runners) do
-    if not ended(r) then
-      r.ended = r.ended or task.future()
-      local timer = loop:timer(math.max(0, deadline - task.now()), function() r.ended:set(false) end)
-      local ok = r.ended:wait()
-      timer:stop()
-      if not ok then left[#left + 1] = r.id end
-    end
-  end
-  return left
-end
-
--- Stops a runner the runtime side has let go of: its terminator told, its backend
--- releases it.
-function Pool:stop_runner(r)
-  r.status = "down"
-  if r.term and r.term.shutdown then r.term:shutdown() end
-  if r.term and r.term.close then r.term:close() end
-  self:release(r, "shutdown")
-end
-
--- The runtime side took r out (idle, single use): stopped, not replaced.
-function Pool:shrunk(r, why, count)
-  if r.status == "down" then return end
-  remove_runner(self, r)
-  self.log.info("runner %s: shut down (%s)", r.id, why)
-  self:stop_runner(r)
-  call_hook(self, "on_shrink", { name = self.name, count = count, reason = why })
-  r.shrink_reported = true
-end
-
---- A runner went away: its callers get runner_down (on the runtime side, all at
--- once), it leaves the pool, and the backend releases it. `quiet`: it said goodbye
--- (idle shutdown), not a failure.
-function Pool:runner_down(r, reason, quiet)
-  if r.status == "down" then return end
-  r.status = "down"
-  remove_runner(self, r)
-  if quiet then self.log.info("runner %s: %s", r.id, reason)
-  else self.log.warn("runner %s down: %s", r.id, reason) end
-  if r.term and r.term.close then r.term:close(reason) end
-  local count = #self.runners
-  if r.tid then count = self.engine:runner_down(r.tid, reason, quiet) end
-  if not r.shrink_reported then
-    call_hook(self, "on_shrink", { name = self.name, count = count, reason = reason })
-  end
-  self:release(r, reason)
-end
-
--- A message for the backend (a process exit, a send_after): its handle_info decides,
--- in a task (it may wait).
-function Pool:info(r, msg)
-  local host = r.host
-  if not host then return end
-  task.spawn(function()
-    local ok, alive, reason = pcall(host.call, host, "handle_info", msg)
-    if r.status == "down" then return end    -- already gone: only the backend cared
-    if ok and alive then return end
-    reason = tostring(ok and (reason or "the backend reported the runner down") or alive)
-    if r.status == "booting" then
-      r.failed = reason                      -- the boot fails with it
-      pcall(self.engine.bk_fail, self.engine, host.id, reason)
-    else
-      self:runner_down(r, reason)
-    end
-  end)
 end
 
 -- The results decode gave, passed on as they came (no table for them).
@@ -786,6 +546,9 @@ function Pool:call(work, opts, level)
   end
   local timeout = o.timeout or self.opts.timeout
   local deadline = task.now() + timeout
+  if self.path ~= package.path or self.cpath ~= package.cpath then
+    configure_boots(self)                     -- the runners booted from now find them
+  end
   -- encoded once, into C's memory with room in front for SPAWN's header: the bytes
   -- go to the runner's socket (or a local worker) as they are, copied by no one
   local code = self.code
@@ -835,15 +598,10 @@ function Pool:shutdown()
   -- whatever happens while draining (the caller cancelled, a wait refused), the
   -- runners are stopped
   local stopped
-  local function stop_all()
+  local function stop_all()                     -- the runtime side stops them all
     stopped = true
-    for _, tid in ipairs(self.engine:stop_all()) do
-      local r = self.by_tid[tid]
-      if r and r.status ~= "down" then
-        remove_runner(self, r)
-        self:stop_runner(r)
-      end
-    end
+    self.runners = {}
+    self.engine:stop_all()
   end
   local finish <close> = setmetatable({}, { __close = function()
     if not stopped then stop_all() end
@@ -859,36 +617,22 @@ function Pool:shutdown()
     self.drained:wait()
     if timer then timer:stop() end
   end
+  -- the runners stop, boots in flight fail (await_remote_up returns at once); this
+  -- returns once every runner has ended (processes gone, containers removed), those
+  -- lost or idled down before included: a runner told to stop exits by itself; the
+  -- backend's reap (shutdown_timeout + 1 s for processes) bounds one that does not
+  self.ended = task.future()
   stop_all()
-  -- returns once every runner has ended (processes gone, containers removed): a
-  -- runner told to stop exits by itself; the backend's reap (shutdown_timeout + 1 s
-  -- for processes) bounds a runner that does not
   local st = self.opts.shutdown_timeout
   local bound = (st == math.huge and 5000 or st + 1000) + 5000
-  -- boots in flight fail now (await_remote_up returns at once) and end, with what
-  -- their backend started released, before the hub and the backend states close
-  local deadline = task.now() + bound
-  local booting = {}
-  for r in pairs(self.booting) do booting[#booting + 1] = r end
-  for _, r in ipairs(booting) do
-    r.failed = r.failed or ("pool '%s' is shutting down"):format(self.name)
-    if r.host then pcall(self.engine.bk_fail, self.engine, r.host.id, r.failed) end
-  end
-  for _, r in ipairs(booting) do
-    if self.booting[r] then
-      r.boot_end = r.boot_end or task.future()
-      local timer = loop:timer(math.max(0, deadline - task.now()), function() r.boot_end:set() end)
-      r.boot_end:wait()
-      timer:stop()
-    end
-  end
-  -- the runners just stopped, and those lost or idled down before and still ending
-  local all = {}
-  for r in pairs(self.ending) do all[#all + 1] = r end
-  local left = self:await_ended(all, deadline)
-  if #left > 0 then
-    self.log.warn("pool shut down; runners still ending after %d ms: %s", bound,
-      table.concat(left, ", "))
+  self.engine:await_ended(bound)
+  -- the runtime answers within bound; this timer only guards against an answer
+  -- lost (no memory for the event): a shutdown never hangs
+  local guard = loop:timer(bound + 5000, function() self.ended:set("?") end)
+  local left = self.ended:wait()
+  guard:stop()
+  if left ~= "" then
+    self.log.warn("pool shut down; runners still ending after %d ms: %s", bound, left)
   else
     self.log.info("pool shut down")
   end

@@ -1,61 +1,18 @@
---- The parent's side of the link: a hub listens for a pool's runners, makes each
--- prove it holds its runner's secret (and proves the parent does too), and hands
--- the authenticated connection to the boot that awaits it (core/bsvc_link.c's
--- await_remote_up); here it is a *remote terminator*: configure, shutdown, close,
--- and its runner's events. The hub itself is C on the runtime
--- thread (core/hub.c): listening, the handshake, heartbeats and frames go on while
--- this state computes, and what happens reaches this module as events. Anything
--- else that connects (a wrong secret, an old protocol, random bytes, an unknown ref)
--- is closed and logged, and nothing it sent runs.
+--- The parent's side of the link, as the application sees it: a pool's hub, which
+-- listens for the pool's runners, makes each prove it holds its runner's secret
+-- (and proves the parent does too), and hands the authenticated connection to the
+-- boot that awaits it (core/bsvc_link.c's await_remote_up). The hub is C on the
+-- runtime thread (core/hub.c), and so are the runners' lives (core/runner.c):
+-- listening, the handshake, heartbeats, frames, losses and stops go on while this
+-- state computes. What reaches this module are events: a runner up (its pid, kept
+-- in terms for the pool's runner list until its link is lost), connections
+-- refused, and the pool's own events (core/pool.c, core/runner.c). Anything else
+-- that connects (a wrong secret, an old protocol, random bytes, an unknown ref) is
+-- closed and logged, and nothing it sent runs.
 -- @module flame.remote
 local core = require "flame.core"
-local wire = require "flame.wire"
 
 local M = {}
-
-local Term = {}
-Term.__index = Term
-
---- Sends the pool's idle check: work the runner runs in a sandbox before it goes.
-function Term:configure(idle_check)
-  if self.closed then return end
-  local bytes, err = core.encode({ name = "idle_shutdown_after[2]" }, idle_check)
-  if not bytes then error(err, 0) end
-  self.hub.c:send(self.tid, wire.CONFIG, 0, bytes)
-end
-
---- Asks the runner to stop taking work, drain and exit.
-function Term:shutdown()
-  if not self.closed then self.hub.c:send(self.tid, wire.SHUTDOWN, 0, "") end
-end
-
-function Term:close(reason)
-  if self.closed then return end
-  self.closed = true
-  self.hub.c:close_term(self.tid, reason or "closed by the parent")
-end
-
---- Where the runner's messages go: events(kind, ...) with kind "remote_shutdown"
--- (reason) or "lost" (reason), once. Its calls' results go to the pool's runtime
--- side (core/pool.c), not here.
-function Term:attach(events)
-  self.events = events
-  for _, e in ipairs(self.early) do events(table.unpack(e, 1, e.n)) end
-  self.early = nil
-end
-
-function Term:emit(...)
-  if self.events then self.events(...)
-  else self.early[#self.early + 1] = table.pack(...) end
-end
-
-function Term:lost(reason)
-  if self.gone then return end
-  self.gone = true
-  self.closed = true                      -- the hub has closed its link already
-  self.hub.terms[self.tid] = nil
-  self:emit("lost", reason)
-end
 
 local Hub = {}
 Hub.__index = Hub
@@ -85,15 +42,11 @@ end
 -- connections refused.
 function Hub:event(kind, a, b, c, d, ...)
   if kind == "up" then                         -- handed to its boot's await_remote_up
-    self.terms[b] = setmetatable({ hub = self, tid = b, early = {},
-      pid = c ~= 0 and c or nil, host = d }, Term)
-  elseif kind == "message" then
-    local term = self.terms[a]
-    if not term then return end
-    if b == wire.REMOTE_SHUTDOWN then term:emit("remote_shutdown", d) end
+    self.terms[b] = { tid = b, pid = c ~= 0 and c or nil, host = d }
+  elseif kind == "message" then                -- the runtime side acted on it already
+    return
   elseif kind == "lost" then
-    local term = self.terms[a]
-    if term then term:lost(b) end
+    self.terms[a] = nil
   elseif kind == "refused" then
     self.refusals = self.refusals + 1
     self.log.error("%s", a)
