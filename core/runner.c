@@ -31,8 +31,9 @@
 #include "wire.h"
 
 /* ms a backend's handle_info has to say more of a lost link than a closed socket
- * says (a process exit, a node gone) before the loss is the runner's end */
-#define LOST_GRACE 100
+ * says (a process exit, a node gone) before the loss is the runner's end: an
+ * engine's wait on a killed container (Podman's) was seen to answer after 100 ms */
+#define LOST_GRACE 1000
 
 enum { S_WAIT_GO, S_INIT, S_BOOT, S_UP, S_DOWN };
 
