@@ -20,6 +20,25 @@
 
 #include "flame.h"
 #include "benv.h"
+#include "wire.h"
+
+/* core.wire: the link's protocol version, message types and SPAWN's header size,
+ * as wire.h has them (the specs check their own copy against these) */
+static void push_wire(lua_State *L) {
+  static const struct { const char *name; int v; } w[] = {
+    { "PROTOCOL", WIRE_PROTOCOL }, { "HELLO", WIRE_HELLO }, { "CHALLENGE", WIRE_CHALLENGE },
+    { "PROOF", WIRE_PROOF }, { "REMOTE_UP", WIRE_REMOTE_UP }, { "SPAWN", WIRE_SPAWN },
+    { "RESULT", WIRE_RESULT }, { "KILL", WIRE_KILL }, { "SHUTDOWN", WIRE_SHUTDOWN },
+    { "REMOTE_SHUTDOWN", WIRE_REMOTE_SHUTDOWN }, { "PING", WIRE_PING },
+    { "CONFIG", WIRE_CONFIG }, { "CLOSE", WIRE_CLOSE }, { "CODE", WIRE_CODE },
+    { "SPAWN_HEADER", WIRE_SPAWN_HEADER }, { "NONCE", WIRE_NONCE },
+  };
+  lua_createtable(L, 0, (int)(sizeof w / sizeof *w));
+  for (size_t i = 0; i < sizeof w / sizeof *w; i++) {
+    lua_pushinteger(L, w[i].v);
+    lua_setfield(L, -2, w[i].name);
+  }
+}
 
 /* random_bytes(n) -> n bytes from the system's CSPRNG (uv_random) */
 static int l_random_bytes(lua_State *L) {
@@ -140,5 +159,7 @@ int luaopen_flame_core(lua_State *L) {
   lua_setfield(L, -2, "random_bytes");
   lua_pushliteral(L, FLAME_VERSION);
   lua_setfield(L, -2, "VERSION");
+  push_wire(L);
+  lua_setfield(L, -2, "wire");
   return 1;
 }

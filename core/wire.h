@@ -1,8 +1,9 @@
 /*
  * wire.h - the link protocol's message types and the handshake's pieces, shared by
  * both ends in C: the parent's hub (hub.c) and the runner's terminator
- * (terminator.c). Message layouts: docs/protocol.md (and lua/flame/wire.lua, the
- * pool's copy of the types).
+ * (terminator.c). Message layouts: docs/protocol.md; the types are core.wire for
+ * Lua (binding.c), which the specs' own copy (spec/support/wire.lua) is checked
+ * against.
  */
 #ifndef FLAME_WIRE_H
 #define FLAME_WIRE_H

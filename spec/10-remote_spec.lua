@@ -6,7 +6,7 @@ local flame = require "flame"
 local core = require "flame.core"
 local cjson = require "cjson"
 local errors = require "flame.errors"
-local wire = require "flame.wire"
+local wire = require "spec.support.wire"
 local task = require "flame.task"
 local H = require "spec.helper"
 
@@ -104,6 +104,24 @@ local function connect(addr)
     function(reason) closed:set(reason) end)
   return c, closed, got
 end
+
+describe("the specs' copy of the protocol (spec/support/wire.lua)", function()
+  it("has the types, version and SPAWN header of core/wire.h (core.wire)", function()
+    local names = 0
+    for name, v in pairs(core.wire) do
+      if name ~= "SPAWN_HEADER" and name ~= "NONCE" then
+        assert.are.equal(v, wire[name], "wire." .. name)
+        names = names + 1
+      end
+    end
+    assert.are.equal(14, names)                 -- PROTOCOL and 13 message types
+    for name, v in pairs(wire) do
+      if type(v) == "number" then assert.are.equal(v, core.wire[name], "core.wire." .. name) end
+    end
+    assert.are.equal(core.wire.SPAWN_HEADER, #wire.spawn_header(1000, true))
+    assert.are.equal(core.SPAWN_HEADER, core.wire.SPAWN_HEADER)
+  end)
+end)
 
 describe("remote runners", function()
   after_each(function()

@@ -6,7 +6,7 @@
 local flame = require "flame"
 local core = require "flame.core"
 local cjson = require "cjson"
-local wire = require "flame.wire"
+local wire = require "spec.support.wire"
 local H = require "spec.helper"
 
 local FLAME = os.getenv("FLAME_BIN") or "flame"

@@ -1,13 +1,13 @@
 -- Writes the seed corpora of the fuzz targets into DIR/decode, DIR/parent, DIR/pack,
 -- DIR/link and DIR/json (made by the caller): real encodings of varied values for the codec
--- decoder (decode_fuzz.c); FLAME_PARENT documents as lua/flame/parent.lua makes
+-- decoder (decode_fuzz.c); FLAME_PARENT documents as spec/support/parent.lua makes
 -- them, and broken ones (parent_fuzz.c); link streams of whole, chunked and
 -- malformed frames (link_fuzz.c); code packs, good and refused (pack_fuzz.c). Each
 -- target's header says what its bytes mean.
 -- usage: lua5.4 spec/fuzz/seeds.lua DIR
 local flame = require "flame"
 local codec = flame.codec
-local parent = require "flame.parent"
+local parent = require "spec.support.parent"
 local core = require "flame.core"
 local cjson = require "cjson"
 local dir = assert(arg[1], "usage: seeds.lua DIR")

@@ -1,10 +1,11 @@
---- FLAME_PARENT: what a runner needs to find and trust its parent, as base64 of a
--- JSON document. Made by backends on the parent (parent_new, parent_encode); read
--- and checked on the runner by core/parent.c, which must agree with this shape.
--- @module flame.parent
+--- FLAME_PARENT as the specs and the fuzz seeds make it when they play the parent:
+-- what a runner needs to find and trust its parent, as base64 of a JSON document
+-- (docs/protocol.md). The parent's own are made in C (core/bsvc_link.c's
+-- parent_new); core/parent.c reads and checks them on the runner.
+-- @module spec.support.parent
 local core = require "flame.core"
 local cjson = require "cjson.safe"
-local wire = require "flame.wire"
+local wire = require "spec.support.wire"
 
 local M = {}
 

@@ -1,8 +1,9 @@
---- The link protocol's message types and payload layouts (docs/protocol.md), for
--- the pool and the specs. Frames themselves (length, type, flags, id; chunking) are
--- core/link.c's; both ends of the link, with their heartbeats, are C (core/hub.c,
--- core/terminator.c; types in core/wire.h).
--- @module flame.wire
+--- The link protocol as the specs speak it when they play one end (a puppet runner
+-- or parent): message types, the handshake's proofs and SPAWN's header, written
+-- again from docs/protocol.md so that the C of both ends (core/wire.h, core/hub.c,
+-- core/terminator.c) is checked against the document, not against itself
+-- (spec/10 checks these types against core.wire). Frames are core/link.c's.
+-- @module spec.support.wire
 local M = {}
 
 M.PROTOCOL = 1
