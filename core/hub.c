@@ -3,7 +3,8 @@
  * pool listens for its runners, makes each prove it holds its runner's secret (and
  * proves the parent does too), keeps the heartbeats and carries the frames. Its Lua
  * object, core.hub, lives on the application's thread; what happens reaches it as
- * events through a mailbox and the application loop's uv_async, so heartbeats go on
+ * events through a mailbox and a flame_waker on the application loop (loop.h: the
+ * receiver never spins on the sender as libuv's uv_async does), so heartbeats go on
  * while the application's Lua code computes.
  *
  * Contract (Lua):
@@ -62,7 +63,7 @@ typedef hub_event event;
 
 typedef struct app_async {
   flame_handle base;                /* first: the application loop's walk frees it */
-  uv_async_t async;
+  flame_waker waker;               /* the application loop's wake-up */
   struct mailbox *mb;
   flame_loop *lp;
   int event_ref;                    /* on_event in the registry */
@@ -112,7 +113,7 @@ static void post(mailbox *mb, event *e) {
   if (mb->tail) mb->tail->next = e;         /* only the first event wakes it */
   else mb->head = e;
   mb->tail = e;
-  if (wake) uv_async_send(&mb->aa->async);
+  if (wake) flame_waker_send(&mb->aa->waker);
   uv_mutex_unlock(&mb->lock);
 }
 
@@ -791,8 +792,8 @@ static int event_call(lua_State *L) {
   return 0;
 }
 
-static void deliver(uv_async_t *a) {
-  app_async *aa = a->data;
+static void deliver(flame_waker *w) {
+  app_async *aa = w->poll.data;
   uv_mutex_lock(&aa->mb->lock);
   event *e = aa->mb->head;
   aa->mb->head = aa->mb->tail = NULL;
@@ -809,9 +810,9 @@ static void deliver(uv_async_t *a) {
     int closed = e->kind == EV_CLOSED;
     hub_event_free(e);
     e = next;
-    if (closed && !uv_is_closing((uv_handle_t *)&aa->async)) {
+    if (closed && !uv_is_closing((uv_handle_t *)&aa->waker.poll)) {
       aa_detach(aa);                         /* the hub is gone: nothing more comes */
-      uv_close((uv_handle_t *)&aa->async, aa_free);
+      flame_waker_close(&aa->waker, aa_free);
     }
   }
 }
@@ -826,8 +827,14 @@ static void aa_detach(app_async *aa) {
   aa->owner = NULL;
 }
 
+/* A handle that never carried events (its waker failed to start). */
+static void aa_free_unused(uv_handle_t *hd) {
+  free(hd->data);
+}
+
 static void aa_free(uv_handle_t *hd) {
   app_async *aa = hd->data;
+  flame_waker_end(&aa->waker);              /* a loop's close walk closed only the poll */
   aa_detach(aa);                            /* done already, unless the loop's walk came first */
   if (aa->lp->L) luaL_unref(aa->lp->L, LUA_REGISTRYINDEX, aa->event_ref);
   mailbox_release(aa->mb);
@@ -924,9 +931,9 @@ static int hub_gc(lua_State *L) {
   lhub *lh = luaL_checkudata(L, 1, HUB_MT);
   hub_shut(lh);
   app_async *aa = lh->aa;
-  if (aa && !uv_is_closing((uv_handle_t *)&aa->async)) {
+  if (aa && !uv_is_closing((uv_handle_t *)&aa->waker.poll)) {
     aa_detach(aa);
-    uv_close((uv_handle_t *)&aa->async, aa_free);
+    flame_waker_close(&aa->waker, aa_free);
   }
   lh->aa = NULL;
   return 0;
@@ -984,16 +991,18 @@ static int l_hub(lua_State *L) {
     free(aa);
     return luaL_error(L, "bad address '%s' (an IPv4 or IPv6 address expected)", host);
   }
-  int rc = uv_async_init(&lp->uv, &aa->async, deliver);
+  aa->waker.poll.data = aa;
+  int rc = flame_waker_init(&lp->uv, &aa->waker, deliver);
   if (rc != 0) {
     uv_mutex_destroy(&mb->lock);
     free(h);
     free(mb);
-    free(aa);
-    return luaL_error(L, "hub: %s", uv_strerror(rc));
+    if (aa->waker.made) flame_waker_close(&aa->waker, aa_free_unused);  /* libuv holds it */
+    else free(aa);
+    return luaL_error(L, "hub: cannot make its wake-up handle: %s", uv_strerror(rc));
   }
   aa->base.on_close = aa_free;
-  aa->async.data = aa;
+  aa->waker.poll.data = aa;                  /* the poll's own, made now */
   aa->mb = mb;
   aa->lp = lp;
   lua_pushvalue(L, fn);

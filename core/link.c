@@ -6,7 +6,8 @@
  * as two buffers, its header and its slice of the message: no copy on the way out;
  * the chunks queued while writes were in flight leave together, in one write.
  * Reads land in the connection's own buffer (made at the first read) and are
- * parsed before on_read returns. Finishing writes what is queued, then shuts the
+ * parsed before on_read returns; the rest of a long chunk is read straight into
+ * its message's buffer. Finishing writes what is queued, then shuts the
  * write side down (FIN) and reads, discarding, until the peer closes: closing a
  * socket with unread data makes the kernel send a reset, and a reset can destroy
  * the last results still on their way.
@@ -23,6 +24,7 @@
 #define LINK_BATCH 32               /* chunks in one write: short messages queued while
                                        writes were in flight leave in one system call */
 #define LINK_READ (64 * 1024)
+#define LINK_DIRECT (16 * 1024)     /* a chunk's rest this long is read in place */
 
 typedef struct outmsg {
   struct outmsg *next;
@@ -320,6 +322,8 @@ static int deliver(link_conn *c, partial *p) {
   return c->closing || c->finishing ? -1 : 0;
 }
 
+static int chunk_got(link_conn *c, size_t take);
+
 /* Parses bytes as they arrive; any violation closes this connection only. */
 static void parse(link_conn *c, const unsigned char *p, size_t n) {
   while (n > 0 && !c->closing && !c->finishing) {
@@ -374,21 +378,36 @@ static void parse(link_conn *c, const unsigned char *p, size_t n) {
     size_t take = c->chunk_len - c->chunk_have;
     if (take > n) take = n;
     if (take) buf_append(&c->cur->data, p, take);   /* reserved above: cannot fail */
-    c->chunk_have += take;
     p += take;
     n -= take;
-    if (c->chunk_have == c->chunk_len) {
-      c->head_have = 0;
-      partial *done = c->cur;
-      c->cur = NULL;
-      if ((c->flags & 1u) && deliver(c, done) != 0) return;
-    }
+    if (chunk_got(c, take) != 0) return;
   }
 }
 
+/* take more bytes of the current chunk are in its message's buffer; a whole chunk
+ * ends (and a last one delivers its message). Returns 0 when reading may go on. */
+static int chunk_got(link_conn *c, size_t take) {
+  c->chunk_have += take;
+  if (c->chunk_have < c->chunk_len) return 0;
+  c->head_have = 0;
+  partial *done = c->cur;
+  c->cur = NULL;
+  if ((c->flags & 1u) && deliver(c, done) != 0) return -1;
+  return 0;
+}
+
+/* Reads land in rbuf, except the rest of a long chunk: that is read straight into
+ * its message's buffer (reserved when its header came), so a large frame is not
+ * copied once more on its way in. */
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b) {
   (void)suggested;
   link_conn *c = h->data;
+  size_t rest = c->cur && c->head_have == LINK_HEADER ? c->chunk_len - c->chunk_have : 0;
+  if (rest >= LINK_DIRECT && !c->closing && !c->finishing) {
+    buf *d = &c->cur->data;
+    *b = uv_buf_init((char *)d->data + d->len, (unsigned)rest);
+    return;
+  }
   if (c->rbuf == NULL) c->rbuf = malloc(LINK_READ);
   *b = uv_buf_init(c->rbuf, c->rbuf ? LINK_READ : 0);   /* 0: libuv reports ENOBUFS */
 }
@@ -404,6 +423,11 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
     return;
   }
   if (c->finishing) return;           /* read to let the peer's bytes go, not used */
+  if (b->base != c->rbuf) {           /* into the current chunk's place (on_alloc) */
+    c->cur->data.len += (size_t)nread;
+    chunk_got(c, (size_t)nread);
+    return;
+  }
   parse(c, (const unsigned char *)b->base, (size_t)nread);
 }
 
