@@ -1,6 +1,7 @@
 /*
  * link_lua.c - the link (link.h) for Lua: core.listen, core.connect and connection
- * objects, as the parent's hub (lua/flame/remote.lua) uses them.
+ * objects (the specs' puppet runner and parent use them; the parent's own hub
+ * is C, core/hub.c).
  *
  * Contract:
  * - core.listen{host, port, on_connect} accepts connections; core.connect{host,

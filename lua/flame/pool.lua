@@ -9,7 +9,6 @@ local code_sync = require "flame.code_sync"
 local errors = require "flame.errors"
 local task = require "flame.task"
 local logmod = require "flame.log"
-local remote = require "flame.remote"
 
 local M = {}
 
@@ -213,22 +212,63 @@ local function configure_boots(pool)
   pool.engine:boot_config(boot_config(pool))
 end
 
---- The pool's hub: the pool's object on the runtime thread (core/hub.c and
--- core/pool.c: its links, slots, queue and calls), made with the pool.
+-- The pool's hub, as the application sees it: core.hub (core/hub.c, on the runtime
+-- thread) listens for the pool's runners, makes each prove it holds its runner's
+-- secret (and proves the parent does too), keeps the heartbeats and carries the
+-- frames; core/runner.c and core/pool.c live the runners' lives and the pool's
+-- rules there. What reaches this state are events: a runner up (its pid, kept in
+-- terms for the pool's runner list until its link is lost), connections refused
+-- (counted and logged; nothing they sent runs), and the pool's own (EVENTS below).
+local Hub = {}
+Hub.__index = Hub
+
+function Hub:event(pool, kind, a, b, c, d, ...)
+  if kind == "up" then                         -- handed to its boot's await_remote_up
+    self.terms[b] = { tid = b, pid = c ~= 0 and c or nil, host = d }
+  elseif kind == "message" then                -- the runtime side acted on it already
+    return
+  elseif kind == "lost" then
+    self.terms[a] = nil
+  elseif kind == "refused" then
+    self.refusals = self.refusals + 1
+    self.log.error("%s", a)
+  elseif kind == "dropped" then
+    self.drops = self.drops + 1
+    self.log.error("%s", a)
+  elseif kind ~= "closed" then                 -- the pool's (core/pool.c, core/runner.c)
+    pool:event(kind, a, b, c, d, ...)
+  end
+end
+
+function Hub:close()
+  if self.closed then return end
+  self.closed = true
+  self.c:close()                               -- boots in flight learn it at once
+end
+
+--- The pool's hub (above), made with the pool: c is its core.hub, addrs what its
+-- runners are told to connect to, refusals and drops what it turned away.
 function Pool:hub()
   if self.hub_ then return self.hub_ end
   local l = self.opts.link
-  local h, err = remote.hub {
-    bind = l.bind, port = l.port, advertise = l.advertise,
-    heartbeat_interval = l.heartbeat_interval or 1000,
-    heartbeat_misses = l.heartbeat_misses or 3, log = self.log,
+  local h = setmetatable({ log = self.log, terms = {}, refusals = 0, drops = 0,
+    opts = { heartbeat_interval = l.heartbeat_interval or 1000,
+             heartbeat_misses = l.heartbeat_misses or 3 } }, Hub)
+  local c, err = core.hub { host = l.bind or "127.0.0.1", port = l.port or 0,
+    heartbeat_interval = h.opts.heartbeat_interval,
+    heartbeat_misses = h.opts.heartbeat_misses,
     -- a pool of local runners has no link to listen for
     listen = self.opts.backend ~= "local",
-    on_pool = function(kind, ...) self:event(kind, ...) end,
-  }
-  if not h then return nil, err end
+    on_event = function(kind, ...) h:event(self, kind, ...) end }
+  if not c then return nil, err end
+  h.c = c
+  local host, port = c:address()
+  if host then
+    h.addrs = l.advertise
+      or { (host:find(":") and ("[" .. host .. "]") or host) .. ":" .. port }
+  end
   self.hub_ = h
-  self.engine = h.c
+  self.engine = c
   return h
 end
 
