@@ -101,6 +101,10 @@ void blink_cfg_free(struct blink_cfg *c);
 void blink_lua_methods(lua_State *L);
 
 /* pool.c */
+/* Calls of every pool not yet ended (runtime thread only): the runtime loop spins
+ * after an event only while few are (loop.h's flame_spin). */
+extern int pool_live_calls;
+
 pool_rt *pool_rt_new(hub *h);
 void pool_rt_close(pool_rt *p);
 int pool_rt_closed(const pool_rt *p);

@@ -21,6 +21,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sched.h>
 #include <unistd.h>
 #ifdef __linux__
 #include <sys/eventfd.h>
@@ -72,6 +73,77 @@ static void waker_drain(flame_waker *w) {
   }
 }
 
+/* ------------------------------------------------------------------ spin ---- */
+
+static uint64_t loop_spin_ns;
+static int loop_spin_load;                 /* the machine's cores */
+static uv_once_t loop_spin_once = UV_ONCE_INIT;
+static __thread uint64_t spin_until;       /* this thread's loop polls until then */
+static __thread int spin_here;             /* this thread runs a spinning loop */
+
+static void loop_spin_init(void) {
+  const char *e = getenv("FLAME_LOOP_SPIN_US");
+  long us = 50;
+  if (e && *e) {
+    char *end;
+    long v = strtol(e, &end, 10);
+    if (*end == '\0' && v >= 0 && v <= 1000000) us = v;
+  }
+  loop_spin_load = (int)uv_available_parallelism();
+  loop_spin_ns = loop_spin_load > 1 ? (uint64_t)us * 1000 : 0;
+}
+
+void flame_spin_touch(void) {
+  if (spin_here) spin_until = uv_hrtime() + loop_spin_ns;
+}
+
+/* Active, it makes the poll not wait; a thread ready to run on this core (the
+ * peer this loop waits for, perhaps) goes first. */
+static void spin_idle(uv_idle_t *h) {
+  (void)h;
+  sched_yield();
+}
+
+/* After each poll: within the window the next poll does not wait, else it sleeps. */
+static void spin_check(uv_check_t *h) {
+  flame_spin *s = h->data;
+  int want = *s->load <= loop_spin_load && uv_hrtime() < spin_until;
+  if (want == s->spinning) return;
+  if (want ? uv_idle_start(&s->idle, spin_idle) : uv_idle_stop(&s->idle)) return;
+  s->spinning = want;
+}
+
+int flame_spin_start(uv_loop_t *loop, flame_spin *s, const int *load) {
+  uv_once(&loop_spin_once, loop_spin_init);
+  s->spinning = s->made = 0;
+  s->load = load;
+  if (loop_spin_ns == 0) return 0;
+  int rc = uv_idle_init(loop, &s->idle);
+  if (rc != 0) return rc;
+  if ((rc = uv_check_init(loop, &s->check)) != 0) {
+    uv_close((uv_handle_t *)&s->idle, NULL);
+    return rc;
+  }
+  s->idle.data = s->check.data = s;
+  uv_unref((uv_handle_t *)&s->idle);
+  uv_unref((uv_handle_t *)&s->check);
+  s->made = 1;
+  if ((rc = uv_check_start(&s->check, spin_check)) != 0) {
+    flame_spin_close(s);
+    return rc;
+  }
+  spin_here = 1;
+  return 0;
+}
+
+void flame_spin_close(flame_spin *s) {
+  if (!s->made) return;
+  s->made = 0;
+  spin_here = 0;
+  if (!uv_is_closing((uv_handle_t *)&s->idle)) uv_close((uv_handle_t *)&s->idle, NULL);
+  if (!uv_is_closing((uv_handle_t *)&s->check)) uv_close((uv_handle_t *)&s->check, NULL);
+}
+
 static void on_waker(uv_poll_t *p, int status, int events) {
   (void)events;
   flame_waker *w = (flame_waker *)(void *)((char *)p - offsetof(flame_waker, poll));
@@ -87,6 +159,7 @@ static void on_waker(uv_poll_t *p, int status, int events) {
     }
   }
   waker_drain(w);
+  flame_spin_touch();
   /* cleared before cb looks at its queue: what is queued from now on wakes again */
   __atomic_store_n(&w->pending, 0, __ATOMIC_SEQ_CST);
   w->cb(w);

@@ -53,6 +53,35 @@ void flame_waker_send(flame_waker *w);
 void flame_waker_close(flame_waker *w, uv_close_cb close_cb);
 void flame_waker_end(flame_waker *w);
 
+/* A loop that polls without sleeping for a while after its last event (loop.c):
+ * waking a sleeping thread on another core costs these VMs about 20 us each way
+ * (a trivial call on a process runner: ~26 us at the median with every thread on
+ * one core, ~90 us across two), and a call crosses four sleeping loops. A loop
+ * whose thread is woken by its peer's next message within the window finds it
+ * without a wake-up. Window: FLAME_LOOP_SPIN_US (default 50, at most 1 s; 0 off),
+ * off on a machine of one core. For the runtime's loop and a runner's main loop,
+ * never the application's (a program waiting must not burn its core).
+ * - flame_spin_start(loop, s, load): 0 or a libuv error; s lives as long as the
+ *   loop's handles (its two handles are unreferenced: they keep no loop alive);
+ *   *load (read on the loop's thread) above the machine's cores turns it off.
+ * - flame_spin_touch(): an event came, on this thread's spinning loop (a no-op
+ *   on a thread without one).
+ * - flame_spin_close(s): closes its handles (no callback; s kept until the loop
+ *   has run its close callbacks). */
+typedef struct flame_spin {
+  uv_idle_t idle;
+  uv_check_t check;
+  const int *load;            /* calls in flight, the owner's count: no spin above
+                                 the machine's cores (a busy process's cores are
+                                 better spent on its work than on polling) */
+  int spinning;
+  int made;                   /* started: its handles are to be closed */
+} flame_spin;
+
+int flame_spin_start(uv_loop_t *loop, flame_spin *s, const int *load);
+void flame_spin_touch(void);
+void flame_spin_close(flame_spin *s);
+
 /* [-0, +0, e] The state's loop, made on first use. */
 flame_loop *flame_loop_get(lua_State *L);
 

@@ -220,7 +220,10 @@ static void fail_call_event(pool_rt *p, pcall *c, const char *why, const char *d
 
 /* ----------------------------------------------------------------- calls ---- */
 
+int pool_live_calls;
+
 static void call_free(pcall *c) {
+  pool_live_calls--;
   ptimer_cancel(c->deadline_t);
   buf_free(&c->work);
   free(c);
@@ -857,6 +860,7 @@ static void op_call(pool_rt *p, pcmd *m) {
     fail_call_event(p, &none, "shutdown", "memory", PHASE_NONE, NULL);
     return;
   }
+  pool_live_calls++;
   c->p = p;
   c->id = m->id;
   c->link = m->link;

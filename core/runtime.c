@@ -8,6 +8,7 @@
 
 #include "flame.h"
 #include "crypto.h"
+#include "hub.h"
 #include "loop.h"
 #include "runtime.h"
 
@@ -77,7 +78,10 @@ static void close_walk(uv_handle_t *h, void *arg) {
 
 static void runtime_main(void *arg) {
   (void)arg;
+  static flame_spin spin;                     /* the loop polls a while after each event */
+  (void)flame_spin_start(&loop, &spin, &pool_live_calls);       /* else it sleeps: only slower */
   uv_run(&loop, UV_RUN_DEFAULT);
+  flame_spin_close(&spin);          /* its handles are not flame handles */
   for (int i = 0; i < nat_stop; i++) at_stop[i]();
   uv_walk(&loop, close_walk, NULL);           /* what the process leaves at exit */
   uv_run(&loop, UV_RUN_DEFAULT);

@@ -107,6 +107,7 @@ typedef struct lookup {
 
 typedef struct term {
   uv_loop_t loop;
+  flame_spin spin;                  /* the loop polls a while after each event */
   parent p;
   parent_settings *s;
   executor *ex;
@@ -1177,6 +1178,8 @@ int terminator_main(int argc, char **argv) {
     parent_free(&t->p);
     return 1;
   }
+  if ((rc = flame_spin_start(&t->loop, &t->spin, &t->ncalls)) != 0)
+    say("the loop will sleep between events: %s", uv_strerror(rc));   /* only slower */
   uv_thread_t warm;                          /* OpenSSL's first use costs a millisecond:
                                                paid beside the connect, not after it */
   int warming = uv_thread_create(&warm, crypto_warm, NULL) == 0;
@@ -1240,6 +1243,7 @@ int terminator_main(int argc, char **argv) {
   if (t->ex) executor_close(t->ex, 1);
   if (t->conn) link_close(t->conn, "runner stopped");
   t->conn = NULL;
+  flame_spin_close(&t->spin);               /* its handles are not flame handles */
   uv_walk(&t->loop, close_walk, t);
   uv_run(&t->loop, UV_RUN_DEFAULT);          /* close callbacks free their memory */
   if (uv_loop_close(&t->loop) != 0) say("the loop still had handles at exit");

@@ -512,3 +512,62 @@ describe("a plain lua5.4 program", function()
     H.rmdir(dir)
   end)
 end)
+
+-- The runtime's loop and a runner's main loop poll a while after each event before
+-- they sleep (loop.h's flame_spin; FLAME_LOOP_SPIN_US is read once per process, so
+-- each case is a program of its own). Whatever the window (off, a whole second, a
+-- value that is not a number of microseconds and so leaves the default), calls
+-- from several tasks come back right and the program and its runners end, shut
+-- down or not.
+describe("the loops' spin window", function()
+  local dir, path
+  setup(function()
+    dir = H.tmpdir()
+    path = dir .. "/spin.lua"
+    local f = assert(io.open(path, "w"))
+    f:write([[
+      local flame = require "flame"
+      local p = flame.pool { name = "spin", backend = "process", max = 2, boot_timeout = 120000 }
+      local l = flame.pool { name = "spin-local", max = 2 }
+      local ts = {}
+      for i = 1, 4 do
+        ts[i] = flame.spawn(function()
+          for j = 1, 25 do
+            assert(flame.call(p, function() return i * 100 + j end) == i * 100 + j)
+            assert(flame.call(l, function() return -(i * 100 + j) end) == -(i * 100 + j))
+          end
+        end)
+      end
+      for i = 1, 4 do ts[i]:await() end
+      local pid = p.runners[1].term.pid
+      if arg[1] == "shutdown" then
+        p:shutdown()
+        l:shutdown()
+        -- shut down means the runner process is gone
+        assert(os.execute("kill -0 " .. pid .. " 2>/dev/null") == nil, "runner still there")
+      end
+      print("ended " .. pid)
+    ]])
+    f:close()
+  end)
+  teardown(function() H.rmdir(dir) end)
+
+  for _, case in ipairs { { "0", "off" }, { "1000000", "one second" },
+                          { "many", "not a number" } } do
+    for _, how in ipairs { "shutdown", "exit" } do
+      it(("at %s (%s): calls return, the program ends (%s)"):format(case[1], case[2], how),
+        function()
+          local rc, out = H.run(("FLAME_LOOP_SPIN_US=%s timeout 300 lua5.4 %s %s"):format(
+            case[1], H.q(path), how))
+          assert.are.equal(0, rc, out)
+          local pid = out:match("ended (%d+)")
+          assert.is_truthy(pid, out)
+          -- a program that exits with a pool live: its runner ends by itself (its
+          -- parent gone), whatever its own loop's window
+          assert.is_true(H.wait_for(function()
+            return os.execute("kill -0 " .. pid .. " 2>/dev/null") == nil
+          end, 60000), "runner " .. pid .. " still there")
+        end)
+    end
+  end
+end)
