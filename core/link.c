@@ -414,6 +414,7 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b) {
 
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
   link_conn *c = s->data;
+  flame_spin_touch();                 /* more is likely soon: the loop need not sleep */
   if (nread == UV_EOF) {
     link_close(c, "closed by peer");
     return;
