@@ -163,14 +163,7 @@ static uint64_t spin_ns;
 static uv_once_t spin_once = UV_ONCE_INIT;
 
 static void spin_init(void) {
-  const char *e = getenv("FLAME_WORKER_SPIN_US");
-  long us = 50;
-  if (e && *e) {
-    char *end;
-    long v = strtol(e, &end, 10);
-    if (*end == '\0' && v >= 0 && v <= 1000000) us = v;
-  }
-  spin_ns = uv_available_parallelism() > 1 ? (uint64_t)us * 1000 : 0;
+  spin_ns = flame_spin_window_ns("FLAME_WORKER_SPIN_US");
 }
 
 static inline void spin_pause(void) {

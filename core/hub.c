@@ -991,7 +991,7 @@ static int l_hub(lua_State *L) {
     free(aa);
     return luaL_error(L, "bad address '%s' (an IPv4 or IPv6 address expected)", host);
   }
-  aa->waker.poll.data = aa;
+  aa->waker.poll.data = aa;                  /* uv_poll_init leaves data as it is */
   int rc = flame_waker_init(&lp->uv, &aa->waker, deliver);
   if (rc != 0) {
     uv_mutex_destroy(&mb->lock);
@@ -1002,7 +1002,6 @@ static int l_hub(lua_State *L) {
     return luaL_error(L, "hub: cannot make its wake-up handle: %s", uv_strerror(rc));
   }
   aa->base.on_close = aa_free;
-  aa->waker.poll.data = aa;                  /* the poll's own, made now */
   aa->mb = mb;
   aa->lp = lp;
   lua_pushvalue(L, fn);

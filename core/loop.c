@@ -81,16 +81,20 @@ static uv_once_t loop_spin_once = UV_ONCE_INIT;
 static __thread uint64_t spin_until;       /* this thread's loop polls until then */
 static __thread int spin_here;             /* this thread runs a spinning loop */
 
-static void loop_spin_init(void) {
-  const char *e = getenv("FLAME_LOOP_SPIN_US");
+uint64_t flame_spin_window_ns(const char *env) {
+  const char *e = getenv(env);
   long us = 50;
   if (e && *e) {
     char *end;
     long v = strtol(e, &end, 10);
     if (*end == '\0' && v >= 0 && v <= 1000000) us = v;
   }
+  return uv_available_parallelism() > 1 ? (uint64_t)us * 1000 : 0;
+}
+
+static void loop_spin_init(void) {
   loop_spin_load = (int)uv_available_parallelism();
-  loop_spin_ns = loop_spin_load > 1 ? (uint64_t)us * 1000 : 0;
+  loop_spin_ns = flame_spin_window_ns("FLAME_LOOP_SPIN_US");
 }
 
 void flame_spin_touch(void) {

@@ -79,6 +79,9 @@ typedef struct flame_spin {
 } flame_spin;
 
 int flame_spin_start(uv_loop_t *loop, flame_spin *s, const int *load);
+/* A spin window in ns, this loop's or an executor worker's: the microseconds the
+ * variable env says (0 to 1000000; anything else leaves 50), 0 on one core. */
+uint64_t flame_spin_window_ns(const char *env);
 void flame_spin_touch(void);
 void flame_spin_close(flame_spin *s);
 
