@@ -143,6 +143,7 @@ int luaopen_flame_core(lua_State *L) {
   flame_proc_open(L);
   flame_http_open(L);
   flame_pack_open(L);
+  flame_popts_open(L);
   lua_pushcfunction(L, l_pid);
   lua_setfield(L, -2, "pid");
   lua_pushcfunction(L, l_children);

@@ -35,5 +35,6 @@ void flame_hub_open(lua_State *L);
 void flame_proc_open(lua_State *L);
 void flame_http_open(lua_State *L);
 void flame_pack_open(lua_State *L);
+void flame_popts_open(lua_State *L);
 
 #endif

@@ -48,6 +48,16 @@ describe("pool options", function()
     { { name = "p", backend = {} }, "the backend table has no init callback" },
     { { name = "p", backend = { init = print } }, "the backend table has no remote_boot" },
     { { name = "p", backend_opts = "x" }, "option 'backend_opts' must be a table" },
+    { { name = "p", maxx = 3 }, "unknown option 'maxx' (did you mean 'max'?)" },
+    { { name = "p", idle_shutdown_afer = 5 },
+      "unknown option 'idle_shutdown_afer' (did you mean 'idle_shutdown_after'?)" },
+    { { name = "p", [1] = 2 }, "unknown option '1'" },
+    { { name = "p", log = true }, "option 'log' must be false or one of" },
+    { { name = "p", link = { port = "80" } }, "option 'link' must be { bind, port" },
+    { { name = "p", link = { heartbeat_misses = 0 } }, "option 'link' must be" },
+    { { name = "p", link = { colour = 1 } }, "option 'link' must be" },
+    { { name = "p", code_sync = "yes" }, "option 'code_sync' must be true, false or" },
+    { { name = "p", sandbox = "a\"b\n" }, [[(got string "a\"b\10")]] },
   }
   for _, case in ipairs(bad) do
     it("refuses " .. next(case[1]) .. " done wrong: " .. case[2], function()
@@ -56,6 +66,59 @@ describe("pool options", function()
       assert.matches("08%-pool_spec.lua:%d+: flame.pool: ", msg)
     end)
   end
+
+  it("refuses options that are not a table", function()
+    local ok, err = pcall(flame.pool, "p")
+    assert.is_false(ok)
+    assert.is_true(errors.is(err, "invalid"), tostring(err))
+    assert.matches("flame.pool: options must be a table", err.message, 1, true)
+  end)
+
+  it("names the same bad option whatever order the table was built in", function()
+    local keys = { "timeout", "max", "min", "log", "single_use" }
+    local bads = { timeout = -1, max = 0, min = -1, log = 7, single_use = "no" }
+    local seen = {}
+    for shift = 0, #keys - 1 do
+      local o = { name = "p" }
+      for i = 1, #keys do
+        local k = keys[(i + shift - 1) % #keys + 1]
+        o[k] = bads[k]
+      end
+      seen[#seen + 1] = invalid_message(o):match("option '([%w_]+)'")
+    end
+    for i = 2, #seen do assert.are.equal(seen[1], seen[i]) end
+  end)
+
+  it("checks a call's options and work, naming the caller's line", function()
+    local p = H.pool { name = "call-options" }
+    local cases = {
+      { { timout = 5 }, "flame.call: unknown option 'timout' (did you mean 'timeout'?)" },
+      { { timeout = 0 }, "flame.call: option 'timeout' must be milliseconds" },
+      { { timeout = 0 / 0 }, "flame.call: option 'timeout' must be milliseconds" },
+      { { link = "yes" }, [[flame.call: option 'link' must be a boolean (got string "yes")]] },
+      { 5, "flame.call: options must be a table" },
+    }
+    for _, case in ipairs(cases) do
+      local ok, err = pcall(function()
+        local r = flame.call(p, function() return 1 end, case[1])
+        return r                          -- not a tail call: the line is this function's
+      end)
+      assert.is_false(ok)
+      assert.is_true(errors.is(err, "invalid"), tostring(err))
+      assert.matches(case[2], err.message, 1, true)
+      assert.matches("08%-pool_spec.lua:%d+: flame.call: ", err.message)
+    end
+    for _, work in ipairs { 42, { "m" }, { "m", "f", 3 } } do
+      local ok, err = pcall(flame.call, p, work)
+      assert.is_false(ok)
+      assert.is_true(errors.is(err, "invalid"), tostring(err))
+      assert.matches("flame.call: work must be a function or { module, function, args }",
+        err.message, 1, true)
+    end
+    -- nothing of it reached the pool: the next call runs
+    assert.are.equal(7, flame.call(p, function() return 7 end, { timeout = 10000, link = false }))
+    p:shutdown()
+  end)
 
   it("refuses a second pool of the same name, and allows it after shutdown", function()
     local p = flame.pool { name = "twice" }
@@ -263,7 +326,7 @@ describe("pool shutdown", function()
     local ok2, err2 = pcall(function() return flame.call(p, function() end) end)
     assert.is_false(ok2)
     assert.are.equal("shutdown", err2.kind)
-    assert.are.same({}, require("flame.pool").live())
+    assert.are.same({}, require("flame")._live_pools())
   end)
 
   it("kills calls still running after shutdown_timeout", function()

@@ -91,7 +91,7 @@ end
 function H.cleanup()
   for _, p in ipairs(made) do p:shutdown() end
   made = {}
-  local live = require("flame.pool").live()
+  local live = require("flame")._live_pools()
   if #live > 0 then
     for _, name in ipairs(live) do
       io.stderr:write("left behind: pool ", name, "\n")
