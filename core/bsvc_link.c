@@ -402,6 +402,7 @@ void bsvc_parent_new(bk *b, int64_t co, bval *args, int n) {
       || bk_table_set_str(rec, "node_base", node_base, strlen(node_base)) != 0
       || (host_env && bk_table_set_str(rec, "host_env", host_env, strlen(host_env)) != 0)
       || bk_table_set_str(rec, "flame_vsn", FLAME_VERSION, strlen(FLAME_VERSION)) != 0
+      || bk_table_set_bool(rec, "tls", hub_tls(h)) != 0
       || bk_table_set(rec, "settings", &settings) != 0)
     goto fail;
   refs = realloc(l->refs, (size_t)(l->nrefs + 1) * sizeof *refs);

@@ -8,8 +8,10 @@
  * while the application's Lua code computes.
  *
  * Contract (Lua):
- *   core.hub{ host, port, heartbeat_interval, heartbeat_misses, max_message,
+ *   core.hub{ host, port, heartbeat_interval, heartbeat_misses, max_message, tls,
  *             on_event = fn(kind, ...) } -> hub | nil, message
+ *   (tls: runners speak TLS keyed by their secret, tls.h; a runner that does
+ *   not, or that does where tls is false, is refused with why)
  *   hub:address() -> ip, port
  *   (runners expected and awaited: hub.h, for bsvc_link.c's parent_new and
  *   await_remote_up)
@@ -184,6 +186,7 @@ struct hub {
   int holds;                        /* backend states still open (hub_hold) */
   int64_t interval, misses, next_tid;
   size_t max_message;
+  int tls;                          /* runners must speak TLS (link.tls), told them */
   struct blink_cfg *boot;           /* what runners are booted with (bsvc_link.c) */
   /* hub_open's arguments and answer */
   struct sockaddr_storage addr;
@@ -245,6 +248,11 @@ static void refuse(hconn *hc, const char *why) {
 
 static void on_hello(hconn *hc, const buf *msg) {
   hub *h = hc->hub;
+  if (h->tls && !link_tls_active(hc->c)) {
+    refuse(hc, "this pool's link speaks TLS (link.tls) and the runner spoke in clear: "
+           "a runner of an older flame, or one told to (its FLAME_PARENT)");
+    return;
+  }
   cJSON *doc = cJSON_ParseWithLength(msg->data ? (const char *)msg->data : "", msg->len);
   const cJSON *v = cJSON_GetObjectItemCaseSensitive(doc, "v");
   const cJSON *ref = cJSON_GetObjectItemCaseSensitive(doc, "ref");
@@ -261,6 +269,9 @@ static void on_hello(hconn *hc, const buf *msg) {
              || hc->entry->claimed) {
     hc->entry = NULL;
     refuse(hc, "unknown runner ref");
+  } else if (h->tls && strcmp(link_tls_ref(hc->c) ? link_tls_ref(hc->c) : "", ref->valuestring)) {
+    hc->entry = NULL;
+    refuse(hc, "the HELLO names another ref than the runner's TLS key");
   } else if ((nlen = wire_b64_field(doc, "nonce", nonce, sizeof nonce)) < WIRE_NONCE) {
     hc->entry = NULL;
     refuse(hc, "malformed HELLO nonce");
@@ -395,12 +406,30 @@ static void on_close(link_conn *c, void *ud, const char *reason) {
     char text[256];
     snprintf(text, sizeof text, "closed an unauthenticated connection: %s", reason);
     post_text(h->mb, EV_DROPPED, 0, text);
+  } else if (hc->stage != H_REFUSED && strncmp(reason, "tls: ", 5) == 0) {
+    char text[320];                          /* a wrong key or the wrong speech: nothing ran */
+    snprintf(text, sizeof text, "refused a connection from %s: %s", hc->peer, reason);
+    post_text(h->mb, EV_REFUSED, 0, text);
   }
   free(hc);
   hub_maybe_free(h);
 }
 
 static const link_handlers handlers = { on_message, on_close };
+
+/* TLS: a runner's secret by its ref, while it is expected and not yet claimed. */
+static int tls_lookup(void *ud, const char *ref, unsigned char *secret, size_t *slen) {
+  hub *h = ud;
+  expect *x = expect_find(h, ref);
+  if (x == NULL || x->claimed || x->slen > *slen) return 0;
+  memcpy(secret, x->secret, x->slen);
+  *slen = x->slen;
+  return 1;
+}
+
+int hub_tls(const hub *h) {
+  return h->tls;
+}
 
 static void on_accept(link_listener *l, void *ud, link_conn *c) {
   (void)l;
@@ -423,6 +452,7 @@ static void on_accept(link_listener *l, void *ud, link_conn *c) {
   hc->next = h->conns;
   h->conns = hc;
   link_limits(c, HANDSHAKE_MESSAGE, 1);
+  link_tls_server(c, h->tls, tls_lookup, h);
   link_start(c, &handlers, hc, 0);
   if (h->handshaking > HANDSHAKES_MAX) refuse(hc, "too many connections are authenticating");
 }
@@ -968,7 +998,9 @@ static int l_hub(lua_State *L) {
   lua_Integer max_message = opt_field(L, "max_message", (lua_Integer)1 << 30, 1);
   lua_getfield(L, 1, "listen");
   int listen = lua_isnil(L, -1) || lua_toboolean(L, -1);
-  lua_pop(L, 1);
+  lua_getfield(L, 1, "tls");
+  int tls = lua_toboolean(L, -1);
+  lua_pop(L, 2);
   lua_getfield(L, 1, "on_event");
   luaL_checktype(L, -1, LUA_TFUNCTION);
   int fn = lua_gettop(L);
@@ -1016,6 +1048,7 @@ static int l_hub(lua_State *L) {
   h->misses = misses;
   h->max_message = (size_t)max_message;
   h->listen = listen;
+  h->tls = tls;
   lh->mb = mb;
   lh->aa = aa;
   h->listening = 1;

@@ -92,6 +92,8 @@ void hub_code_cancel(hub *h, int64_t tid);
 void hub_post_up(hub *h, const char *ref, int64_t tid, int64_t pid, const char *host);
 void hub_term_close(hub *h, int64_t tid, const char *reason);
 int hub_closing(const hub *h);
+/* The pool's runners speak TLS on the link (link.tls): FLAME_PARENT tells them. */
+int hub_tls(const hub *h);
 
 /* bsvc_link.c: what runners of this hub's pool are booted with, kept in the hub
  * (set by hub:boot_config); freed with it. */

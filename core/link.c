@@ -11,6 +11,11 @@
  * write side down (FIN) and reads, discarding, until the peer closes: closing a
  * socket with unread data makes the kernel send a reset, and a reset can destroy
  * the last results still on their way.
+ * TLS (tls.c), when a connection has it: bytes read are fed to it and what it
+ * decrypts is parsed as above (no reads in place); writes are sealed into records
+ * (short frames of one write share records) and the ciphertext is what is written.
+ * A listening side that may get TLS tells it by the peer's first byte (a TLS
+ * handshake record starts with 22; a frame that short cannot be a HELLO).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,12 +24,17 @@
 #include "flame.h"
 #include "link.h"
 #include "loop.h"
+#include "tls.h"
 
 #define LINK_WRITES_MAX 2           /* writes in flight: small messages jump ahead */
 #define LINK_BATCH 32               /* chunks in one write: short messages queued while
                                        writes were in flight leave in one system call */
 #define LINK_READ (64 * 1024)
 #define LINK_DIRECT (16 * 1024)     /* a chunk's rest this long is read in place */
+#define LINK_RECORD (16 * 1024)     /* TLS: short frames are sealed together up to this */
+#define TLS_HANDSHAKE_BYTE 0x16     /* a TLS record of the handshake starts with it */
+
+enum { SNIFF_NONE, SNIFF_REQUIRE, SNIFF_REFUSE };
 
 typedef struct outmsg {
   struct outmsg *next;
@@ -38,6 +48,7 @@ typedef struct outmsg {
 /* One write: up to LINK_BATCH chunks, each its header and its slice. */
 typedef struct wreq {
   uv_write_t req;
+  unsigned char *cipher;            /* TLS: the write's bytes, freed with it */
   int n;
   outmsg *msg[LINK_BATCH];
   unsigned char header[LINK_BATCH][LINK_HEADER];
@@ -73,6 +84,12 @@ struct link_conn {
   uv_shutdown_t sreq;
   char *rbuf;                       /* LINK_READ bytes, made at the first read */
   char reason[LINK_REASON_MAX];
+  tls_conn *tls;                    /* TLS on this connection, or NULL */
+  int sniff;                        /* a listening side's choice by the first byte */
+  int tls_plain;                    /* TLS was required, the peer spoke in clear */
+  tls_lookup_fn tls_lookup;
+  void *tls_ud;
+  unsigned char *pbuf;              /* TLS: what it decrypted, LINK_READ bytes */
 };
 
 struct link_listener {
@@ -119,6 +136,8 @@ static void conn_free(uv_handle_t *h) {
   msgs_free(c->small);
   msgs_free(c->big);
   free(c->rbuf);
+  free(c->pbuf);
+  tls_free(c->tls);
   for (partial *p = c->partials; p;) {
     partial *next = p->next;
     buf_free(&p->data);
@@ -171,6 +190,7 @@ static void on_write(uv_write_t *req, int status) {
   wreq *w = (wreq *)req;
   link_conn *c = req->handle->data;
   for (int i = 0; i < w->n; i++) chunk_done(w->msg[i]);
+  free(w->cipher);
   free(w);
   c->writes--;
   if (status < 0) {
@@ -210,11 +230,87 @@ static outmsg *next_chunk(link_conn *c, unsigned char *header, uv_buf_t *data) {
   return m;
 }
 
+/* TLS: encrypts a write's buffers (frames shorter than a record share one) and
+ * makes the write its ciphertext, one buffer; the messages' bytes are copied, so
+ * their chunks are done now. 0, or -1 with the connection closing (w freed). */
+static int seal(link_conn *c, wreq *w, uv_buf_t *bufs, unsigned *nb) {
+  unsigned char stage[LINK_RECORD];
+  size_t have = 0;
+  char why[LINK_REASON_MAX];
+  int rc = 0;
+  for (unsigned i = 0; i < *nb && rc == 0; i++) {
+    const unsigned char *p = (const unsigned char *)bufs[i].base;
+    size_t n = bufs[i].len;
+    if (have + n > sizeof stage && have > 0) {
+      rc = tls_write(c->tls, stage, have, why, sizeof why);
+      have = 0;
+    }
+    if (rc != 0) break;
+    if (n <= sizeof stage) {
+      memcpy(stage + have, p, n);
+      have += n;
+    } else {
+      rc = tls_write(c->tls, p, n, why, sizeof why);
+    }
+  }
+  if (rc == 0 && have > 0) rc = tls_write(c->tls, stage, have, why, sizeof why);
+  for (int i = 0; i < w->n; i++) chunk_done(w->msg[i]);
+  w->n = 0;
+  long len = rc == 0 ? tls_out(c->tls, &w->cipher) : 0;
+  if (rc != 0 || len <= 0) {
+    free(w->cipher);
+    free(w);
+    link_close(c, rc != 0 ? why : "not enough memory");
+    return -1;
+  }
+  bufs[0] = uv_buf_init((char *)w->cipher, (unsigned)len);
+  *nb = 1;
+  return 0;
+}
+
+/* Writes bytes as they are (TLS's handshake messages and alerts; taken). 0, or -1
+ * with the connection closing. */
+static int write_raw(link_conn *c, unsigned char *bytes, size_t n) {
+  wreq *w = malloc(sizeof *w);
+  if (w == NULL) {
+    free(bytes);
+    link_close(c, "not enough memory");
+    return -1;
+  }
+  w->cipher = bytes;
+  w->n = 0;
+  uv_buf_t b = uv_buf_init((char *)bytes, (unsigned)n);
+  int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write);
+  if (rc != 0) {
+    free(bytes);
+    free(w);
+    conn_fail(c, "write", rc);
+    return -1;
+  }
+  c->writes++;
+  return 0;
+}
+
+/* What TLS has for the socket, written. 0, or -1 with the connection closing. */
+static int tls_flush(link_conn *c) {
+  unsigned char *out;
+  long n = tls_out(c->tls, &out);
+  if (n < 0) {
+    link_close(c, "not enough memory");
+    return -1;
+  }
+  return n == 0 ? 0 : write_raw(c, out, (size_t)n);
+}
+
 /* Starts writes while fewer than LINK_WRITES_MAX are in flight. A write takes what
  * the queues hold, up to LINK_BATCH chunks and at most one chunk of a long message,
  * so a burst of results (or calls) queued behind the writes in flight goes out in
  * one system call, and a long message still interleaves with short ones. */
 static void pump(link_conn *c) {
+  if (c->tls && !tls_ready(c->tls)) {         /* frames wait for the handshake */
+    if (c->finishing && !c->closing) link_close(c, NULL);   /* nothing can go out safely */
+    return;
+  }
   while (!c->closing && c->writes < LINK_WRITES_MAX) {
     if (c->small == NULL && c->big == NULL) {
       if (c->finishing && c->writes == 0) finish_writes(c);
@@ -225,6 +321,7 @@ static void pump(link_conn *c) {
       link_close(c, "not enough memory");
       return;
     }
+    w->cipher = NULL;
     uv_buf_t bufs[2 * LINK_BATCH];
     unsigned nb = 0;
     w->n = 0;
@@ -239,6 +336,7 @@ static void pump(link_conn *c) {
       if (data.len) bufs[nb++] = data;
       if (long_one) break;          /* one chunk of a long message a write */
     }
+    if (c->tls && seal(c, w, bufs, &nb) != 0) return;
     int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, bufs, nb, on_write);
     if (rc != 0) {
       for (int i = 0; i < w->n; i++) chunk_done(w->msg[i]);
@@ -396,6 +494,60 @@ static int chunk_got(link_conn *c, size_t take) {
   return 0;
 }
 
+/* A listening side's first byte from the peer: TLS or not, as it must be. 0 when
+ * the connection goes on (with TLS made, or in clear), -1 when it is refused. */
+static int sniff(link_conn *c, const unsigned char *first) {
+  int mode = c->sniff, tls = first[0] == TLS_HANDSHAKE_BYTE;
+  c->sniff = SNIFF_NONE;
+  if (mode == SNIFF_REQUIRE && !tls) {
+    c->tls_plain = 1;                 /* its HELLO is refused, in clear, with why */
+    return 0;
+  }
+  if (mode == SNIFF_REFUSE && tls) {
+    /* its TLS library hears a handshake failure; the log here says why */
+    unsigned char *alert = malloc(sizeof tls_refusal_alert);
+    if (alert) {
+      memcpy(alert, tls_refusal_alert, sizeof tls_refusal_alert);
+      write_raw(c, alert, sizeof tls_refusal_alert);
+    }
+    link_finish(c, "tls: the runner started TLS, and this link does not speak it "
+                "(the pool's link.tls is off): the runner was told otherwise");
+    return -1;
+  }
+  if (!tls) return 0;
+  char why[LINK_REASON_MAX];
+  if ((c->tls = tls_server(c->tls_lookup, c->tls_ud, why, sizeof why)) == NULL) {
+    link_close(c, why);
+    return -1;
+  }
+  return 0;
+}
+
+/* TLS: ciphertext in; what it decrypts is parsed; its answers go out; frames
+ * queued before the handshake ended go once it has. */
+static void tls_feed(link_conn *c, const unsigned char *p, size_t n) {
+  if (tls_in(c->tls, p, n) != 0
+      || (c->pbuf == NULL && (c->pbuf = malloc(LINK_READ)) == NULL)) {
+    link_close(c, "not enough memory");
+    return;
+  }
+  int was_ready = tls_ready(c->tls);
+  char why[LINK_REASON_MAX];
+  for (;;) {
+    long got = tls_read(c->tls, c->pbuf, LINK_READ, why, sizeof why);
+    if (got == 0) break;
+    if (got < 0) {
+      tls_flush(c);                   /* an alert, if TLS made one */
+      link_close(c, got == -2 ? "closed by peer" : why);
+      return;
+    }
+    parse(c, c->pbuf, (size_t)got);
+    if (c->closing || c->finishing) break;
+  }
+  if (c->closing || tls_flush(c) != 0) return;
+  if (!was_ready && tls_ready(c->tls)) pump(c);
+}
+
 /* Reads land in rbuf, except the rest of a long chunk: that is read straight into
  * its message's buffer (reserved when its header came), so a large frame is not
  * copied once more on its way in. */
@@ -403,7 +555,8 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b) {
   (void)suggested;
   link_conn *c = h->data;
   size_t rest = c->cur && c->head_have == LINK_HEADER ? c->chunk_len - c->chunk_have : 0;
-  if (rest >= LINK_DIRECT && !c->closing && !c->finishing) {
+  if (rest >= LINK_DIRECT && !c->closing && !c->finishing && c->tls == NULL
+      && c->sniff == SNIFF_NONE) {
     buf *d = &c->cur->data;
     *b = uv_buf_init((char *)d->data + d->len, (unsigned)rest);
     return;
@@ -424,6 +577,12 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
     return;
   }
   if (c->finishing) return;           /* read to let the peer's bytes go, not used */
+  if (nread == 0) return;
+  if (c->sniff != SNIFF_NONE && sniff(c, (const unsigned char *)b->base) != 0) return;
+  if (c->tls) {
+    tls_feed(c, (const unsigned char *)b->base, (size_t)nread);
+    return;
+  }
   if (b->base != c->rbuf) {           /* into the current chunk's place (on_alloc) */
     c->cur->data.len += (size_t)nread;
     chunk_got(c, (size_t)nread);
@@ -472,6 +631,35 @@ int link_start(link_conn *c, const link_handlers *h, void *ud, size_t max_messag
 void link_limits(link_conn *c, size_t max_message, int max_partials) {
   c->max_message = max_message;
   if (max_partials >= 1 && max_partials <= LINK_PARTIALS_MAX) c->max_partials = max_partials;
+}
+
+int link_tls_client(link_conn *c, const char *ref, const unsigned char *secret, size_t slen) {
+  char why[LINK_REASON_MAX];
+  if (c->closing) return -1;
+  if ((c->tls = tls_client(ref, secret, slen, why, sizeof why)) == NULL) {
+    link_close(c, why);
+    return -1;
+  }
+  long got = tls_read(c->tls, NULL, 0, why, sizeof why);    /* the ClientHello */
+  if (got < 0) {
+    link_close(c, why);
+    return -1;
+  }
+  return tls_flush(c);
+}
+
+void link_tls_server(link_conn *c, int require, tls_lookup_fn lookup, void *ud) {
+  c->sniff = require ? SNIFF_REQUIRE : SNIFF_REFUSE;
+  c->tls_lookup = lookup;
+  c->tls_ud = ud;
+}
+
+int link_tls_active(const link_conn *c) {
+  return c->tls != NULL && tls_ready(c->tls);
+}
+
+const char *link_tls_ref(const link_conn *c) {
+  return c->tls ? tls_peer_ref(c->tls) : NULL;
 }
 
 void link_finish(link_conn *c, const char *reason) {

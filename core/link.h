@@ -28,6 +28,7 @@
 #include <uv.h>
 
 #include "buf.h"
+#include "tls.h"
 
 #define LINK_HEADER 14
 #define LINK_CHUNK (256 * 1024)
@@ -57,6 +58,25 @@ void link_set_handlers(link_conn *c, const link_handlers *h, void *ud);
 int link_send(link_conn *c, int type, uint64_t id, const void *prefix, size_t plen,
               const void *payload, size_t len);
 int link_send_buf(link_conn *c, int type, uint64_t id, buf *b);
+
+/* TLS (tls.h) on a connection, before anything is sent on it:
+ * - link_tls_client: as a runner, keyed by its ref and secret; the handshake starts
+ *   now, and frames sent meanwhile wait for it. 0, or -1 (the connection closes
+ *   with why).
+ * - link_tls_server: as the parent, on an accepted connection before link_start:
+ *   the peer's first byte tells whether it starts TLS. require: TLS is expected
+ *   (lookup finds a runner's secret by its ref), and a peer in clear goes on in
+ *   clear (link_tls_active says so; its HELLO is to be refused, in clear, so that it
+ *   learns why); else a peer that starts TLS is refused with a TLS alert and the
+ *   reason "tls: ...".
+ * - link_tls_active: the handshake is done and every byte from now is protected.
+ * - link_tls_ref: the ref a TLS peer's key was named by (parent side), or NULL.
+ * A TLS failure (a wrong key, bytes changed on the way) closes the connection
+ * with a reason starting "tls: ". */
+int link_tls_client(link_conn *c, const char *ref, const unsigned char *secret, size_t slen);
+void link_tls_server(link_conn *c, int require, tls_lookup_fn lookup, void *ud);
+int link_tls_active(const link_conn *c);
+const char *link_tls_ref(const link_conn *c);
 
 /* What a peer may make this side hold (a parent keeps it small until the peer has
  * authenticated). */

@@ -150,6 +150,10 @@ static int decode_doc(check *c, const cJSON *doc, parent *p) {
   p->node_base = dup_string(cJSON_GetObjectItemCaseSensitive(doc, "node_base"));
   p->host_env = dup_string(cJSON_GetObjectItemCaseSensitive(doc, "host_env"));
   p->flame_vsn = dup_string(cJSON_GetObjectItemCaseSensitive(doc, "flame_vsn"));
+  const cJSON *tls = cJSON_GetObjectItemCaseSensitive(doc, "tls");
+  if (tls && !cJSON_IsNull(tls) && !cJSON_IsBool(tls))
+    return fail(c, "its tls is not a boolean");
+  p->tls = cJSON_IsTrue(tls);
   const cJSON *s = cJSON_GetObjectItemCaseSensitive(doc, "settings");
   if (cJSON_IsArray(s) && cJSON_GetArraySize(s) == 0) s = NULL;   /* {} from lua-cjson */
   else if (!cJSON_IsObject(s)) return fail(c, "it has no runner settings");

@@ -37,6 +37,7 @@ typedef struct parent {
   size_t secret_len;
   char *addrs[PARENT_ADDRS_MAX];
   int naddrs;
+  int tls;                               /* the link speaks TLS (tls.h); absent: no */
   parent_settings settings;
 } parent;
 

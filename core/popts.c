@@ -109,7 +109,8 @@ static int is_sandbox(lua_State *L, int v) {
   return ok;
 }
 
-/* { bind, port, advertise, heartbeat_interval, heartbeat_misses }, each of its type */
+/* { bind, port, advertise, heartbeat_interval, heartbeat_misses, tls }, each of its
+ * type; tls is "auto", true or false */
 static int is_link(lua_State *L, int v) {
   static const struct { const char *key; int type; } keys[] = {
     { "bind", LUA_TSTRING }, { "port", LUA_TNUMBER }, { "advertise", LUA_TTABLE },
@@ -124,6 +125,9 @@ static int is_link(lua_State *L, int v) {
       const char *k = lua_tostring(L, -2);
       for (size_t i = 0; i < sizeof keys / sizeof *keys; i++)
         if (strcmp(k, keys[i].key) == 0) ok = lua_type(L, -1) == keys[i].type;
+      if (strcmp(k, "tls") == 0)
+        ok = lua_type(L, -1) == LUA_TBOOLEAN
+             || (lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), "auto") == 0);
     }
     lua_pop(L, 1);
   }
@@ -166,7 +170,8 @@ static const popts_option POOL_OPTIONS[] = {
     is_sandbox, POPTS_STR, 0, "application" },
   { "code_sync", "true, false or { paths, modules, max_bytes }", is_code_sync,
     POPTS_FALSE, 0, NULL },
-  { "link", "{ bind, port, advertise, heartbeat_interval, heartbeat_misses }", is_link,
+  { "link", "{ bind, port, advertise, heartbeat_interval, heartbeat_misses, "
+    "tls = \"auto\" | true | false }", is_link,
     POPTS_TABLE, 0, NULL },
   { NULL, NULL, NULL, 0, 0, NULL },
 };

@@ -699,8 +699,11 @@ void runner_on_lost(pool_rt *p, int64_t tid, const char *reason) {
     info(r, &msg);
   else
     bval_free(&msg);
+  /* what this side found wrong with the link itself (a TLS record that failed its
+   * check, a broken frame) says more than the exit that follows it */
+  int own = reason && (strncmp(reason, "tls: ", 5) == 0 || strncmp(reason, "protocol", 8) == 0);
   if (r->state == S_UP) {
-    r->grace = rtimer_start(r, LOST_GRACE, on_grace);
+    r->grace = own ? NULL : rtimer_start(r, LOST_GRACE, on_grace);
     if (r->grace == NULL) down_later(r, why, 0);
   }
   r->calls--;

@@ -833,6 +833,8 @@ static void on_connected(link_conn *c, void *ud, int status) {
   /* until the parent has proved the secret, it may make this side hold little */
   if (link_start(c, &handlers, t, HANDSHAKE_MESSAGE) != 0) return;  /* on_close follows */
   link_limits(c, HANDSHAKE_MESSAGE, 1);
+  /* TLS keyed by the secret, when the parent said so: the HELLO waits for it */
+  if (t->p.tls && link_tls_client(c, t->p.ref, t->p.secret, t->p.secret_len) != 0) return;
   uint64_t window = (uint64_t)t->s->heartbeat_interval * (uint64_t)t->s->heartbeat_misses;
   uv_timer_start(&t->handshake_timer, on_handshake_limit, window, 0);
   send_hello(t);

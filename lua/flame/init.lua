@@ -131,19 +131,35 @@ end
 local EVENTS = {}
 
 --- What the application knows of the pool's link: addrs (what its runners are told
--- to connect to), refusals and drops (connections it turned away), terms (runners
--- up, by tid).
+-- to connect to), tls (whether they speak TLS), refusals and drops (connections it
+-- turned away; refused_why the last refusal's words), terms (runners up, by tid).
 function Pool:hub()
   return self.link
 end
 
+-- link.tls = "auto": TLS unless the runners connect over loopback only (the
+-- address listened on and every one advertised).
+local function loopback(host)
+  host = host:match("^%[(.*)%]$") or host
+  return host == "localhost" or host == "::1" or host:match("^127%.%d+%.%d+%.%d+$") ~= nil
+end
+
+local function wants_tls(l)
+  if l.tls ~= nil and l.tls ~= "auto" then return l.tls end
+  if not loopback(l.bind or "127.0.0.1") then return true end
+  for _, a in ipairs(l.advertise or {}) do
+    if type(a) ~= "string" or not loopback(a:match("^(.*):%d+$") or a) then return true end
+  end
+  return false
+end
+
 local function open_hub(pool)
   local l = pool.opts.link
-  local h = { terms = {}, refusals = 0, drops = 0,
+  local h = { terms = {}, refusals = 0, drops = 0, tls = wants_tls(l),
               heartbeat_interval = l.heartbeat_interval or 1000,
               heartbeat_misses = l.heartbeat_misses or 3 }
   pool.link = h
-  local c, err = core.hub { host = l.bind or "127.0.0.1", port = l.port or 0,
+  local c, err = core.hub { host = l.bind or "127.0.0.1", port = l.port or 0, tls = h.tls,
     heartbeat_interval = h.heartbeat_interval, heartbeat_misses = h.heartbeat_misses,
     -- a pool of local runners has no link to listen for
     listen = pool.opts.backend ~= "local",
@@ -285,6 +301,7 @@ end
 
 function EVENTS.refused(self, why)
   self.link.refusals = self.link.refusals + 1
+  self.link.refused_why = why
   self.log.error("%s", why)
 end
 
