@@ -144,4 +144,14 @@ write("json", {
   '[1,2,[3,[4,[5]]],{"a":null},"\\u00e9\\n",-0.0,1e300,12345678901234567890]',
   '{"a":', '"\\ud800"', ("["):rep(1100) .. ("]"):rep(1100), "{}x", "", '{"k":1,"k":2}',
 })
-print(("seeds: %d written to %s/{decode,parent,link,pack,json}"):format(total, dir))
+-- the link's TLS (tls_fuzz.c): a control byte, then the bytes or a client's changes
+write("tls", {
+  "\2",                                        -- a client of the right key, untouched
+  "\6",                                        -- a client of another key
+  "\3",                                        -- a client where TLS is off
+  "\50" .. ("\0"):rep(200) .. "\1",             -- a client's handshake, one bit changed
+  "\0\22\3\1\0\5hello",                       -- a stranger's TLS record
+  "\1\22\3\1\0\5hello",                       -- the same where TLS is off
+  "\0" .. frame(#hello, 1, 1, 0, hello),        -- a HELLO in clear where TLS is required
+})
+print(("seeds: %d written to %s/{decode,parent,link,pack,json,tls}"):format(total, dir))
