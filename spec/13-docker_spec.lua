@@ -169,6 +169,27 @@ describe("docker backend #docker", function()
     assert.is_true(wait_no_containers(engine, "dk-calls", H.patience))
   end)
 
+  it("carries calls over TLS to a container (link.tls = true): values, errors, 2 MB back",
+    function()
+      if not need_engine() then return end
+      local link = {}
+      for k, v in pairs(LINK) do link[k] = v end
+      link.tls = true
+      local p = pool("dk-tls", { link = link })
+      assert.is_true(p:hub().tls)
+      local t = { 1, "two", { three = 3.0 } }
+      assert.are.same(t, flame.call(p, function() return t end))
+      local ok, err = pcall(flame.call, p, function() error("inside", 0) end)
+      assert.is_false(ok)
+      assert.are.equal("remote", err.kind)
+      assert.are.equal("inside", err.message)
+      local n = 2 << 20
+      assert.are.equal(("q"):rep(n), flame.call(p, function() return ("q"):rep(n) end))
+      assert.are.equal(0, p:hub().refusals)
+      p:shutdown()
+      assert.is_true(wait_no_containers(engine, "dk-tls", H.patience))
+    end)
+
   it("sends modules by name: flame is the runner's own, a module the image lacks is a "
     .. "decode error naming it, and the program's own Lua module travels by value", function()
     if not need_engine() then return end
