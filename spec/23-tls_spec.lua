@@ -121,6 +121,30 @@ describe("link.tls", function()
       assert.are.equal(0, p:hub().refusals)
     end)
 
+  it("carries a large result over TLS whole while small calls keep completing", function()
+    local p = H.pool { name = "tls-big", backend = "process", max_concurrency = 4,
+                       link = { tls = true } }
+    flame.call(p, function() end)
+    local reps = (H.slow and 4 or 16) << 16           -- 4 or 16 MB of 16-byte pieces
+    local order = {}
+    local big = flame.spawn(function()
+      local s = flame.call(p, function() return ("0123456789abcdef"):rep(reps) end)
+      order[#order + 1] = "big"
+      return s
+    end)
+    local small = flame.spawn(function()
+      for i = 1, 30 do
+        assert.are.equal(i, flame.call(p, function() return i end))
+        order[#order + 1] = "small"
+      end
+    end)
+    local s = big:await()
+    small:await()
+    assert.are.equal(reps * 16, #s)
+    assert.are.equal(("0123456789abcdef"):rep(reps), s)
+    assert.are_not.equal("big", order[1], "no small call completed while the big result crossed")
+  end)
+
   it("refuses a runner whose secret is wrong: nothing runs, and the parent says why", function()
     local dir = H.tmpdir()
     local p = H.pool { name = "tls-wrong-secret", link = LINK,
