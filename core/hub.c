@@ -532,6 +532,7 @@ static void cmd_open(void *arg) {
     return;
   }
   if (!h->listen) return;
+  if (h->tls) tls_warm_server(NULL);         /* once: not in the first runner's handshake */
   h->l = link_listen(runtime_loop(), (struct sockaddr *)&h->addr, on_accept, h, &h->err);
   if (h->l == NULL) return;
   h->err = link_listener_address(h->l, h->ip, sizeof h->ip, &h->port);

@@ -1184,7 +1184,7 @@ int terminator_main(int argc, char **argv) {
     say("the loop will sleep between events: %s", uv_strerror(rc));   /* only slower */
   uv_thread_t warm;                          /* OpenSSL's first use costs a millisecond:
                                                paid beside the connect, not after it */
-  int warming = uv_thread_create(&warm, crypto_warm, NULL) == 0;
+  int warming = uv_thread_create(&warm, t->p.tls ? tls_warm_client : crypto_warm, NULL) == 0;
   char err[300];
   if (t->s->code_sync) {
     /* the workers start once the code is there, with it first on their path (and

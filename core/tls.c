@@ -39,9 +39,11 @@ const unsigned char tls_refusal_alert[7] = { 0x15, 0x03, 0x03, 0x00, 0x02, 0x02,
 
 static const unsigned char AES128GCM_SHA256[2] = { 0x13, 0x01 };
 
+/* One of each a process, made at its first use (a runner needs only the client's,
+ * a parent only the server's) */
 static SSL_CTX *client_ctx, *server_ctx;
-static char ctx_err[160];
-static uv_once_t ctx_once = UV_ONCE_INIT;
+static char client_err[160], server_err[160];
+static uv_once_t client_once = UV_ONCE_INIT, server_once = UV_ONCE_INIT;
 
 static int derive(const unsigned char *secret, size_t slen, unsigned char psk[CRYPTO_HMAC_LEN]) {
   return crypto_hmac_sha256(secret, slen, PSK_LABEL, sizeof PSK_LABEL - 1, psk);
@@ -119,21 +121,33 @@ static SSL_CTX *make_ctx(int server) {
   return ctx;
 }
 
-static void make_ctxs(void) {
-  if (OPENSSL_init_ssl(0, NULL) != 1
-      || (client_ctx = make_ctx(0)) == NULL || (server_ctx = make_ctx(1)) == NULL) {
+static void make_one(SSL_CTX **ctx, int server, char *err, size_t errlen) {
+  if (OPENSSL_init_ssl(0, NULL) != 1 || (*ctx = make_ctx(server)) == NULL) {
     unsigned long e = ERR_get_error();
-    snprintf(ctx_err, sizeof ctx_err, "tls: libssl cannot make its context (%s)",
+    snprintf(err, errlen, "tls: libssl cannot make its context (%s)",
              e ? ERR_reason_error_string(e) : "no reason given");
     ERR_clear_error();
   }
 }
 
+static void make_client(void) { make_one(&client_ctx, 0, client_err, sizeof client_err); }
+static void make_server(void) { make_one(&server_ctx, 1, server_err, sizeof server_err); }
+
+void tls_warm_server(void *unused) {
+  (void)unused;
+  uv_once(&server_once, make_server);
+}
+
+void tls_warm_client(void *unused) {
+  uv_once(&client_once, make_client);
+  crypto_warm(unused);                       /* the handshake's HMACs come next */
+}
+
 static tls_conn *conn_new(int server, char *why, size_t whylen) {
-  uv_once(&ctx_once, make_ctxs);
+  uv_once(server ? &server_once : &client_once, server ? make_server : make_client);
   SSL_CTX *ctx = server ? server_ctx : client_ctx;
   if (ctx == NULL) {
-    snprintf(why, whylen, "%s", ctx_err);
+    snprintf(why, whylen, "%s", server ? server_err : client_err);
     return NULL;
   }
   tls_conn *t = calloc(1, sizeof *t);

@@ -43,6 +43,12 @@ const char *tls_peer_ref(const tls_conn *t);
 int tls_write(tls_conn *t, const void *p, size_t n, char *why, size_t whylen);
 long tls_out(tls_conn *t, unsigned char **out);
 
+/* Makes libssl's context of the parent's side (server) or the runner's (client)
+ * now, once a process, so that the first handshake does not wait for it: the
+ * client's is a thread's body (with libcrypto's first HMAC warmed too). */
+void tls_warm_server(void *unused);
+void tls_warm_client(void *unused);
+
 /* A TLS alert record (fatal, handshake_failure) for a peer that started TLS where
  * it is not spoken: a client's library then says the handshake failed. */
 extern const unsigned char tls_refusal_alert[7];

@@ -61,6 +61,8 @@ describe("flame runner", function()
         "setting heartbeat_misses is 2000000, above 1000000" },
       { "an idle_check that is not a boolean", function(d) d.settings.idle_check = "yes" end,
         "setting idle_check is not a boolean" },
+      { "a tls that is not a boolean", function(d) d.tls = "yes" end,
+        "its tls is not a boolean" },
       { "more addresses than a runner tries", function(d)
           d.addrs = {}
           for i = 1, 17 do d.addrs[i] = "127.0.0.1:" .. (1000 + i) end

@@ -85,6 +85,8 @@ local parents = {
   changed(function(p) p.settings.heartbeat_misses = 1e7 end),
   changed(function(p) p.settings.sandbox = { profile = "backend" } end),
   changed(function(p) p.settings.sandbox = "restricted" end),
+  changed(function(p) p.tls = true end),
+  changed(function(p) p.tls = "yes" end),
   '\1[1,2]', '\1{"v":1,"v":2}', '\1' .. ("["):rep(2000),
   '\0not base64', '\0QUJD', '\0QUJDRA==', '\0====',
 }
