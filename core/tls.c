@@ -18,6 +18,7 @@
 #include <openssl/ssl.h>
 #include <uv.h>
 
+#include "buf.h"
 #include "crypto.h"
 #include "tls.h"
 
@@ -26,7 +27,10 @@
 
 struct tls_conn {
   SSL *ssl;
-  BIO *rbio, *wbio;                  /* owned by ssl */
+  BIO *bio;                          /* read and written by ssl, owned by it */
+  const unsigned char *in;           /* tls_in's bytes, read in place */
+  size_t in_len;
+  buf out;                           /* what ssl wrote, handed over whole by tls_out */
   int server, ready;
   tls_lookup_fn lookup;
   void *ud;
@@ -101,6 +105,59 @@ static int on_find_session(SSL *ssl, const unsigned char *id, size_t idlen,
   return *sess ? 1 : 0;
 }
 
+/* The connection's BIO: libssl reads the socket's bytes where they lie (tls_in)
+ * and writes its records into out, which tls_out hands over without a copy (a
+ * memory BIO would copy each way once more). Empty, it asks to be retried. */
+static int bio_write(BIO *b, const char *p, int n) {
+  tls_conn *t = BIO_get_data(b);
+  BIO_clear_retry_flags(b);
+  if (n < 0 || buf_append(&t->out, p, (size_t)n) != 0) return -1;
+  return n;
+}
+
+static int bio_read(BIO *b, char *p, int n) {
+  tls_conn *t = BIO_get_data(b);
+  BIO_clear_retry_flags(b);
+  if (t->in_len == 0) {
+    BIO_set_retry_read(b);
+    return -1;
+  }
+  size_t k = n < 0 ? 0 : (size_t)n < t->in_len ? (size_t)n : t->in_len;
+  memcpy(p, t->in, k);
+  t->in += k;
+  t->in_len -= k;
+  return (int)k;
+}
+
+static long bio_ctrl(BIO *b, int cmd, long num, void *ptr) {
+  (void)num, (void)ptr;
+  tls_conn *t = BIO_get_data(b);
+  switch (cmd) {
+    case BIO_CTRL_FLUSH: return 1;
+    case BIO_CTRL_PENDING: return t ? (long)t->in_len : 0;
+    case BIO_CTRL_WPENDING: return t ? (long)t->out.len : 0;
+    default: return 0;
+  }
+}
+
+static int bio_create(BIO *b) {
+  BIO_set_init(b, 1);
+  return 1;
+}
+
+static BIO_METHOD *bio_method;
+static uv_once_t bio_once = UV_ONCE_INIT;
+
+static void make_bio_method(void) {
+  BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "flame link");
+  if (m && BIO_meth_set_write(m, bio_write) && BIO_meth_set_read(m, bio_read)
+      && BIO_meth_set_ctrl(m, bio_ctrl) && BIO_meth_set_create(m, bio_create)) {
+    bio_method = m;
+    return;
+  }
+  BIO_meth_free(m);
+}
+
 static SSL_CTX *make_ctx(int server) {
   SSL_CTX *ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
   if (ctx == NULL) return NULL;
@@ -157,19 +214,17 @@ static tls_conn *conn_new(int server, char *why, size_t whylen) {
     ERR_clear_error();
     return NULL;
   }
-  t->rbio = BIO_new(BIO_s_mem());
-  t->wbio = BIO_new(BIO_s_mem());
-  if (t->rbio == NULL || t->wbio == NULL) {
-    BIO_free(t->rbio);
-    BIO_free(t->wbio);
+  uv_once(&bio_once, make_bio_method);
+  if (bio_method == NULL || (t->bio = BIO_new(bio_method)) == NULL) {
     SSL_free(t->ssl);
     free(t);
     snprintf(why, whylen, "tls: not enough memory");
     ERR_clear_error();
     return NULL;
   }
-  BIO_set_mem_eof_return(t->rbio, -1);       /* empty: "retry", not end of stream */
-  SSL_set_bio(t->ssl, t->rbio, t->wbio);
+  BIO_set_data(t->bio, t);
+  buf_init(&t->out);
+  SSL_set_bio(t->ssl, t->bio, t->bio);       /* one reference, taken by ssl */
   SSL_set_app_data(t->ssl, t);
   t->server = server;
   if (server) SSL_set_accept_state(t->ssl);
@@ -204,14 +259,16 @@ tls_conn *tls_server(tls_lookup_fn lookup, void *ud, char *why, size_t whylen) {
 
 void tls_free(tls_conn *t) {
   if (t == NULL) return;
-  SSL_free(t->ssl);                          /* and its BIOs */
+  SSL_free(t->ssl);                          /* and its BIO */
+  buf_free(&t->out);
   OPENSSL_cleanse(t->psk, sizeof t->psk);
   free(t);
 }
 
 int tls_in(tls_conn *t, const void *p, size_t n) {
-  size_t done = 0;
-  return n == 0 || (BIO_write_ex(t->rbio, p, n, &done) == 1 && done == n) ? 0 : -1;
+  t->in = p;
+  t->in_len = n;
+  return 0;
 }
 
 int tls_ready(const tls_conn *t) {
@@ -283,16 +340,11 @@ int tls_write(tls_conn *t, const void *p, size_t n, char *why, size_t whylen) {
 }
 
 long tls_out(tls_conn *t, unsigned char **out) {
-  size_t n = BIO_ctrl_pending(t->wbio);
+  size_t n = t->out.len;
   *out = NULL;
   if (n == 0) return 0;
   if (n > LONG_MAX) return -1;
-  unsigned char *b = malloc(n);
-  size_t got = 0;
-  if (b == NULL || BIO_read_ex(t->wbio, b, n, &got) != 1 || got != n) {
-    free(b);
-    return -1;
-  }
-  *out = b;
+  *out = t->out.data;                        /* handed over: no copy */
+  buf_init(&t->out);
   return (long)n;
 }

@@ -10,8 +10,9 @@
  * - tls_client(ref, secret) / tls_server(lookup, ud): a connection's TLS state, or
  *   NULL with why. The server finds a client's secret by its ref with lookup
  *   (1 with the secret copied out, 0 when no runner with that ref is expected).
- * - tls_in gives it bytes from the socket; tls_read then advances the handshake and
- *   returns plaintext: > 0 bytes, 0 when it needs more from the socket, -1 when the
+ * - tls_in gives it bytes from the socket, read where they lie: they must stay
+ *   until tls_read has returned 0 or failed (bytes left unread then are dropped
+ *   by the next tls_in). tls_read advances the handshake and returns plaintext: > 0 bytes, 0 when it needs more from the socket, -1 when the
  *   connection must close (why says why, for a person: "tls: ..."), -2 when the peer
  *   closed its TLS side.
  * - tls_write encrypts (after tls_ready only); tls_out hands over what must go to
