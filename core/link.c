@@ -15,7 +15,7 @@
  * decrypts is parsed as above (no reads in place); writes are sealed into records
  * (short frames of one write share records) and the ciphertext is what is written.
  * A listening side that may get TLS tells it by the peer's first byte (a TLS
- * handshake record starts with 22; a frame that short cannot be a HELLO).
+ * handshake record starts with 22; a HELLO frame cannot).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +33,7 @@
 #define LINK_DIRECT (16 * 1024)     /* a chunk's rest this long is read in place */
 #define LINK_RECORD (16 * 1024)     /* TLS: short frames are sealed together up to this */
 #define TLS_HANDSHAKE_BYTE 0x16     /* a TLS record of the handshake starts with it */
+
 
 enum { SNIFF_NONE, SNIFF_REQUIRE, SNIFF_REFUSE };
 
@@ -307,7 +308,9 @@ static int tls_flush(link_conn *c) {
  * so a burst of results (or calls) queued behind the writes in flight goes out in
  * one system call, and a long message still interleaves with short ones. */
 static void pump(link_conn *c) {
-  if (c->tls && !tls_ready(c->tls)) {         /* frames wait for the handshake */
+  /* frames wait for the handshake, and where TLS is required, for the peer's first
+   * byte (a frame in clear to a TLS peer would only garble its handshake) */
+  if ((c->tls && !tls_ready(c->tls)) || c->sniff == SNIFF_REQUIRE) {
     if (c->finishing && !c->closing) link_close(c, NULL);   /* nothing can go out safely */
     return;
   }
@@ -340,6 +343,7 @@ static void pump(link_conn *c) {
     int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, bufs, nb, on_write);
     if (rc != 0) {
       for (int i = 0; i < w->n; i++) chunk_done(w->msg[i]);
+      free(w->cipher);
       free(w);
       conn_fail(c, "write", rc);
       return;
@@ -497,6 +501,9 @@ static int chunk_got(link_conn *c, size_t take) {
 /* A listening side's first byte from the peer: TLS or not, as it must be. 0 when
  * the connection goes on (with TLS made, or in clear), -1 when it is refused. */
 static int sniff(link_conn *c, const unsigned char *first) {
+  /* the first byte alone, so the choice never depends on how the bytes were split:
+   * a HELLO frame's is its length's low byte, and a HELLO (a version, a ref of 20
+   * characters, a nonce) is about 100 bytes: never 22 */
   int mode = c->sniff, tls = first[0] == TLS_HANDSHAKE_BYTE;
   c->sniff = SNIFF_NONE;
   if (mode == SNIFF_REQUIRE && !tls) {
@@ -535,17 +542,21 @@ static void tls_feed(link_conn *c, const unsigned char *p, size_t n) {
   char why[LINK_REASON_MAX];
   for (;;) {
     long got = tls_read(c->tls, c->pbuf, LINK_READ, why, sizeof why);
-    if (got == 0) break;
-    if (got < 0) {
-      tls_flush(c);                   /* an alert, if TLS made one */
-      link_close(c, got == -2 ? "closed by peer" : why);
-      return;
+    if (got < 0) {                    /* its reason first, then its alert, if any */
+      if (!c->reason[0])
+        snprintf(c->reason, sizeof c->reason, "%s", got == -2 ? "closed by peer" : why);
+      tls_flush(c);
+      link_close(c, NULL);
+      break;
     }
+    /* what TLS answered (a Finished) goes before any frame a handler sends, and
+     * before a finish can shut the write side down */
+    if (tls_flush(c) != 0 || got == 0) break;
     parse(c, c->pbuf, (size_t)got);
     if (c->closing || c->finishing) break;
   }
-  if (c->closing || tls_flush(c) != 0) return;
-  if (!was_ready && tls_ready(c->tls)) pump(c);
+  tls_in(c->tls, NULL, 0);            /* the bytes were read where they lay: no more */
+  if (!c->closing && !was_ready && tls_ready(c->tls)) pump(c);
 }
 
 /* Reads land in rbuf, except the rest of a long chunk: that is read straight into

@@ -149,7 +149,9 @@ static BIO_METHOD *bio_method;
 static uv_once_t bio_once = UV_ONCE_INIT;
 
 static void make_bio_method(void) {
-  BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "flame link");
+  int index = BIO_get_new_index();
+  if (index == -1) return;
+  BIO_METHOD *m = BIO_meth_new(index | BIO_TYPE_SOURCE_SINK, "flame link");
   if (m && BIO_meth_set_write(m, bio_write) && BIO_meth_set_read(m, bio_read)
       && BIO_meth_set_ctrl(m, bio_ctrl) && BIO_meth_set_create(m, bio_create)) {
     bio_method = m;
@@ -225,7 +227,13 @@ static tls_conn *conn_new(int server, char *why, size_t whylen) {
   BIO_set_data(t->bio, t);
   buf_init(&t->out);
   SSL_set_bio(t->ssl, t->bio, t->bio);       /* one reference, taken by ssl */
-  SSL_set_app_data(t->ssl, t);
+  if (!SSL_set_app_data(t->ssl, t)) {        /* the key callbacks find t by it */
+    SSL_free(t->ssl);
+    free(t);
+    snprintf(why, whylen, "tls: not enough memory");
+    ERR_clear_error();
+    return NULL;
+  }
   t->server = server;
   if (server) SSL_set_accept_state(t->ssl);
   else SSL_set_connect_state(t->ssl);
@@ -279,14 +287,28 @@ const char *tls_peer_ref(const tls_conn *t) {
   return t->ref[0] ? t->ref : NULL;
 }
 
+/* The ref a peer named, for the log: as it is when it looks like a ref (letters,
+ * digits, '-', '_', '.'), else not shown (it comes from a stranger). */
+static const char *shown_ref(const tls_conn *t) {
+  if (t->ref[0] == '\0') return "(none, or too long)";
+  for (const char *p = t->ref; *p; p++)
+    if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9')
+          || *p == '-' || *p == '_' || *p == '.'))
+      return "(not printable)";
+  return t->ref;
+}
+
 /* Why the connection failed, in words for the log: what the error means here. */
 static void failure(tls_conn *t, int rc, char *why, size_t whylen) {
   unsigned long e = ERR_peek_last_error();
   int reason = ERR_GET_REASON(e);
   const char *what = e ? ERR_reason_error_string(e) : NULL;
   if (t->server && t->lookup_failed)
-    snprintf(why, whylen, "tls: no runner with ref %s is expected (or its boot is over)",
-             t->ref[0] ? t->ref : "(none)");
+    snprintf(why, whylen, "tls: no runner with ref %s is expected (its boot is over, "
+             "another runner took it, or it was never this pool's)", shown_ref(t));
+  else if (!t->server && !t->ready && reason == SSL_R_TLSV1_ALERT_INTERNAL_ERROR)
+    snprintf(why, whylen, "tls: the parent does not expect this runner's ref (its boot "
+             "is over, or another runner took it): %s", what ? what : "internal error");
   else if (reason == SSL_R_BINDER_DOES_NOT_VERIFY)
     snprintf(why, whylen, "tls: the runner's key does not match its ref: it does not hold "
              "the runner's secret");
@@ -310,6 +332,7 @@ static void failure(tls_conn *t, int rc, char *why, size_t whylen) {
 }
 
 long tls_read(tls_conn *t, void *out, size_t cap, char *why, size_t whylen) {
+  ERR_clear_error();                         /* SSL_get_error reads the whole queue */
   if (!t->ready) {
     int rc = SSL_do_handshake(t->ssl);
     if (rc != 1) {
@@ -334,8 +357,10 @@ long tls_read(tls_conn *t, void *out, size_t cap, char *why, size_t whylen) {
 int tls_write(tls_conn *t, const void *p, size_t n, char *why, size_t whylen) {
   size_t done = 0;
   if (n == 0) return 0;
-  if (SSL_write_ex(t->ssl, p, n, &done) == 1 && done == n) return 0;
-  failure(t, SSL_get_error(t->ssl, 0), why, whylen);
+  ERR_clear_error();
+  int rc = SSL_write_ex(t->ssl, p, n, &done);
+  if (rc == 1 && done == n) return 0;
+  failure(t, SSL_get_error(t->ssl, rc), why, whylen);
   return -1;
 }
 

@@ -3,8 +3,9 @@
  * pre-shared key (derived from the secret, named by the runner's ref) with an
  * ephemeral (EC)DHE key exchange, so each side proves it holds the secret, nobody
  * can relay the handshake, and a secret learnt later opens no recorded session.
- * No certificates. OpenSSL's libssl, through memory BIOs: no socket here, so the
- * caller's loop (link.c) moves the bytes and nothing ever blocks.
+ * No certificates. OpenSSL's libssl, through a BIO of its own over memory: no
+ * socket here, so the caller's loop (link.c) moves the bytes and nothing ever
+ * blocks.
  *
  * Contract:
  * - tls_client(ref, secret) / tls_server(lookup, ud): a connection's TLS state, or
@@ -17,7 +18,7 @@
  *   closed its TLS side.
  * - tls_write encrypts (after tls_ready only); tls_out hands over what must go to
  *   the socket (records, handshake messages, alerts), malloc'd, for the caller to
- *   write and free: its length, 0 when there is none, -1 out of memory.
+ *   write and free: its length, 0 when there is none (-1 is kept for a failure).
  * - Everything of one tls_conn on one thread; the shared contexts are made once.
  */
 #ifndef FLAME_TLS_H

@@ -160,6 +160,16 @@ describe("link.tls", function()
     H.rmdir(dir)
   end)
 
+  it("refuses a runner naming a ref the pool does not expect, saying so on both sides", function()
+    local p = H.pool { name = "tls-unknown-ref", link = LINK,
+      backend = tampered { ref = "nobody-expects-this-ref" } }
+    local err = fails("boot", flame.call, p, function() return 1 end)
+    assert.matches("runner process exited with code 1", err.message, 1, true)
+    assert.is_true(H.wait_for(function() return p:hub().refusals >= 1 end))
+    assert.matches("tls: no runner with ref nobody-expects-this-ref is expected",
+      p:hub().refused_why, 1, true)
+  end)
+
   it("refuses a runner that speaks in clear to a pool of TLS (an older runner), telling it why",
     function()
       -- the runner is played by hand, in clear, as a runner that knows nothing of TLS
@@ -196,15 +206,17 @@ describe("link.tls", function()
     it("closes the link when a relay flips a bit " .. (way == "up" and "of a result"
       or "of a call") .. " after the handshake: no wrong value, nothing runs twice", function()
       local dir = H.tmpdir()
+      local out, target = dir .. "/relay.out", dir .. "/target"
+      local relay = start_bg(("python3 spec/support/relay.py %s %s"):format(target, way), out)
+      assert.is_true(H.wait_for(function() return read_file(out):match("^%d+\n") ~= nil end))
+      -- the runners are told the relay's address; the relay learns the pool's port;
       -- heartbeats far apart: the bit flipped is the call's, not a PING's
       local p = H.pool { name = "tls-flip-" .. way, backend = "process",
-        link = with(LINK, { heartbeat_interval = 60000, heartbeat_misses = 3 }) }
-      local port = tonumber(p:hub().addrs[1]:match(":(%d+)$"))
-      local out = dir .. "/relay.out"
-      local relay = start_bg(("python3 spec/support/relay.py %d %s"):format(port, way), out)
-      assert.is_true(H.wait_for(function() return read_file(out):match("^%d+\n") ~= nil end))
-      -- the runners booted from now are told the relay's address (boot_config)
-      p:hub().addrs = { "127.0.0.1:" .. read_file(out):match("^(%d+)") }
+        link = with(LINK, { heartbeat_interval = 60000, heartbeat_misses = 3,
+                            advertise = { "127.0.0.1:" .. read_file(out):match("^(%d+)") } }) }
+      local f = assert(io.open(target, "w"))
+      f:write(p:hub().listening:match(":(%d+)$") or "?")
+      f:close()
       local ok, why = pcall(function()
         assert.are.equal(1, flame.call(p, function() return 1 end))   -- through the relay
         os.execute("kill -USR1 " .. relay)

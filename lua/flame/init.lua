@@ -130,8 +130,9 @@ end
 -- logged; nothing they sent runs), and the pool's own.
 local EVENTS = {}
 
---- What the application knows of the pool's link: addrs (what its runners are told
--- to connect to), tls (whether they speak TLS), refusals and drops (connections it
+--- What the application knows of the pool's link: listening (the address it listens
+-- on, "host:port"), addrs (what its runners are told to connect to: link.advertise,
+-- or that address), tls (whether they speak TLS), refusals and drops (connections it
 -- turned away; refused_why the last refusal's words), terms (runners up, by tid).
 function Pool:hub()
   return self.link
@@ -171,8 +172,8 @@ local function open_hub(pool)
   pool.engine = c
   local host, port = c:address()
   if host then
-    h.addrs = l.advertise
-      or { (host:find(":") and ("[" .. host .. "]") or host) .. ":" .. port }
+    h.listening = (host:find(":") and ("[" .. host .. "]") or host) .. ":" .. port
+    h.addrs = l.advertise or { h.listening }
   end
 end
 

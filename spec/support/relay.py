@@ -1,19 +1,20 @@
 #!/usr/bin/env python3
 """A TCP relay for the TLS specs, a man in the middle on 127.0.0.1: it listens on
-a port of its own (printed on its first line), and relays each connection to
-TARGET_PORT. After SIGUSR1 it flips one bit of the next bytes it relays in the
+a port of its own (printed on its first line), and relays each connection to the
+port written in the file TARGET (read at each connection: the pool that listens
+there can be made after the relay, and advertise it). After SIGUSR1 it flips one bit of the next bytes it relays in the
 given direction ("up": runner to parent, "down": parent to runner), once, and
 says so on stdout ("armed", then "flipped up N"). It ends on SIGTERM, or after 10 minutes
 whatever happens (a spec that died cannot leave it running for long).
 
-usage: relay.py TARGET_PORT DIRECTION
+usage: relay.py TARGET DIRECTION
 """
 import selectors
 import signal
 import socket
 import sys
 
-target = int(sys.argv[1])
+target_file = sys.argv[1]
 direction = sys.argv[2]
 armed = False
 
@@ -61,6 +62,8 @@ while True:
                 runner, _ = listener.accept()
             except BlockingIOError:
                 continue
+            with open(target_file) as f:
+                target = int(f.read().strip())
             parent = socket.create_connection(("127.0.0.1", target))
             sel.register(runner, selectors.EVENT_READ, ("data", parent, "up"))
             sel.register(parent, selectors.EVENT_READ, ("data", runner, "down"))
