@@ -1032,7 +1032,10 @@ static int l_hub(lua_State *L) {
     free(mb);
     if (aa->waker.made) flame_waker_close(&aa->waker, aa_free_unused);  /* libuv holds it */
     else free(aa);
-    return luaL_error(L, "hub: cannot make its wake-up handle: %s", uv_strerror(rc));
+    lua_pushnil(L);
+    lua_pushfstring(L, "cannot make the pool's wake-up handle: %s (is the process out of "
+                    "memory or file descriptors?)", uv_strerror(rc));
+    return 2;
   }
   aa->base.on_close = aa_free;
   aa->mb = mb;

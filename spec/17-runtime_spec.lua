@@ -571,3 +571,84 @@ describe("the loops' spin window", function()
     end
   end
 end)
+
+-- What is left when libuv refuses a handle (a shim, preloaded, makes uv_poll_start
+-- or uv_check_start fail while a file exists): a pool whose wake-up handle cannot
+-- start is refused with why, and the next one is made; loops whose spin cannot
+-- start (the runtime's, a runner's) sleep between events and serve calls all the
+-- same.
+describe("when libuv refuses a handle", function()
+  it("refuses the pool that cannot have its wake-up, and serves calls without spins",
+    function()
+      if H.run("command -v gcc") ~= 0 then pending("no C compiler (gcc) here") return end
+      local dir = H.tmpdir()
+      local shim = io.open(dir .. "/shim.c", "w")
+      shim:write([[
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <uv.h>
+/* libuv comes with flame/core.so, loaded RTLD_LOCAL: RTLD_NEXT does not see it */
+static void *real_fn(const char *name) {
+  void *uv = dlopen("libuv.so.1", RTLD_LAZY | RTLD_NOLOAD);
+  return uv ? dlsym(uv, name) : NULL;
+}
+static int failing(const char *name) {
+  char path[4096];
+  snprintf(path, sizeof path, "%s/%s", getenv("SHIM_DIR"), name);
+  return access(path, F_OK) == 0;
+}
+int uv_poll_start(uv_poll_t *h, int events, uv_poll_cb cb) {
+  int (*real)(uv_poll_t *, int, uv_poll_cb);
+  if (failing("fail_poll")) return UV_ENOMEM;
+  *(void **)&real = real_fn("uv_poll_start");
+  return real(h, events, cb);
+}
+int uv_check_start(uv_check_t *h, uv_check_cb cb) {
+  int (*real)(uv_check_t *, uv_check_cb);
+  if (failing("fail_check")) return UV_ENOMEM;
+  *(void **)&real = real_fn("uv_check_start");
+  return real(h, cb);
+}
+]])
+      shim:close()
+      local rc, out = H.run(("env -u LD_PRELOAD gcc -std=gnu11 -Wall -Wextra -Werror -shared "
+        .. "-fPIC -o %s %s $(pkg-config --cflags libuv) -ldl"):format(
+        H.q(dir .. "/shim.so"), H.q(dir .. "/shim.c")))
+      assert.are.equal(0, rc, out)
+      local script = io.open(dir .. "/refused.lua", "w")
+      script:write([[
+        local flame = require "flame"
+        local dir = arg[1]
+        local function touch(name) assert(io.open(dir .. "/" .. name, "w")):close() end
+        touch("fail_check")                  -- before the runtime thread starts
+        touch("fail_poll")
+        local ok, err = pcall(flame.pool, { name = "a" })
+        print("first", ok, err.kind, err.message)
+        os.remove(dir .. "/fail_poll")
+        local l = flame.pool { name = "b" }
+        print("local", flame.call(l, function() return 7 end))
+        local p = flame.pool { name = "c", backend = "process", log = "warn" }
+        print("process", flame.call(p, function() return 8 end))
+        p:shutdown()
+        l:shutdown()
+        print("ended")
+      ]])
+      script:close()
+      local preload = os.getenv("LD_PRELOAD")   -- the sanitized run's libasan first
+      rc, out = H.run(("SHIM_DIR=%s LD_PRELOAD=%s timeout 120 lua5.4 %s %s"):format(H.q(dir),
+        H.q((preload and preload .. " " or "") .. dir .. "/shim.so"), H.q(dir .. "/refused.lua"),
+        H.q(dir)))
+      H.rmdir(dir)
+      assert.are.equal(0, rc, out)
+      assert.matches("first\tfalse\tinvalid\tflame.pool: cannot make the pool's wake-up "
+        .. "handle: not enough memory (is the process out of memory", out, 1, true)
+      assert.matches("local\t7\n", out)
+      assert.matches("process\t8\n", out)
+      -- the runner says its loop sleeps, as the runtime's does without a word
+      assert.matches("the loop will sleep between events: not enough memory", out, 1, true)
+      assert.matches("ended\n", out)
+    end)
+end)
