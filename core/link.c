@@ -34,7 +34,6 @@
 #define LINK_RECORD (16 * 1024)     /* TLS: short frames are sealed together up to this */
 #define TLS_HANDSHAKE_BYTE 0x16     /* a TLS record of the handshake starts with it */
 
-
 enum { SNIFF_NONE, SNIFF_REQUIRE, SNIFF_REFUSE };
 
 typedef struct outmsg {
@@ -87,7 +86,6 @@ struct link_conn {
   char reason[LINK_REASON_MAX];
   tls_conn *tls;                    /* TLS on this connection, or NULL */
   int sniff;                        /* a listening side's choice by the first byte */
-  int tls_plain;                    /* TLS was required, the peer spoke in clear */
   tls_lookup_fn tls_lookup;
   void *tls_ud;
   unsigned char *pbuf;              /* TLS: what it decrypted, LINK_READ bytes */
@@ -506,10 +504,7 @@ static int sniff(link_conn *c, const unsigned char *first) {
    * characters, a nonce) is about 100 bytes: never 22 */
   int mode = c->sniff, tls = first[0] == TLS_HANDSHAKE_BYTE;
   c->sniff = SNIFF_NONE;
-  if (mode == SNIFF_REQUIRE && !tls) {
-    c->tls_plain = 1;                 /* its HELLO is refused, in clear, with why */
-    return 0;
-  }
+  if (mode == SNIFF_REQUIRE && !tls) return 0;   /* its HELLO is refused, in clear, with why */
   if (mode == SNIFF_REFUSE && tls) {
     /* its TLS library hears a handshake failure; the log here says why */
     unsigned char *alert = malloc(sizeof tls_refusal_alert);
@@ -533,11 +528,11 @@ static int sniff(link_conn *c, const unsigned char *first) {
 /* TLS: ciphertext in; what it decrypts is parsed; its answers go out; frames
  * queued before the handshake ended go once it has. */
 static void tls_feed(link_conn *c, const unsigned char *p, size_t n) {
-  if (tls_in(c->tls, p, n) != 0
-      || (c->pbuf == NULL && (c->pbuf = malloc(LINK_READ)) == NULL)) {
+  if (c->pbuf == NULL && (c->pbuf = malloc(LINK_READ)) == NULL) {
     link_close(c, "not enough memory");
     return;
   }
+  tls_in(c->tls, p, n);
   int was_ready = tls_ready(c->tls);
   char why[LINK_REASON_MAX];
   for (;;) {

@@ -273,10 +273,9 @@ void tls_free(tls_conn *t) {
   free(t);
 }
 
-int tls_in(tls_conn *t, const void *p, size_t n) {
+void tls_in(tls_conn *t, const void *p, size_t n) {
   t->in = p;
   t->in_len = n;
-  return 0;
 }
 
 int tls_ready(const tls_conn *t) {

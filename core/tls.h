@@ -13,12 +13,14 @@
  *   (1 with the secret copied out, 0 when no runner with that ref is expected).
  * - tls_in gives it bytes from the socket, read where they lie: they must stay
  *   until tls_read has returned 0 or failed (bytes left unread then are dropped
- *   by the next tls_in). tls_read advances the handshake and returns plaintext: > 0 bytes, 0 when it needs more from the socket, -1 when the
- *   connection must close (why says why, for a person: "tls: ..."), -2 when the peer
- *   closed its TLS side.
+ *   by the next tls_in). tls_read advances the handshake and returns plaintext:
+ *   > 0 bytes, 0 when it needs more from the socket, -1 when the connection must
+ *   close (why says why, for a person: "tls: ..."), -2 when the peer closed its
+ *   TLS side.
  * - tls_write encrypts (after tls_ready only); tls_out hands over what must go to
  *   the socket (records, handshake messages, alerts), malloc'd, for the caller to
- *   write and free: its length, 0 when there is none (-1 is kept for a failure).
+ *   write and free: its length, 0 when there is none, -1 when it is too long to
+ *   tell (over LONG_MAX).
  * - Everything of one tls_conn on one thread; the shared contexts are made once.
  */
 #ifndef FLAME_TLS_H
@@ -37,7 +39,7 @@ tls_conn *tls_client(const char *ref, const unsigned char *secret, size_t slen, 
 tls_conn *tls_server(tls_lookup_fn lookup, void *ud, char *why, size_t whylen);
 void tls_free(tls_conn *t);
 
-int tls_in(tls_conn *t, const void *p, size_t n);
+void tls_in(tls_conn *t, const void *p, size_t n);
 long tls_read(tls_conn *t, void *out, size_t cap, char *why, size_t whylen);
 int tls_ready(const tls_conn *t);
 /* The ref the client named (server side, once known), or NULL. */

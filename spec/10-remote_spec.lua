@@ -5,10 +5,10 @@
 local flame = require "flame"
 local core = require "flame.core"
 local cjson = require "cjson"
-local errors = require "flame.errors"
 local wire = require "spec.support.wire"
 local task = require "flame.task"
 local H = require "spec.helper"
+local R = require "spec.support.remote"
 
 -- heartbeat_interval x heartbeat_misses is also the time the parent has for each
 -- runner's handshake: under valgrind (the parent slowed down, busy for a while) the
@@ -44,12 +44,7 @@ local function runner_pids(p)
   return pids
 end
 
-local function fails(kind, f, ...)
-  local ok, err = pcall(f, ...)
-  assert(not ok, "expected a " .. kind .. " error")
-  assert(errors.is(err, kind), tostring(err))
-  return err
-end
+local fails = R.fails
 
 -- A backend that boots nothing and waits for its runner: the test plays the runner
 -- (or an impostor) by hand, with the parent record the pool is expecting.
@@ -92,18 +87,7 @@ local function expected_parent(p)
   error("the pool expects no runner")
 end
 
-local function connect(addr)
-  local host, port = addr:match("^(.+):(%d+)$")
-  local f = task.future()
-  core.connect { host = host, port = tonumber(port), on_connect = function(c, e) f:set(c, e) end }
-  local c, err = f:wait()
-  assert(c, err)
-  local closed = task.future()
-  local got = {}
-  c:start(function(t, id, payload) got[#got + 1] = { t, id, payload } end,
-    function(reason) closed:set(reason) end)
-  return c, closed, got
-end
+local connect = R.connect
 
 describe("the specs' copy of the protocol (spec/support/wire.lua)", function()
   it("has the types, version and SPAWN header of core/wire.h (core.wire)", function()
@@ -169,20 +153,7 @@ describe("remote runners", function()
   it("a runner refuses a parent that cannot prove the secret", function()
     -- the process backend, with FLAME_PARENT re-encoded around a secret the parent
     -- does not hold
-    local tampered = {
-      init = function(opts, env)
-        local state = require("flame.backends.process").init(opts, env)
-        local fake = env.merge(state.parent, { secret = "c3RyYW5nZXJzZWNyZXRzdHJhbmdlcnNlY3JldCE=" })
-        state.env.FLAME_PARENT = env.parent_encode(fake)
-        return state
-      end,
-      remote_boot = function(state, env)
-        return require("flame.backends.process").remote_boot(state, env)
-      end,
-      handle_info = function(msg, state, env)
-        return require("flame.backends.process").handle_info(msg, state, env)
-      end,
-    }
+    local tampered = R.edited_parent { secret = "c3RyYW5nZXJzZWNyZXRzdHJhbmdlcnNlY3JldCE=" }
     local p = H.pool { name = "tampered", backend = tampered, link = LINK }
     local err = fails("boot", flame.call, p, function() return 1 end)
     assert.matches("runner process exited with code 1", err.message, 1, true)

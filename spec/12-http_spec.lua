@@ -7,6 +7,7 @@ local core = require "flame.core"
 local flame = require "flame"
 local task = require "flame.task"
 local H = require "spec.helper"
+local R = require "spec.support.remote"
 
 local function request(opts)
   local f = task.future()
@@ -315,8 +316,6 @@ describe("http", function()
     return true
   end
 
-  local PRELOAD = os.getenv("LD_PRELOAD")     -- the sanitized run's libasan comes first
-
   it("ends what is left when the state closes, calling no Lua", function()
     local script = write(dir .. "/close.lua", [[
       local core = require "flame.core"
@@ -336,39 +335,9 @@ describe("http", function()
   end)
 
   it("ends every request with what failed when libuv fails under curl, and goes on", function()
-    -- a shim that makes uv_poll_start or uv_timer_start fail while a file exists
-    local ok, why = cc("-shared -fPIC -o " .. H.q(dir .. "/shim.so") .. " "
-      .. H.q(write(dir .. "/shim.c", [[
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <unistd.h>
-#include <uv.h>
-/* libuv comes with flame/core.so, loaded RTLD_LOCAL: RTLD_NEXT does not see it */
-static void *real_fn(const char *name) {
-  void *uv = dlopen("libuv.so.1", RTLD_LAZY | RTLD_NOLOAD);
-  return uv ? dlsym(uv, name) : NULL;
-}
-static int failing(const char *name) {
-  char path[4096];
-  snprintf(path, sizeof path, "%s/%s", getenv("SHIM_DIR"), name);
-  return access(path, F_OK) == 0;
-}
-int uv_poll_start(uv_poll_t *h, int events, uv_poll_cb cb) {
-  int (*real)(uv_poll_t *, int, uv_poll_cb);
-  if (failing("fail_poll")) return UV_ENOMEM;
-  *(void **)&real = real_fn("uv_poll_start");
-  return real(h, events, cb);
-}
-int uv_timer_start(uv_timer_t *h, uv_timer_cb cb, uint64_t timeout, uint64_t repeat) {
-  int (*real)(uv_timer_t *, uv_timer_cb, uint64_t, uint64_t);
-  if (failing("fail_timer")) return UV_ENOMEM;
-  *(void **)&real = real_fn("uv_timer_start");
-  return real(h, cb, timeout, repeat);
-}
-]])) .. " $(pkg-config --cflags libuv) -ldl")
-    if not ok then pending(why) return end
+    -- libuv refusing uv_poll_start or uv_timer_start while a file exists
+    local env, why = R.uv_fail_shim(dir)
+    if not env then pending(why) return end
     -- a request running (/slow), then the failure as another starts, then one more
     local script = write(dir .. "/fail.lua", [[
       local core = require "flame.core"
@@ -395,8 +364,6 @@ int uv_timer_start(uv_timer_t *h, uv_timer_cb cb, uint64_t timeout, uint64_t rep
       req("/hello", "after")
       run_until(function() return left == 0 end)
     ]])
-    local env = "SHIM_DIR=" .. H.q(dir) .. " LD_PRELOAD=" .. H.q((PRELOAD and PRELOAD .. " " or "")
-      .. dir .. "/shim.so")
     local cmd = "lua5.4 " .. H.q(script) .. " " .. H.q(usock) .. " " .. H.q(dir)
     local out, rc = run(env, cmd .. " poll")
     assert.are.equal(0, rc, out)

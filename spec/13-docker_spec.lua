@@ -54,6 +54,16 @@ local function wait_no_containers(host, pool, ms)
   return false
 end
 
+-- A table and an error cross both ways on p's runner.
+local function round_trips(p)
+  local t = { 1, "two", { three = 3.0 } }
+  assert.are.same(t, flame.call(p, function() return t end))
+  local ok, err = pcall(flame.call, p, function() error("inside", 0) end)
+  assert.is_false(ok)
+  assert.are.equal("remote", err.kind)
+  assert.are.equal("inside", err.message)
+end
+
 local function pool(name, opts)
   local o = { name = name, backend = "docker", link = LINK,
               backend_opts = { image = IMAGE, host = engine, ulimits = ULIMITS } }
@@ -151,12 +161,7 @@ describe("docker backend #docker", function()
     end)
     assert.is_true(inside)
     assert.are.equal("docker", parent.backend)
-    local t = { 1, "two", { three = 3.0 } }
-    assert.are.same(t, flame.call(p, function() return t end))
-    local ok, err = pcall(flame.call, p, function() error("inside", 0) end)
-    assert.is_false(ok)
-    assert.are.equal("remote", err.kind)
-    assert.are.equal("inside", err.message)
+    round_trips(p)
     assert.are.equal(1, #containers(engine, "dk-calls"))
     -- what the runner prints reaches the pool's log, with the runner's id
     local lines = capture(p)
@@ -177,12 +182,7 @@ describe("docker backend #docker", function()
       link.tls = true
       local p = pool("dk-tls", { link = link })
       assert.is_true(p:hub().tls)
-      local t = { 1, "two", { three = 3.0 } }
-      assert.are.same(t, flame.call(p, function() return t end))
-      local ok, err = pcall(flame.call, p, function() error("inside", 0) end)
-      assert.is_false(ok)
-      assert.are.equal("remote", err.kind)
-      assert.are.equal("inside", err.message)
+      round_trips(p)
       local n = 2 << 20
       assert.are.equal(("q"):rep(n), flame.call(p, function() return ("q"):rep(n) end))
       assert.are.equal(0, p:hub().refusals)

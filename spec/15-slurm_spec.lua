@@ -6,8 +6,8 @@
 -- every test is pending with the reason. Every test checks squeue: no job of its
 -- pool is left.
 local flame = require "flame"
-local errors = require "flame.errors"
 local H = require "spec.helper"
+local R = require "spec.support.remote"
 local C = assert(loadfile("spec/support/cluster.lua"))()
 
 local cluster, why_not = C.slurm()
@@ -30,13 +30,7 @@ local function pool(name, opts)
   return H.pool(o)
 end
 
-local function fails(kind, f, ...)
-  local ok, err = pcall(f, ...)
-  assert(not ok, "expected a " .. kind .. " error, it succeeded")
-  assert(errors.is(err), "not a flame error: " .. tostring(err))
-  assert.are.equal(kind, err.kind, tostring(err))
-  return err
-end
+local fails = R.fails
 
 if cluster then
   -- the calls every backend shares, each in jobs of its own pool

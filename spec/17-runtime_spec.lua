@@ -4,6 +4,7 @@
 local flame = require "flame"
 local core = require "flame.core"
 local H = require "spec.helper"
+local R = require "spec.support.remote"
 
 -- A short heartbeat window, so that 10 s of computing spans many of them; under
 -- valgrind (one thread runs at a time) the window is wider.
@@ -222,20 +223,11 @@ describe("a runner's life on the runtime thread (core/runner.c)", function()
       local ran, booting, go = dir .. "/ran", dir .. "/booting", dir .. "/go"
       -- the process backend, whose init says it started and waits for the test's go
       local p = H.pool { name = "boots-beside", max = 1, link = LINK, boot_timeout = 120000,
-        backend = {
+        backend = R.process_backend {
           init = function(opts, env)
             assert(env.proc.run { path = "/bin/sh", timeout = 120000, args = { "-c",
               "touch '" .. booting .. "'; while [ ! -e '" .. go .. "' ]; do sleep 0.05; done" } })
             return require("flame.backends.process").init(opts, env)
-          end,
-          remote_boot = function(state, env)
-            return require("flame.backends.process").remote_boot(state, env)
-          end,
-          handle_info = function(msg, state, env)
-            return require("flame.backends.process").handle_info(msg, state, env)
-          end,
-          remote_shutdown = function(state, reason, env)
-            return require("flame.backends.process").remote_shutdown(state, reason, env)
           end,
         } }
       local t = flame.spawn(function()
@@ -580,44 +572,9 @@ end)
 describe("when libuv refuses a handle", function()
   it("refuses the pool that cannot have its wake-up, and serves calls without spins",
     function()
-      if H.run("command -v gcc") ~= 0 then pending("no C compiler (gcc) here") return end
       local dir = H.tmpdir()
-      local shim = io.open(dir .. "/shim.c", "w")
-      shim:write([[
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <unistd.h>
-#include <uv.h>
-/* libuv comes with flame/core.so, loaded RTLD_LOCAL: RTLD_NEXT does not see it */
-static void *real_fn(const char *name) {
-  void *uv = dlopen("libuv.so.1", RTLD_LAZY | RTLD_NOLOAD);
-  return uv ? dlsym(uv, name) : NULL;
-}
-static int failing(const char *name) {
-  char path[4096];
-  snprintf(path, sizeof path, "%s/%s", getenv("SHIM_DIR"), name);
-  return access(path, F_OK) == 0;
-}
-int uv_poll_start(uv_poll_t *h, int events, uv_poll_cb cb) {
-  int (*real)(uv_poll_t *, int, uv_poll_cb);
-  if (failing("fail_poll")) return UV_ENOMEM;
-  *(void **)&real = real_fn("uv_poll_start");
-  return real(h, events, cb);
-}
-int uv_check_start(uv_check_t *h, uv_check_cb cb) {
-  int (*real)(uv_check_t *, uv_check_cb);
-  if (failing("fail_check")) return UV_ENOMEM;
-  *(void **)&real = real_fn("uv_check_start");
-  return real(h, cb);
-}
-]])
-      shim:close()
-      local rc, out = H.run(("env -u LD_PRELOAD gcc -std=gnu11 -Wall -Wextra -Werror -shared "
-        .. "-fPIC -o %s %s $(pkg-config --cflags libuv) -ldl"):format(
-        H.q(dir .. "/shim.so"), H.q(dir .. "/shim.c")))
-      assert.are.equal(0, rc, out)
+      local env, why = R.uv_fail_shim(dir)
+      if not env then H.rmdir(dir) pending(why) return end
       local script = io.open(dir .. "/refused.lua", "w")
       script:write([[
         local flame = require "flame"
@@ -637,10 +594,8 @@ int uv_check_start(uv_check_t *h, uv_check_cb cb) {
         print("ended")
       ]])
       script:close()
-      local preload = os.getenv("LD_PRELOAD")   -- the sanitized run's libasan first
-      rc, out = H.run(("SHIM_DIR=%s LD_PRELOAD=%s timeout 120 lua5.4 %s %s"):format(H.q(dir),
-        H.q((preload and preload .. " " or "") .. dir .. "/shim.so"), H.q(dir .. "/refused.lua"),
-        H.q(dir)))
+      local rc, out = H.run(("%s timeout 120 lua5.4 %s %s"):format(env,
+        H.q(dir .. "/refused.lua"), H.q(dir)))
       H.rmdir(dir)
       assert.are.equal(0, rc, out)
       assert.matches("first\tfalse\tinvalid\tflame.pool: cannot make the pool's wake-up "

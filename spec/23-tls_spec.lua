@@ -6,54 +6,16 @@ local core = require "flame.core"
 local cjson = require "cjson"
 local errors = require "flame.errors"
 local wire = require "spec.support.wire"
-local task = require "flame.task"
 local H = require "spec.helper"
+local R = require "spec.support.remote"
 
 local LINK = { tls = true, heartbeat_interval = 200, heartbeat_misses = H.slow and 25 or 3 }
-
-local function fails(kind, f, ...)
-  local ok, err = pcall(f, ...)
-  assert(not ok, "expected a " .. kind .. " error")
-  assert(errors.is(err, kind), tostring(err))
-  return err
-end
 
 local function with(t, extra)
   local o = {}
   for k, v in pairs(t) do o[k] = v end
   for k, v in pairs(extra or {}) do o[k] = v end
   return o
-end
-
--- The process backend with its runner's FLAME_PARENT changed by edit (a field of
--- the record replaced): a runner of another mind than its pool.
-local function tampered(edit)
-  return {
-    init = function(opts, env)
-      local state = require("flame.backends.process").init(opts, env)
-      state.env.FLAME_PARENT = env.parent_encode(env.merge(state.parent, edit))
-      return state
-    end,
-    remote_boot = function(state, env)
-      return require("flame.backends.process").remote_boot(state, env)
-    end,
-    handle_info = function(msg, state, env)
-      return require("flame.backends.process").handle_info(msg, state, env)
-    end,
-  }
-end
-
-local function connect(addr)
-  local host, port = addr:match("^(.+):(%d+)$")
-  local f = task.future()
-  core.connect { host = host, port = tonumber(port), on_connect = function(c, e) f:set(c, e) end }
-  local c, err = f:wait()
-  assert(c, err)
-  local closed = task.future()
-  local got = {}
-  c:start(function(t, id, payload) got[#got + 1] = { t, id, payload } end,
-    function(reason) closed:set(reason) end)
-  return c, closed, got
 end
 
 local function read_file(path)
@@ -107,7 +69,7 @@ describe("link.tls", function()
       assert.is_true(p:hub().tls)
       assert.are.same({ "a", 2, { x = true } },
         { flame.call(p, function() return "a", 2, { x = true } end) })
-      local err = fails("remote", flame.call, p, function() error("no luck") end)
+      local err = R.fails("remote", flame.call, p, function() error("no luck") end)
       assert.matches("no luck", err.message, 1, true)
       local big = ("z"):rep(3 << 20)
       local back = flame.call(p, function() return big:upper() end)
@@ -148,8 +110,8 @@ describe("link.tls", function()
   it("refuses a runner whose secret is wrong: nothing runs, and the parent says why", function()
     local dir = H.tmpdir()
     local p = H.pool { name = "tls-wrong-secret", link = LINK,
-      backend = tampered { secret = core.b64encode(("s"):rep(32)) } }
-    local err = fails("boot", flame.call, p, function()
+      backend = R.edited_parent { secret = core.b64encode(("s"):rep(32)) } }
+    local err = R.fails("boot", flame.call, p, function()
       io.open(dir .. "/ran", "w"):close()
       return 1
     end)
@@ -162,8 +124,8 @@ describe("link.tls", function()
 
   it("refuses a runner naming a ref the pool does not expect, saying so on both sides", function()
     local p = H.pool { name = "tls-unknown-ref", link = LINK,
-      backend = tampered { ref = "nobody-expects-this-ref" } }
-    local err = fails("boot", flame.call, p, function() return 1 end)
+      backend = R.edited_parent { ref = "nobody-expects-this-ref" } }
+    local err = R.fails("boot", flame.call, p, function() return 1 end)
     assert.matches("runner process exited with code 1", err.message, 1, true)
     assert.is_true(H.wait_for(function() return p:hub().refusals >= 1 end))
     assert.matches("tls: no runner with ref nobody-expects-this-ref is expected",
@@ -175,7 +137,7 @@ describe("link.tls", function()
       -- the runner is played by hand, in clear, as a runner that knows nothing of TLS
       local p = H.pool { name = "tls-clear-runner", link = LINK, min = 0,
         backend = "process" }
-      local c, closed, got = connect(p:hub().addrs[1])
+      local c, closed, got = R.connect(p:hub().addrs[1])
       c:send(wire.HELLO, 0, cjson.encode { v = wire.PROTOCOL, ref = "abcdefghijkl",
         nonce = core.b64encode(core.random_bytes(16)) })
       closed:wait()
@@ -185,17 +147,18 @@ describe("link.tls", function()
       assert.are.equal(1, #got)
       assert.is_true(H.wait_for(function() return p:hub().refusals == 1 end))
       -- and a real runner told tls = false by its FLAME_PARENT fails its boot
-      local q = H.pool { name = "tls-told-clear", link = LINK, backend = tampered { tls = false } }
-      local err = fails("boot", flame.call, q, function() return 1 end)
+      local q = H.pool { name = "tls-told-clear", link = LINK,
+        backend = R.edited_parent { tls = false } }
+      local err = R.fails("boot", flame.call, q, function() return 1 end)
       assert.matches("runner process exited with code 1", err.message, 1, true)
       assert.is_true(H.wait_for(function() return q:hub().refusals == 1 end))
       assert.matches("spoke in clear", q:hub().refused_why, 1, true)
     end)
 
   it("refuses a runner that starts TLS where the pool does not speak it", function()
-    local p = H.pool { name = "tls-told-tls", backend = tampered { tls = true },
+    local p = H.pool { name = "tls-told-tls", backend = R.edited_parent { tls = true },
       link = with(LINK, { tls = false }) }
-    local err = fails("boot", flame.call, p, function() return 1 end)
+    local err = R.fails("boot", flame.call, p, function() return 1 end)
     assert.matches("runner process exited with code 1", err.message, 1, true)
     assert.is_true(H.wait_for(function() return p:hub().refusals == 1 end))
     assert.matches("tls: the runner started TLS, and this link does not speak it",

@@ -34,6 +34,7 @@
 #include <uv.h>
 
 #include "link.h"
+#include "loopback.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -182,33 +183,14 @@ static void addr_of(int fd, struct sockaddr_storage *sa) {
 static void setup(void) {
   if (listener) return;
   CHECK(uv_loop_init(&loop) == 0);
+  listener = loopback_listen(&loop, on_accept, &listen_addr);
   struct sockaddr_storage any;
   CHECK(link_addr("127.0.0.1", 0, &any) == 0);
-  int err = 0;
-  listener = link_listen(&loop, (struct sockaddr *)&any, on_accept, NULL, &err);
-  CHECK(listener != NULL);
-  char ip[64];
-  int port;
-  CHECK(link_listener_address(listener, ip, sizeof ip, &port) == 0);
-  CHECK(link_addr(ip, port, &listen_addr) == 0);
   raw_listen_fd = socket(AF_INET, SOCK_STREAM, 0);
   CHECK(raw_listen_fd >= 0);
   CHECK(bind(raw_listen_fd, (struct sockaddr *)&any, sizeof(struct sockaddr_in)) == 0);
   CHECK(listen(raw_listen_fd, 16) == 0);
   addr_of(raw_listen_fd, &raw_addr);
-}
-
-/* A system call of the harness failed: not a finding about the link. */
-static void harness_fail(const char *what) {
-  fprintf(stderr, "link_fuzz: %s: %s\n", what, strerror(errno));
-  __builtin_trap();
-}
-
-/* Waits for fd to be ready for events; libFuzzer's alarms interrupt system calls. */
-static void wait_fd(int fd, short events) {
-  struct pollfd pfd = { fd, events, 0 };
-  while (poll(&pfd, 1, -1) < 0)
-    if (errno != EINTR) harness_fail("poll");
 }
 
 /* The plain end of a new pair (non-blocking); the link_conn is R.c. */
@@ -223,30 +205,13 @@ static int pair(int connect_side) {
       if (errno == EAGAIN || errno == EWOULDBLOCK) wait_fd(raw_listen_fd, POLLIN);
       else if (errno != EINTR) harness_fail("accept");
     }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   } else {
-    fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-    if (fd < 0) harness_fail("socket");
-    /* from an address of 127.1/16 in turn: the connections that end in TIME_WAIT
-     * (see below) do not use up the ephemeral ports of one address */
-    static unsigned next;
-    struct sockaddr_in from = { .sin_family = AF_INET };
-    from.sin_addr.s_addr = htonl(0x7f010000u | (next++ & 0xffff));
-    int late = 1;
-    setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &late, sizeof late);
-    if (bind(fd, (struct sockaddr *)&from, sizeof from) != 0) harness_fail("bind");
-    if (connect(fd, (struct sockaddr *)&listen_addr, sizeof(struct sockaddr_in)) != 0) {
-      if (errno != EINPROGRESS && errno != EINTR) harness_fail("connect");
-      wait_fd(fd, POLLOUT);
-      int soerr = 0;
-      socklen_t len = sizeof soerr;
-      getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len);
-      errno = soerr;
-      if (soerr != 0) harness_fail("connect");
-    }
+    /* from 127.1/16: the connections that end in TIME_WAIT (see below) */
+    fd = loopback_connect(&listen_addr, 1);
     while (!R.connected) uv_run(&loop, UV_RUN_ONCE);
   }
-  int one = 1;
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   return fd;
 }
 
